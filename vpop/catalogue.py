@@ -1,0 +1,56 @@
+"""Named configs (drugs, regimens, populations, premedications, prophylaxes) looked up by name.
+
+Arms name their drug, regimen and population; several arms may name different ones, so these are
+read by name from the config groups rather than chosen once through Hydra's defaults list. The
+search path is the package's own `configs/` first, then any user folders (`--config-dir`), so a
+user's folder can add new entries or shadow shipped ones.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+GROUPS = ("drug", "regimen", "population", "premedication", "prophylaxis", "model", "experiment")
+
+_user_dirs: list[Path] = []
+
+
+class ConfigError(ValueError):
+    """A config names something that does not exist or has a value outside what is allowed."""
+
+
+def add_search_dir(path: str | Path) -> None:
+    """Look in this folder (with the same group sub-folders) before the shipped configs."""
+    p = Path(path).expanduser().resolve()
+    if p not in _user_dirs:
+        _user_dirs.insert(0, p)
+
+
+def _roots() -> list:
+    return [*_user_dirs, resources.files("vpop.configs")]
+
+
+def available(group: str) -> list[str]:
+    names: set[str] = set()
+    for root in _roots():
+        folder = root / group
+        if folder.is_dir():
+            names.update(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(names)
+
+
+def load(group: str, name: str, field: str | None = None) -> DictConfig:
+    """The config `group/name.yaml`; a missing name raises ConfigError listing the allowed ones."""
+    if group not in GROUPS:
+        raise ConfigError(f"unknown config group '{group}'; allowed: {', '.join(GROUPS)}")
+    for root in _roots():
+        path = root / group / f"{name}.yaml"
+        if path.is_file():
+            cfg = OmegaConf.create(path.read_text())
+            cfg.pop("defaults", None)  # Hydra-only key in shipped option files
+            return cfg
+    where = f"{field}: " if field else ""
+    raise ConfigError(f"{where}unknown {group} '{name}'; allowed: {', '.join(available(group)) or '(none)'}")

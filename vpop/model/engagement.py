@@ -1,0 +1,96 @@
+r"""T-cell engagement by a bispecific: activation propensity and target-cell killing (Hosseini 2020).
+
+Per-compartment quantities are `ByCompartment` values (blood, lymphoid tissue, bone marrow, tumour).
+Cell numbers are in units of 1e9 cells, drug concentrations in ng/mL.
+
+Activation of resting (and post-activated) T cells, per day,
+
+$$ \alpha_c = k_{act}\, V_{mT}\, f_c\, \frac{\rho_c^S}{K_{mBT}^S + \rho_c^S}\, \frac{C_c^n}{K_{act}^n + C_c^n} $$
+
+with $\rho_c$ the target-to-T-cell ratio and $f_c = 1$ in blood, $f_{Tact}$ in tissues. Killing of a
+target cell, per day,
+
+$$ \kappa_c = k_{kill}\, g_c\, V_{mB}\, \frac{e_c^{m}}{(h_c K_{mTB})^{m} + e_c^{m}}\, \frac{C_c}{K_{kill} + C_c} $$
+
+with $e_c$ the activated-T-to-target ratio, $g_c = 1$ in blood and $f_{Bkill}$ in tissues, and
+$h_c = 1$ in blood and $f_{KmTB}$ in tissues (tissues are not well stirred).
+
+The engaged, cytokine-secreting activated T cells are $A_c$ times the same two saturations as
+activation; `engaged_fraction` returns that product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import Array
+
+from vpop.model.compartments import ByCompartment, cmap
+
+_TINY = 1e-12
+
+
+class EngagementParams(NamedTuple):
+    """Potency of one bispecific on T-cell activation and target killing (Hosseini 2020 form)."""
+
+    kd_activation_ng_ml: Array  # drug concentration of half-maximal activation (KdrugactT)
+    hill_activation: Array  # Hill coefficient on drug for activation (ndrugactT)
+    kd_kill_ng_ml: Array  # drug concentration of half-maximal killing (KdrugB)
+    vmax_activation: Array  # VmT
+    km_target_per_t: Array  # target:T ratio of half-maximal activation (KmBT_act)
+    hill_target: Array  # S
+    tissue_activation_factor: Array  # fTact
+    vmax_kill: Array  # VmB
+    km_effector_per_target: Array  # activated-T:target ratio of half-maximal killing (KmTB_kill)
+    hill_kill: Array  # nkill
+    k_kill_per_day: Array  # kBkill
+    tissue_kill_factor: Array  # fBkill
+    tissue_km_factor: Array  # fKmTB_kill
+    binds_normal_b: Array  # 1 if normal B cells carry the target (CD20, CD19), else 0
+    binds_malignant: Array  # 1 if the malignant cells carry the target
+    partition: ByCompartment  # tissue:plasma drug concentration ratio Kp (blood 1)
+
+
+def hill(x, n):
+    """x^n / (1 + x^n) for x >= 0, with finite gradients at x = 0 (x may be a ByCompartment)."""
+
+    def h(x):
+        xn = jnp.exp(n * jnp.log(jnp.maximum(x, _TINY)))
+        return xn / (1.0 + xn)
+
+    return cmap(h, x) if isinstance(x, ByCompartment) else h(x)
+
+
+def compartment_concentration_ng_ml(plasma_mg_per_l: Array, p: EngagementParams) -> ByCompartment:
+    """Free drug concentration in each compartment, ng/mL."""
+    return p.partition * (1000.0 * plasma_mg_per_l)
+
+
+def targets(normal_b: ByCompartment, malignant: ByCompartment, p: EngagementParams) -> ByCompartment:
+    """Target-bearing cells per compartment (1e9 cells)."""
+    return normal_b * p.binds_normal_b + malignant * p.binds_malignant
+
+
+def engaged_fraction(conc_ng_ml: ByCompartment, target: ByCompartment, t_available: ByCompartment,
+                     p: EngagementParams) -> ByCompartment:
+    """Drug occupancy x target-availability saturation shared by activation and secretion."""
+    ratio = target / cmap(lambda t: jnp.maximum(t, _TINY), t_available)
+    return hill(ratio / p.km_target_per_t, p.hill_target) * hill(conc_ng_ml / p.kd_activation_ng_ml, p.hill_activation)
+
+
+def activation_rate(engaged: ByCompartment, k_activation_per_day: Array, p: EngagementParams) -> ByCompartment:
+    """Per-day activation rate of resting and post-activated T cells."""
+    tissue = ByCompartment.blood_and_tissues(1.0, p.tissue_activation_factor)
+    return engaged * tissue * (k_activation_per_day * p.vmax_activation)
+
+
+def kill_rate(conc_ng_ml: ByCompartment, t_active: ByCompartment, target: ByCompartment,
+              p: EngagementParams) -> ByCompartment:
+    """Per-day killing rate of each target-bearing cell."""
+    effector_ratio = t_active / cmap(lambda t: jnp.maximum(t, _TINY), target)
+    km = ByCompartment.blood_and_tissues(p.km_effector_per_target, p.km_effector_per_target * p.tissue_km_factor)
+    saturation = hill(effector_ratio / km, p.hill_kill)
+    drug = conc_ng_ml / (conc_ng_ml + p.kd_kill_ng_ml)
+    tissue = ByCompartment.blood_and_tissues(1.0, p.tissue_kill_factor)
+    return saturation * drug * tissue * (p.k_kill_per_day * p.vmax_kill)

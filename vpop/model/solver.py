@@ -1,0 +1,233 @@
+r"""Batched integration of patients through a shared dosing schedule, reduced on device.
+
+Why this integrator
+-------------------
+The system is stiff: IL-6 has a 20-minute half-life, blood T cells recirculate through tissues
+~20 times a day and target killing runs at up to ~260/day, while tumours change over weeks.
+Vmapped adaptive solvers run the whole batch in lock-step at the pace of its stiffest patient and
+pay for a Jacobian solve per step (implicit) or for thousands of tiny steps (explicit). Measured on
+the yardstick workload (experiments/benchmarks), both lose to the scheme below by a wide margin at
+equal accuracy.
+
+Every right-hand side is written as production minus first-order loss, $\dot y = P(t,y) - L(t,y)
+\odot y$ with $P, L \ge 0$. On a step of length $h$ we use the second-order exponential
+integrator (an exponential-Euler predictor and an exponential-trapezoid corrector)
+
+$$
+\begin{aligned}
+y^* &= e^{-L_0 h} y_n + h\,\varphi_1(L_0 h)\,P_0 \\
+y_{n+1} &= e^{-\bar L h} y_n + h\,[\varphi_1(\bar L h)\,P_0 + \varphi_2(\bar L h)\,(P^* - P_0)],
+\qquad \bar L = \tfrac12 (L_0 + L^*)
+\end{aligned}
+$$
+
+with $\varphi_1(z) = (1 - e^{-z})/z$ and $\varphi_2(z) = (z - 1 + e^{-z})/z^2$. It is exact for
+linear decay with piecewise-linear production, unconditionally stable for the stiff decays, and
+keeps every state non-negative by construction ($\varphi_1 \ge \varphi_2 \ge 0$), so no state can go
+negative whatever the step.
+
+Accuracy comes from the grid instead of from error control: every patient of an arm shares the
+dosing schedule, so the grid is built once on the host (`vpop.regimen`), fine just after each
+administration (where cytokines move in hours) and coarse in between (tumour weeks). The batch
+then runs in lock-step at no cost, with all work fused in one `lax.scan`, and the endpoints are
+reduced in the scan carry: no time course leaves the device unless asked for.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+from vpop.model import system
+from vpop.model.system import Params, State
+
+
+class Steps(NamedTuple):
+    """Per-step arrays of a schedule: K steps, C input channels (see `INPUT_CHANNELS`)."""
+
+    t_start: Array  # [K] day at the start of each step
+    dt: Array  # [K] step length in days (0 for padding steps)
+    bolus_mg: Array  # [K, C] flat amount added at the start of the step
+    bolus_mg_per_kg: Array  # [K, C] amount per kg body weight
+    bolus_mg_per_m2: Array  # [K, C] amount per m2 body-surface area
+    bolus_cap_mg: Array  # [K, C] largest amount one bolus may give (inf: no cap)
+    rate_mg_per_day: Array  # [K, C] infusion rate during the step
+    rate_mg_per_day_per_kg: Array  # [K, C] infusion rate per kg body weight
+    rate_mg_per_day_per_m2: Array  # [K, C] infusion rate per m2 body-surface area
+    period: Array  # [K] int, dose period the step belongs to (-1 before the first administration)
+    assessment: Array  # [K] int, assessment recorded at the end of the step (-1: none)
+
+
+class Schedule(NamedTuple):
+    """One arm's time grid and dosing as dense arrays, shared by all its patients."""
+
+    steps: Steps
+    period_start_day: Array  # [n_periods] day of each administration of the bispecific
+    assessment_day: Array  # [n_assessments] days at which disease burden is recorded
+
+
+# State leaves that dosing can reach, in channel order.
+INPUT_CHANNELS = (
+    "bispecific.depot",
+    "bispecific.central",
+    "tocilizumab.central",
+    "dexamethasone.depot",
+    "dexamethasone.central",
+    "anti_cd20.central",
+    "cytokines.margination",
+)
+
+
+class Reductions(NamedTuple):
+    """Per-patient summaries reduced on device. Per-period arrays are [n_periods]."""
+
+    peak_il6_signalling_pg_ml: Array
+    peak_il6_signalling_day: Array  # days after the period's administration
+    peak_il6_serum_pg_ml: Array
+    peak_ifng_pg_ml: Array
+    cmax_ng_ml: Array
+    auc_ng_day_ml: Array
+    min_blood_t_fraction: Array  # blood T cells relative to baseline (margination nadir)
+    malignant_nadir_fraction: Array  # smallest malignant burden relative to baseline
+    malignant_nadir_day: Array
+    blood_b_min_fraction: Array
+    malignant_fraction_at: Array  # [n_assessments] malignant burden / baseline
+    marrow_malignant_fraction_at: Array  # [n_assessments] marrow malignant cells / baseline
+    blood_b_fraction_at: Array  # [n_assessments]
+
+
+def add_at(tree, path: str, value):
+    """`tree` with `value` added to the leaf at dotted `path` (e.g. 'bispecific.central')."""
+    head, _, rest = path.partition(".")
+    child = getattr(tree, head)
+    return tree._replace(**{head: add_at(child, rest, value) if rest else child + value})
+
+
+def _phi(z: Array) -> tuple[Array, Array, Array]:
+    """e^{-z}, phi1(z), phi2(z) for z >= 0, accurate in float32 near z = 0."""
+    e = jnp.exp(-z)
+    small = z < 0.1
+    zs = jnp.where(small, 1.0, z)
+    phi1 = jnp.where(small, 1.0 - z / 2 + z * z / 6 - z * z * z / 24, -jnp.expm1(-zs) / zs)
+    phi2 = jnp.where(small, 0.5 - z / 6 + z * z / 24 - z * z * z / 120, (zs - 1.0 + jnp.exp(-zs)) / (zs * zs))
+    return e, phi1, phi2
+
+
+def _with_inputs(production: State, rates_mg_per_day: Array) -> State:
+    for i, path in enumerate(INPUT_CHANNELS):
+        production = add_at(production, path, rates_mg_per_day[i])
+    return production
+
+
+def exponential_step(t, h, y: State, infusion_mg_per_day: Array, p: Params) -> State:
+    """One step of the production-loss exponential integrator, with constant infusion inputs."""
+    p0, l0 = system.rates(t, y, p)
+    p0 = _with_inputs(p0, infusion_mg_per_day)
+
+    def predict(y, p0, l0):
+        e0, a0, _ = _phi(l0 * h)
+        return e0 * y + h * a0 * p0
+
+    y_pred = jax.tree_util.tree_map(predict, y, p0, l0)
+    p1, l1 = system.rates(t + h, y_pred, p)
+    p1 = _with_inputs(p1, infusion_mg_per_day)
+
+    def correct(y, p0, l0, p1, l1):
+        e, a, b = _phi(0.5 * (l0 + l1) * h)
+        return e * y + h * (a * p0 + b * (p1 - p0))
+
+    return jax.tree_util.tree_map(correct, y, p0, l0, p1, l1)
+
+
+def _patient_inputs(step: Steps, p: Params) -> tuple[Array, Array]:
+    """Bolus (mg, bioavailable part for depots) and infusion rate (mg/day) of each channel."""
+    wt, bsa = p.patient.weight_kg, p.patient.bsa_m2
+    bolus = step.bolus_mg + wt * step.bolus_mg_per_kg + bsa * step.bolus_mg_per_m2
+    bolus = jnp.minimum(bolus, step.bolus_cap_mg)
+    f = jnp.ones_like(bolus)
+    f = f.at[INPUT_CHANNELS.index("bispecific.depot")].set(p.bispecific_pk.bioavailability)
+    f = f.at[INPUT_CHANNELS.index("dexamethasone.depot")].set(p.dexamethasone_pk.bioavailability)
+    rate = step.rate_mg_per_day + wt * step.rate_mg_per_day_per_kg + bsa * step.rate_mg_per_day_per_m2
+    return bolus * f, rate
+
+
+def _init_reductions(schedule: Schedule, dtype) -> Reductions:
+    zp = jnp.zeros(schedule.period_start_day.shape, dtype)
+    za = jnp.zeros(schedule.assessment_day.shape, dtype)
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    return Reductions(zp, zp, zp, zp, zp, zp, zp + 1.0, one, zero, one, za, za, za)
+
+
+def _update_at(arr, i, fn):
+    old = lax.dynamic_index_in_dim(arr, i, keepdims=False)
+    return lax.dynamic_update_index_in_dim(arr, fn(old), i, axis=0)
+
+
+def _reduce(red: Reductions, conc_start, obs: system.Observables, step: Steps, period_start, base) -> Reductions:
+    """Fold the state at the end of a step into the running per-patient summaries."""
+    t_end = step.t_start + step.dt
+    in_period = step.period >= 0
+    i = jnp.maximum(step.period, 0)
+    start = lax.dynamic_index_in_dim(period_start, i, keepdims=False)
+
+    def period_max(arr, val):
+        return _update_at(arr, i, lambda old: jnp.where(in_period, jnp.maximum(old, val), old))
+
+    sig = obs.il6_signalling_pg_ml
+    old_peak = lax.dynamic_index_in_dim(red.peak_il6_signalling_pg_ml, i, keepdims=False)
+    higher = in_period & (sig > old_peak)
+    t_frac = obs.t_blood / base.t_blood
+    b_frac = obs.b_blood / jnp.maximum(base.b_blood, 1e-12)
+    m_frac = obs.malignant_total / jnp.maximum(base.malignant_total, 1e-12)
+    marrow_frac = obs.marrow_malignant / jnp.maximum(base.marrow_malignant, 1e-12)
+    auc_inc = jnp.where(in_period, 0.5 * step.dt * (conc_start + obs.bispecific_ng_ml), 0.0)
+
+    j = jnp.maximum(step.assessment, 0)
+    at = step.assessment >= 0
+
+    def record(arr, val):
+        return _update_at(arr, j, lambda old: jnp.where(at, val, old))
+
+    lower_nadir = m_frac < red.malignant_nadir_fraction
+    return Reductions(
+        peak_il6_signalling_pg_ml=period_max(red.peak_il6_signalling_pg_ml, sig),
+        peak_il6_signalling_day=_update_at(red.peak_il6_signalling_day, i, lambda old: jnp.where(higher, t_end - start, old)),
+        peak_il6_serum_pg_ml=period_max(red.peak_il6_serum_pg_ml, obs.il6_serum_pg_ml),
+        peak_ifng_pg_ml=period_max(red.peak_ifng_pg_ml, obs.ifng_pg_ml),
+        cmax_ng_ml=period_max(red.cmax_ng_ml, obs.bispecific_ng_ml),
+        auc_ng_day_ml=_update_at(red.auc_ng_day_ml, i, lambda old: old + auc_inc),
+        min_blood_t_fraction=_update_at(red.min_blood_t_fraction, i, lambda old: jnp.where(in_period, jnp.minimum(old, t_frac), old)),
+        malignant_nadir_fraction=jnp.where(lower_nadir, m_frac, red.malignant_nadir_fraction),
+        malignant_nadir_day=jnp.where(lower_nadir, t_end, red.malignant_nadir_day),
+        blood_b_min_fraction=jnp.minimum(red.blood_b_min_fraction, b_frac),
+        malignant_fraction_at=record(red.malignant_fraction_at, m_frac),
+        marrow_malignant_fraction_at=record(red.marrow_malignant_fraction_at, marrow_frac),
+        blood_b_fraction_at=record(red.blood_b_fraction_at, b_frac),
+    )
+
+
+def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False):
+    """Integrate one patient through the schedule.
+
+    Returns the `Reductions`, and with trajectory=True also the `State` at the end of every step
+    (leaves with a leading [K] axis).
+    """
+    y0 = system.initial_state(p)
+    base = system.observe(y0, p)
+
+    def body(carry, step: Steps):
+        y, red = carry
+        bolus, rate = _patient_inputs(step, p)
+        for i, path in enumerate(INPUT_CHANNELS):
+            y = add_at(y, path, bolus[i])
+        conc_start = 1000.0 * system.pk.free_concentration(y.bispecific, p.bispecific_pk)
+        y_next = exponential_step(step.t_start, step.dt, y, rate, p)
+        red = _reduce(red, conc_start, system.observe(y_next, p), step, schedule.period_start_day, base)
+        return (y_next, red), (y_next if trajectory else None)
+
+    init = (y0, _init_reductions(schedule, base.t_blood.dtype))
+    (_, red), traj = lax.scan(body, init, schedule.steps)
+    return (red, traj) if trajectory else red

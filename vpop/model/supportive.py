@@ -1,0 +1,49 @@
+r"""Supportive and co-medications: their pharmacodynamics (their PK is `vpop.model.pk`).
+
+- Tocilizumab blocks the IL-6 receptor. With plasma concentration $C$ and dissociation constant
+  $K_d$, the free-receptor fraction is $\theta = 1/(1 + C/K_d)$ (equilibrium, one site).
+- Dexamethasone inhibits cytokine production, $I = I_{max} C/(IC_{50} + C)$, and barely T-cell
+  killing (Brandl 2007): a separate, small $I^{kill}_{max}$.
+- An anti-CD20 antibody (obinutuzumab pretreatment) kills CD20+ cells directly,
+  $k\, C/(EC_{50} + C)$, fastest in blood.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from jax import Array
+
+from vpop.model.compartments import ByCompartment
+
+
+class SupportiveParams(NamedTuple):
+    tocilizumab_kd_mg_per_l: Array  # IL-6R dissociation constant, as mg/L of tocilizumab
+    dexamethasone_mw_g_per_mol: Array
+    dexamethasone_ic50_nm: Array
+    dexamethasone_imax_cytokine: Array
+    dexamethasone_imax_kill: Array
+    anti_cd20_k_kill_per_day: ByCompartment  # maximal killing of CD20+ cells per compartment
+    anti_cd20_ec50_mg_per_l: Array
+    anti_cd20_binds_malignant: Array  # 1 if the malignant cells are CD20+
+
+
+def il6_receptor_free_fraction(tocilizumab_mg_per_l: Array, p: SupportiveParams) -> Array:
+    return 1.0 / (1.0 + tocilizumab_mg_per_l / p.tocilizumab_kd_mg_per_l)
+
+
+def dexamethasone_nm(dexamethasone_mg_per_l: Array, p: SupportiveParams) -> Array:
+    return dexamethasone_mg_per_l * 1e6 / p.dexamethasone_mw_g_per_mol
+
+
+def dexamethasone_inhibition(dexamethasone_mg_per_l: Array, p: SupportiveParams) -> tuple[Array, Array]:
+    """Fractional inhibition of (cytokine production, T-cell killing)."""
+    c = dexamethasone_nm(dexamethasone_mg_per_l, p)
+    occupancy = c / (p.dexamethasone_ic50_nm + c)
+    return p.dexamethasone_imax_cytokine * occupancy, p.dexamethasone_imax_kill * occupancy
+
+
+def anti_cd20_kill(anti_cd20_mg_per_l: Array, p: SupportiveParams) -> tuple[ByCompartment, ByCompartment]:
+    """Per-day killing of (normal B cells, malignant cells) by an anti-CD20 antibody."""
+    k = p.anti_cd20_k_kill_per_day * (anti_cd20_mg_per_l / (p.anti_cd20_ec50_mg_per_l + anti_cd20_mg_per_l))
+    return k, k * p.anti_cd20_binds_malignant

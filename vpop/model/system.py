@@ -1,0 +1,150 @@
+r"""The whole patient: state, parameters and the coupled right-hand side.
+
+`rates(t, y, p)` returns production $P$ and first-order loss $L$ for every state, so that
+$\dot y = P - L \odot y$ (with $P, L \ge 0$) plus the dosing inputs; `vector_field` gives
+$\dot y$ for generic ODE solvers (the float64 reference and the benchmark peers).
+
+Time $t$ is in days from the first administration of the regimen (cycle 1 day 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from vpop.model import cells as cells_mod
+from vpop.model import cytokines as cyto
+from vpop.model import engagement as eng
+from vpop.model import pk
+from vpop.model import supportive as sup
+
+
+class State(NamedTuple):
+    bispecific: pk.DrugAmounts
+    tocilizumab: pk.DrugAmounts
+    dexamethasone: pk.DrugAmounts
+    anti_cd20: pk.DrugAmounts
+    cells: cells_mod.Cells
+    cytokines: cyto.Cytokines
+
+
+class PatientCovariates(NamedTuple):
+    """What dosing needs to know about the patient."""
+
+    weight_kg: Array
+    bsa_m2: Array
+
+
+class Params(NamedTuple):
+    """Everything one patient's simulation needs (leaves are scalars, or (4,) per compartment)."""
+
+    bispecific_pk: pk.PKParams
+    engagement: eng.EngagementParams
+    tocilizumab_pk: pk.PKParams
+    dexamethasone_pk: pk.PKParams
+    anti_cd20_pk: pk.PKParams
+    supportive: sup.SupportiveParams
+    tcells: cells_mod.TCellParams
+    bcells: cells_mod.BCellParams
+    malignant: cells_mod.MalignantParams
+    cytokines: cyto.CytokineParams
+    body: cells_mod.Body
+    patient: PatientCovariates
+    first_dose_day: Array  # day of the first bispecific administration (clearance-decay origin)
+
+
+def initial_state(p: Params) -> State:
+    """The untreated patient at rest: T and B cells at baseline, cytokines at baseline, no drug."""
+    dtype = p.body.volume_ml.blood.dtype
+    zero = pk.zero_amounts(dtype)
+    body = p.body
+    none = body.t_baseline * 0.0
+    cells = cells_mod.Cells(
+        t_resting=body.t_baseline,
+        t_active=none,
+        t_post=none,
+        b_normal=body.b_baseline,
+        malignant=body.malignant_baseline,
+    )
+    return State(zero, zero, zero, zero, cells, cyto.baseline(p.cytokines))
+
+
+class Observables(NamedTuple):
+    """Quantities derived from the state that endpoints and reductions use."""
+
+    bispecific_ng_ml: Array  # free plasma concentration of the bispecific
+    il6_signalling_pg_ml: Array
+    il6_serum_pg_ml: Array
+    ifng_pg_ml: Array
+    t_blood: Array  # total blood T cells, 1e9
+    b_blood: Array  # normal blood B cells, 1e9
+    malignant_total: Array  # malignant cells in all compartments, 1e9
+    marrow_malignant: Array
+
+
+def observe(y: State, p: Params) -> Observables:
+    c = y.cells
+    conc = pk.free_concentration(y.bispecific, p.bispecific_pk)
+    theta = sup.il6_receptor_free_fraction(pk.free_concentration(y.tocilizumab, p.tocilizumab_pk), p.supportive)
+    return Observables(
+        bispecific_ng_ml=1000.0 * conc,
+        il6_signalling_pg_ml=cyto.il6_signalling(y.cytokines, theta),
+        il6_serum_pg_ml=y.cytokines.il6_pg_ml,
+        ifng_pg_ml=y.cytokines.ifng_pg_ml,
+        t_blood=c.t_resting.blood + c.t_active.blood + c.t_post.blood,
+        b_blood=c.b_normal.blood,
+        malignant_total=c.malignant.total(),
+        marrow_malignant=c.malignant.marrow,
+    )
+
+
+def rates(t: Array, y: State, p: Params) -> tuple[State, State]:
+    """Production and loss of every state at time t (days)."""
+    # Drugs. The bispecific's clearance decays from its own first dose; the co-medications' clocks
+    # start at cycle 1 day 1 (obinutuzumab pretreatment is given then).
+    prod_bs, loss_bs = pk.rates(y.bispecific, p.bispecific_pk, t - p.first_dose_day)
+    prod_toci, loss_toci = pk.rates(y.tocilizumab, p.tocilizumab_pk, t)
+    prod_dex, loss_dex = pk.rates(y.dexamethasone, p.dexamethasone_pk, t)
+    prod_cd20, loss_cd20 = pk.rates(y.anti_cd20, p.anti_cd20_pk, t)
+
+    plasma = pk.free_concentration(y.bispecific, p.bispecific_pk)
+    theta = sup.il6_receptor_free_fraction(pk.free_concentration(y.tocilizumab, p.tocilizumab_pk), p.supportive)
+    dex_cytokine, dex_kill = sup.dexamethasone_inhibition(pk.free_concentration(y.dexamethasone, p.dexamethasone_pk), p.supportive)
+    cd20_normal, cd20_malignant = sup.anti_cd20_kill(pk.free_concentration(y.anti_cd20, p.anti_cd20_pk), p.supportive)
+
+    # Engagement.
+    c = y.cells
+    e = p.engagement
+    conc = eng.compartment_concentration_ng_ml(plasma, e)
+    target = eng.targets(c.b_normal, c.malignant, e)
+    engaged = eng.engaged_fraction(conc, target, c.t_resting + c.t_post, e)
+    activation = eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
+    kill = eng.kill_rate(conc, c.t_active, target, e) * (1.0 - dex_kill)
+
+    prod_cells, loss_cells = cells_mod.rates(
+        c,
+        activation,
+        kill * e.binds_normal_b + cd20_normal,
+        kill * e.binds_malignant * p.malignant.kill_factor + cd20_malignant,
+        y.cytokines.margination,
+        p.tcells,
+        p.bcells,
+        p.malignant,
+        p.body,
+    )
+
+    signal = cyto.t_cell_signal(c.t_active * engaged, p.cytokines)
+    prod_cyto, loss_cyto = cyto.rates(y.cytokines, signal, theta, dex_cytokine, p.tcells.margination_half_life_day, p.cytokines)
+
+    production = State(prod_bs, prod_toci, prod_dex, prod_cd20, prod_cells, prod_cyto)
+    loss = State(loss_bs, loss_toci, loss_dex, loss_cd20, loss_cells, loss_cyto)
+    return production, loss
+
+
+def vector_field(t: Array, y: State, p: Params) -> State:
+    """dy/dt without dosing inputs, for generic ODE solvers."""
+    production, loss = rates(t, y, p)
+    return jax.tree_util.tree_map(lambda pr, lo, x: pr - lo * x, production, loss, y)

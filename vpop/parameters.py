@@ -1,0 +1,331 @@
+"""From configs to parameter pytrees: typical values, priors of unknowns, and one patient's values.
+
+Config numbers are plain numbers (known, with their source beside them in the YAML) or
+`{nominal: x, prior: [low, high], unknown: true}` (not published: `nominal` is used with
+`posterior=none`, and calibration samples log-uniformly over `prior`). `typical_params` assembles the
+population-typical `Params` of one arm (drug + route + population) as scalar leaves;
+`individual_params` turns them into one patient's `Params` from covariates and random effects.
+Everything after `typical_params` is pure JAX, so it runs inside the vmapped simulation.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from omegaconf import DictConfig, OmegaConf
+
+from vpop import catalogue
+from vpop.catalogue import ConfigError
+from vpop.model import cells, cytokines, engagement, pk, supportive
+from vpop.model.compartments import ByCompartment
+from vpop.model.system import Params, PatientCovariates
+
+ROUTES = ("iv", "sc", "civ", "oral")
+TARGETS = ("CD20", "CD19", "BCMA")
+DRUG_KINDS = ("bispecific", "tocilizumab", "dexamethasone", "anti_cd20")
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A parameter without a published value: its nominal value and calibration prior range."""
+
+    nominal: float
+    low: float
+    high: float
+
+
+def value(node: Any, field: str = "") -> float:
+    """The number a config entry stands for (the nominal value of an unknown)."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    if isinstance(node, (dict, DictConfig)) and "nominal" in node:
+        return float(node["nominal"])
+    raise ConfigError(f"{field}: expected a number or {{nominal, prior, unknown}}, got {node!r}")
+
+
+def unknowns(cfg: Any, prefix: str = "") -> dict[str, Unknown]:
+    """Every `{nominal, prior, unknown: true}` entry below cfg, by dotted path."""
+    out: dict[str, Unknown] = {}
+    if isinstance(cfg, (dict, DictConfig)):
+        if cfg.get("unknown", False):
+            low, high = cfg["prior"]
+            return {prefix: Unknown(float(cfg["nominal"]), float(low), float(high))}
+        for k, v in cfg.items():
+            out.update(unknowns(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _get(cfg: DictConfig, key: str, where: str, default: Any = None) -> float:
+    if key not in cfg:
+        if default is not None:
+            return float(default)
+        raise ConfigError(f"{where}.{key} is missing")
+    return value(cfg[key], f"{where}.{key}")
+
+
+def _check_keys(cfg: DictConfig, allowed: set[str], where: str) -> None:
+    extra = set(cfg.keys()) - allowed
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+
+
+def _fill(cls, cfg: DictConfig, where: str, **computed):
+    """Build NamedTuple `cls` from cfg entries named like its fields (plus computed ones)."""
+    kwargs = {}
+    for f in cls._fields:
+        kwargs[f] = computed[f] if f in computed else _get(cfg, f, where)
+    return cls(**{k: v if isinstance(v, ByCompartment) else jnp.asarray(v, dtype=_float()) for k, v in kwargs.items()})
+
+
+def _float():
+    return jnp.result_type(float)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drugs
+# ---------------------------------------------------------------------------------------------
+
+_PK_DEFAULTS = dict(
+    cl_decay_l_per_day=0.0,
+    cl_decay_rate_per_day=0.0,
+    q_l_per_day=0.0,
+    v2_l=1.0,
+    vmax_mg_per_day=0.0,
+    km_mg_per_l=1.0,
+    tmdd_rtot_mg_per_l=0.0,
+    tmdd_kss_mg_per_l=1.0,
+    tmdd_kint_per_day=0.0,
+)
+_ROUTE_KEYS = {"infusion_hours", "ka_per_day", "bioavailability"}
+
+
+def load_drug(name: str, field: str = "drug") -> DictConfig:
+    cfg = catalogue.load("drug", name, field)
+    kind = cfg.get("kind")
+    if kind not in DRUG_KINDS:
+        raise ConfigError(f"drug {name}: kind must be one of {DRUG_KINDS}, got {kind!r}")
+    return cfg
+
+
+def check_route(drug: DictConfig, route: str, field: str = "route") -> None:
+    if route not in ROUTES:
+        raise ConfigError(f"{field}: unknown route '{route}'; allowed: {', '.join(ROUTES)}")
+    routes = list(drug.get("routes", {}).keys())
+    if route not in routes:
+        raise ConfigError(f"{field}: drug {drug.name} has no parameters for route '{route}'; allowed: {', '.join(routes)}")
+
+
+def pk_params(drug: DictConfig, route: str) -> pk.PKParams:
+    """Typical PK parameters of a drug given by `route` (absorption from the route block)."""
+    where = f"drug/{drug.name}.pk"
+    pkc = drug.pk
+    allowed = set(pk.PKParams._fields) - {"ka_per_day", "bioavailability"}
+    _check_keys(pkc, allowed, where)
+    route_cfg = drug.routes.get(route) or {}
+    _check_keys(OmegaConf.create(route_cfg), _ROUTE_KEYS, f"drug/{drug.name}.routes.{route}")
+    ka = _get(route_cfg, "ka_per_day", f"drug/{drug.name}.routes.{route}", default=1.0)
+    f = _get(route_cfg, "bioavailability", f"drug/{drug.name}.routes.{route}", default=1.0)
+    vals = {k: _get(pkc, k, where, _PK_DEFAULTS.get(k)) for k in allowed}
+    return pk.PKParams(**{k: jnp.asarray(v, _float()) for k, v in {**vals, "ka_per_day": ka, "bioavailability": f}.items()})
+
+
+def _first_route(drug: DictConfig) -> str:
+    return next(iter(drug.routes.keys()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Typical parameters of an arm
+# ---------------------------------------------------------------------------------------------
+
+
+class ArmSpec(NamedTuple):
+    """What `typical_params` needs to know about an arm."""
+
+    drug: str
+    route: str
+    population: str
+
+
+def _by_compartment(blood, lymphoid, marrow, tumour) -> ByCompartment:
+    return ByCompartment(*(jnp.asarray(x, _float()) for x in (blood, lymphoid, marrow, tumour)))
+
+
+def typical_params(arm: ArmSpec, model: DictConfig | None = None) -> Params:
+    """Population-typical parameters of one arm (scalar leaves)."""
+    model = model if model is not None else catalogue.load("model", "default")
+    drug = load_drug(arm.drug)
+    if drug.kind != "bispecific":
+        raise ConfigError(f"drug: {arm.drug} is a {drug.kind}, not a bispecific antibody")
+    check_route(drug, arm.route)
+    pop = catalogue.load("population", arm.population, "population")
+    dis = pop.malignant
+
+    antigens = dis.get("antigens", {})
+    target = drug.get("target")
+    if target not in TARGETS:
+        raise ConfigError(f"drug/{arm.drug}.target must be one of {TARGETS}, got {target!r}")
+    eng_cfg = OmegaConf.merge(model.engagement, drug.get("engagement", {}))
+    eng = _fill(
+        engagement.EngagementParams,
+        eng_cfg,
+        f"drug/{arm.drug}.engagement",
+        binds_normal_b=1.0 if target in ("CD20", "CD19") else 0.0,
+        binds_malignant=value(antigens.get(target, 0.0), f"population/{arm.population}.malignant.antigens.{target}"),
+        partition=_by_compartment(1.0, value(eng_cfg.partition_lymphoid), value(eng_cfg.partition_marrow), value(eng_cfg.partition_tumour)),
+    )
+
+    tc = model.tcells
+    infiltration = value(dis.t_cell_infiltration, f"population/{arm.population}.malignant.t_cell_infiltration")
+    tcells = _fill(
+        cells.TCellParams,
+        tc,
+        "model.tcells",
+        partition=_by_compartment(1.0, value(tc.partition_lymphoid), value(tc.partition_marrow), infiltration),
+    )
+    bc = model.bcells
+    bcells = _fill(cells.BCellParams, bc, "model.bcells", partition=_by_compartment(1.0, value(bc.partition_lymphoid), value(bc.partition_marrow), 0.0))
+    malignant = _fill(cells.MalignantParams, dis, f"population/{arm.population}.malignant")
+
+    cc = model.cytokines
+    cyto = _fill(
+        cytokines.CytokineParams,
+        cc,
+        "model.cytokines",
+        tissue_reach=_by_compartment(1.0, value(cc.tissue_reach_lymphoid), value(cc.tissue_reach_marrow), value(cc.tissue_reach_tumour)),
+    )
+
+    toci = load_drug("tocilizumab")
+    dex = load_drug("dexamethasone")
+    cd20 = load_drug("obinutuzumab")
+    sc = model.supportive
+    kill_blood = value(sc.anti_cd20_k_kill_blood_per_day)
+    kill_tissue = value(sc.anti_cd20_k_kill_tissue_per_day)
+    sup = _fill(
+        supportive.SupportiveParams,
+        sc,
+        "model.supportive",
+        tocilizumab_kd_mg_per_l=value(sc.tocilizumab_kd_nm) * value(toci.molecular_weight_kda) / 1000.0,
+        dexamethasone_mw_g_per_mol=value(dex.molecular_weight_kda) * 1000.0,
+        anti_cd20_k_kill_per_day=_by_compartment(kill_blood, kill_tissue, kill_tissue, kill_tissue),
+        anti_cd20_binds_malignant=value(antigens.get("CD20", 0.0)),
+    )
+
+    # Body and baselines come from each patient's covariates (population.individual_params).
+    zero = jnp.zeros((), _float())
+    z = ByCompartment.full(zero)
+    body = cells.Body(volume_ml=z, exchange_volume_ml=z, t_baseline=z, b_baseline=z, malignant_baseline=z)
+    return Params(
+        bispecific_pk=pk_params(drug, arm.route),
+        engagement=eng,
+        tocilizumab_pk=pk_params(toci, "iv"),
+        dexamethasone_pk=pk_params(dex, "oral"),  # depot doses are oral; IV doses enter central
+        anti_cd20_pk=pk_params(cd20, "iv"),
+        supportive=sup,
+        tcells=tcells,
+        bcells=bcells,
+        malignant=malignant,
+        cytokines=cyto,
+        body=body,
+        patient=PatientCovariates(weight_kg=zero, bsa_m2=zero),
+        first_dose_day=zero,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths into parameter pytrees (for variability and calibration)
+# ---------------------------------------------------------------------------------------------
+
+
+def get_path(tree, path: str):
+    for part in path.split("."):
+        if not hasattr(tree, part):
+            raise ConfigError(f"'{path}': no parameter '{part}'; allowed: {', '.join(tree._fields)}")
+        tree = getattr(tree, part)
+    return tree
+
+
+def set_path(tree, path: str, new):
+    head, _, rest = path.partition(".")
+    if not hasattr(tree, head):
+        raise ConfigError(f"'{path}': no parameter '{head}'; allowed: {', '.join(tree._fields)}")
+    return tree._replace(**{head: set_path(getattr(tree, head), rest, new) if rest else new})
+
+
+def stream_id(name: str) -> int:
+    """A stable 31-bit id for a random-effect name, so a patient's effect does not depend on which
+    other effects an arm has (paired arms with different drugs still share their patients)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+class Variability(NamedTuple):
+    """Log-normal inter-individual variability: parameter paths and their SD of the log."""
+
+    paths: tuple[str, ...]
+    omegas: tuple[float, ...]
+
+
+def variability(arm: ArmSpec) -> Variability:
+    """Random effects of an arm: the drug's PK (bispecific_pk.*) and the population's (any path)."""
+    drug = load_drug(arm.drug)
+    pop = catalogue.load("population", arm.population, "population")
+    entries = {f"bispecific_pk.{k}": value(v) for k, v in (drug.get("variability") or {}).items()}
+    entries.update({k: value(v) for k, v in (pop.get("variability") or {}).items()})
+    template = typical_params(arm)
+    for path in entries:
+        get_path(template, path)  # raises a ConfigError naming the bad path
+    return Variability(tuple(entries), tuple(entries.values()))
+
+
+def mosteller_bsa_m2(height_cm, weight_kg):
+    return jnp.sqrt(height_cm * weight_kg / 3600.0)
+
+
+class PKCovariates(NamedTuple):
+    """Power covariate model of a drug's PK: theta x (weight/ref)^a x (BSA/ref)^b."""
+
+    reference_weight_kg: float
+    reference_bsa_m2: float
+    cl_weight_exponent: float
+    v1_weight_exponent: float
+    v2_weight_exponent: float
+    q_weight_exponent: float
+    cl_bsa_exponent: float
+
+
+def pk_covariates(drug_name: str) -> PKCovariates:
+    drug = load_drug(drug_name)
+    cov = drug.get("covariates") or {}
+    _check_keys(OmegaConf.create(cov), set(PKCovariates._fields), f"drug/{drug_name}.covariates")
+    defaults = dict(reference_weight_kg=70.0, reference_bsa_m2=1.8)
+    return PKCovariates(**{f: float(value(cov[f])) if f in cov else defaults.get(f, 0.0) for f in PKCovariates._fields})
+
+
+def apply_pk_covariates(p: pk.PKParams, cov: PKCovariates, weight_kg, bsa_m2) -> pk.PKParams:
+    w = weight_kg / cov.reference_weight_kg
+    b = bsa_m2 / cov.reference_bsa_m2
+    cl_factor = w**cov.cl_weight_exponent * b**cov.cl_bsa_exponent
+    return p._replace(
+        cl_l_per_day=p.cl_l_per_day * cl_factor,
+        cl_decay_l_per_day=p.cl_decay_l_per_day * cl_factor,
+        v1_l=p.v1_l * w**cov.v1_weight_exponent,
+        v2_l=p.v2_l * w**cov.v2_weight_exponent,
+        q_l_per_day=p.q_l_per_day * w**cov.q_weight_exponent,
+    )
+
+
+def apply_variability(p: Params, paths: tuple[str, ...], omegas, key: jax.Array) -> Params:
+    """Multiply each parameter in `paths` by exp(omega * z), z ~ N(0, 1) from its own named stream."""
+    for i, path in enumerate(paths):
+        z = jax.random.normal(jax.random.fold_in(key, stream_id(path)), dtype=_float())
+        p = set_path(p, path, get_path(p, path) * jnp.exp(omegas[i] * z))
+    return p
+
+
+def log_uniform_prior(u: Unknown) -> tuple[float, float]:
+    """(loc, scale) of log-space uniform bounds used by calibration."""
+    return math.log(u.low), math.log(u.high)

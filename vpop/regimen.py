@@ -1,0 +1,384 @@
+"""Regimens: dose lists in cycles -> concrete administrations -> the dense `Schedule` the solver scans.
+
+A regimen (named in `configs/regimen/` or written inline in an experiment) is
+
+    cycle_days: 21
+    cycles: 8
+    doses:                                  # day is 1-based within the cycle
+      - {cycle: 1, day: 1, amount: 1, unit: mg}
+      - {cycles: "3-8", day: 1, amount: 30, unit: mg}
+      - {cycle: 1, day: 1, duration_days: 7, amount: 9, unit: ug/day}       # continuous infusion
+      - {cycle: 1, day: 1, drug: obinutuzumab, amount: 1000, unit: mg}      # pretreatment
+    then:                                   # optional further block, e.g. a maintenance phase with
+      cycle_days: 14                        # its own cycle length; cycle numbers continue (9, 10, ...)
+      cycles: 4
+      doses: [{cycles: "9-12", day: 1, amount: 30, unit: mg}]
+
+Time zero is cycle 1 day 1. Each administration of the bispecific starts a dose period (split step-up
+doses and infusion-rate steps included). Premedication and prophylaxis are placed relative to those
+administrations. The time grid is fine after every administration and coarse in between (see
+`vpop.model.solver` for why).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from vpop import catalogue, parameters
+from vpop.catalogue import ConfigError
+from vpop.model.solver import INPUT_CHANNELS, Schedule, Steps
+
+BOLUS_UNITS = {  # unit -> (mg, mg per kg, mg per m2) per unit amount
+    "mg": (1.0, 0.0, 0.0),
+    "ug": (1e-3, 0.0, 0.0),
+    "mg/kg": (0.0, 1.0, 0.0),
+    "ug/kg": (0.0, 1e-3, 0.0),
+    "mg/m2": (0.0, 0.0, 1.0),
+    "ug/m2": (0.0, 0.0, 1e-3),
+}
+RATE_UNITS = {  # continuous-infusion unit -> (mg/day, mg/day per kg, mg/day per m2) per unit amount
+    "mg/day": (1.0, 0.0, 0.0),
+    "ug/day": (1e-3, 0.0, 0.0),
+    "mg/kg/day": (0.0, 1.0, 0.0),
+    "ug/kg/day": (0.0, 1e-3, 0.0),
+    "mg/m2/day": (0.0, 0.0, 1.0),
+    "ug/m2/day": (0.0, 0.0, 1e-3),
+}
+DOSE_KEYS = {"cycle", "cycles", "day", "hour", "amount", "unit", "drug", "route", "duration_days", "infusion_hours", "max_mg"}
+REGIMEN_KEYS = {"cycle_days", "cycles", "doses", "then", "assessment_every_days", "description", "route"}
+# (drug kind, route) -> input channel
+_CHANNEL = {
+    ("bispecific", "iv"): "bispecific.central",
+    ("bispecific", "civ"): "bispecific.central",
+    ("bispecific", "sc"): "bispecific.depot",
+    ("tocilizumab", "iv"): "tocilizumab.central",
+    ("dexamethasone", "iv"): "dexamethasone.central",
+    ("dexamethasone", "oral"): "dexamethasone.depot",
+    ("anti_cd20", "iv"): "anti_cd20.central",
+}
+
+
+@dataclass(frozen=True)
+class Administration:
+    """One concrete dose of one drug."""
+
+    day: float  # days from cycle 1 day 1
+    drug_kind: str  # bispecific | tocilizumab | dexamethasone | anti_cd20
+    route: str
+    amount: float
+    unit: str
+    cycle: int = 0
+    duration_days: float = 0.0  # 0: bolus; > 0: infusion over this time
+    max_mg: float = math.inf
+    label: str = ""
+
+    @property
+    def continuous(self) -> bool:
+        return self.unit in RATE_UNITS
+
+
+@dataclass
+class CompiledRegimen:
+    """Administrations of an arm, sorted, with the bispecific's ones marking dose periods."""
+
+    administrations: list[Administration]
+    horizon_day: float
+    assessment_days: list[float]
+    periods: list[Administration] = field(init=False)
+
+    def __post_init__(self):
+        self.administrations.sort(key=lambda a: a.day)
+        self.periods = [a for a in self.administrations if a.drug_kind == "bispecific"]
+
+
+def _parse_cycles(spec, where: str, first: int, last: int) -> list[int]:
+    """Cycle numbers from 3, "3-8" or "1,3-5", checked to lie in first..last."""
+    if isinstance(spec, int):
+        cycles = [spec]
+    else:
+        text = str(spec).replace(" ", "")
+        cycles = []
+        try:
+            for part in text.split(","):
+                lo, _, hi = part.partition("-")
+                cycles.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, \"3-8\" or \"1,3-5\", got {spec!r}") from None
+    bad = [c for c in cycles if not first <= c <= last]
+    if bad:
+        raise ConfigError(f"{where}: {bad[0]} is outside the allowed {first}-{last}")
+    return cycles
+
+
+def load_regimen(spec: str | DictConfig | dict, field_name: str = "regimen") -> DictConfig:
+    cfg = catalogue.load("regimen", spec, field_name) if isinstance(spec, str) else OmegaConf.create(spec)
+    _check_block(cfg, field_name)
+    return cfg
+
+
+def _check_block(cfg: DictConfig, field_name: str) -> None:
+    extra = set(cfg.keys()) - REGIMEN_KEYS
+    if extra:
+        raise ConfigError(f"{field_name}: unknown key(s) {sorted(extra)}; allowed: {sorted(REGIMEN_KEYS)}")
+    for k in ("cycle_days", "cycles", "doses"):
+        if k not in cfg:
+            raise ConfigError(f"{field_name}.{k} is missing")
+    if not (isinstance(cfg.cycle_days, (int, float)) and cfg.cycle_days > 0):
+        raise ConfigError(f"{field_name}.cycle_days must be a positive number of days, got {cfg.cycle_days!r}")
+    if not (isinstance(cfg.cycles, int) and cfg.cycles > 0):
+        raise ConfigError(f"{field_name}.cycles must be a positive whole number, got {cfg.cycles!r}")
+    if not isinstance(cfg.doses, (list, ListConfig)) or len(cfg.doses) == 0:
+        raise ConfigError(f"{field_name}.doses must be a non-empty list of doses")
+    if cfg.get("then") is not None:
+        _check_block(cfg.then, f"{field_name}.then")
+
+
+def blocks(regimen: DictConfig) -> list[tuple[DictConfig, int, float]]:
+    """The regimen's blocks with the number of cycles and days that come before each."""
+    out, cycles_before, days_before, block = [], 0, 0.0, regimen
+    while block is not None:
+        out.append((block, cycles_before, days_before))
+        cycles_before += block.cycles
+        days_before += block.cycles * block.cycle_days
+        block = block.get("then")
+    return out
+
+
+def regimen_days(regimen: DictConfig) -> float:
+    block, _, before = blocks(regimen)[-1]
+    return before + block.cycles * block.cycle_days
+
+
+def _drug_kind(name: str | None, bispecific: DictConfig, where: str) -> tuple[str, DictConfig]:
+    if name is None or name == bispecific.name:
+        return "bispecific", bispecific
+    drug = parameters.load_drug(name, where)
+    if drug.kind == "bispecific":
+        raise ConfigError(f"{where}: an arm has one bispecific ({bispecific.name}); {name} is another bispecific")
+    return drug.kind, drug
+
+
+def expand_doses(regimen: DictConfig, bispecific: DictConfig, route: str, where: str = "regimen") -> list[Administration]:
+    """The regimen's dose lists (all blocks) as concrete administrations, validated."""
+    out = []
+    path = where
+    for block, cycles_before, days_before in blocks(regimen):
+        out += _expand_block(block, cycles_before, days_before, bispecific, route, path)
+        path += ".then"
+    return out
+
+
+def _expand_block(regimen: DictConfig, cycles_before: int, days_before: float, bispecific: DictConfig, route: str,
+                  where: str) -> list[Administration]:
+    out = []
+    first, last = cycles_before + 1, cycles_before + regimen.cycles
+    for i, dose in enumerate(regimen.doses):
+        w = f"{where}.doses[{i}]"
+        extra = set(dose.keys()) - DOSE_KEYS
+        if extra:
+            raise ConfigError(f"{w}: unknown key(s) {sorted(extra)}; allowed: {sorted(DOSE_KEYS)}")
+        if ("cycle" in dose) == ("cycles" in dose):
+            raise ConfigError(f"{w}: give exactly one of 'cycle' (a number) or 'cycles' (a range like \"3-8\")")
+        key = "cycle" if "cycle" in dose else "cycles"
+        cycles = _parse_cycles(dose[key], f"{w}.{key}", first, last)
+        day = dose.get("day")
+        if not isinstance(day, (int, float)) or not 1 <= day <= regimen.cycle_days:
+            raise ConfigError(f"{w}.day must be a day within the cycle, 1-{regimen.cycle_days}, got {day!r}")
+        amount = dose.get("amount")
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount > 0:
+            raise ConfigError(f"{w}.amount must be a positive number, got {amount!r}")
+        kind, drug = _drug_kind(dose.get("drug"), bispecific, f"{w}.drug")
+        unit = dose.get("unit")
+        dose_route = dose.get("route", route if kind == "bispecific" else next(iter(drug.routes.keys())))
+        if unit in RATE_UNITS:
+            if dose_route != "civ" and kind == "bispecific":
+                dose_route = "civ"
+            if "duration_days" not in dose or not dose.duration_days > 0:
+                raise ConfigError(f"{w}: a continuous infusion ({unit}) needs duration_days > 0")
+            duration = float(dose.duration_days)
+        elif unit in BOLUS_UNITS:
+            if dose_route == "civ":
+                raise ConfigError(f"{w}.unit: route civ takes a rate unit ({', '.join(RATE_UNITS)}), got '{unit}'")
+            hours = dose.get("infusion_hours", (drug.routes.get(dose_route) or {}).get("infusion_hours", 0.0))
+            duration = float(hours) / 24.0 if dose_route == "iv" else 0.0
+        else:
+            raise ConfigError(f"{w}.unit: unknown unit {unit!r}; allowed: {', '.join([*BOLUS_UNITS, *RATE_UNITS])}")
+        parameters.check_route(drug, dose_route, f"{w}.route")
+        if (kind, dose_route) not in _CHANNEL:
+            raise ConfigError(f"{w}.route: {drug.name} cannot be given by '{dose_route}'")
+        hour = float(dose.get("hour", 0.0))
+        for c in cycles:
+            t = days_before + (c - first) * regimen.cycle_days + (day - 1) + hour / 24.0
+            end = days_before + (c - first + 1) * regimen.cycle_days
+            if duration and t + duration > end + 1e-9 and kind == "bispecific" and unit in RATE_UNITS:
+                raise ConfigError(f"{w}: the infusion of {duration} days from day {day} runs past the end of cycle {c}")
+            out.append(
+                Administration(
+                    day=t,
+                    drug_kind=kind,
+                    route=dose_route,
+                    amount=float(amount),
+                    unit=str(unit),
+                    cycle=c,
+                    duration_days=duration,
+                    max_mg=float(dose.get("max_mg", math.inf)),
+                    label=f"C{c}D{day} {amount:g} {unit}" + ("" if kind == "bispecific" else f" {drug.name}"),
+                )
+            )
+    return out
+
+
+def _premedication(spec, periods: list[Administration], where: str) -> list[Administration]:
+    if spec in (None, "none"):
+        return []
+    cfg = catalogue.load("premedication", spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
+    allowed = {"drug", "amount", "unit", "route", "hours_before", "administrations", "cycles", "days_after", "description"}
+    extra = set(cfg.keys()) - allowed
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+    drug = parameters.load_drug(cfg.drug, f"{where}.drug")
+    route = cfg.get("route", "iv")
+    if (drug.kind, route) not in _CHANNEL:
+        raise ConfigError(f"{where}.route: {cfg.drug} cannot be given by '{route}'")
+    if cfg.unit not in BOLUS_UNITS:
+        raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
+    n = len(periods)
+    chosen = set(range(1, n + 1))
+    if "administrations" in cfg:
+        chosen = set(_parse_cycles(cfg.administrations, f"{where}.administrations", 1, n))
+    if "cycles" in cfg:
+        cyc = set(_parse_cycles(cfg.cycles, f"{where}.cycles", 1, max(a.cycle for a in periods)))
+        chosen = {k for k in chosen if periods[k - 1].cycle in cyc}
+    out = []
+    for k in sorted(chosen):
+        a = periods[k - 1]
+        for offset in [-float(cfg.get("hours_before", 1.0)) / 24.0, *[float(d) for d in cfg.get("days_after", [])]]:
+            out.append(Administration(a.day + offset, drug.kind, route, float(cfg.amount), cfg.unit, a.cycle, label=f"{cfg.drug} {cfg.amount:g} {cfg.unit}"))
+    return out
+
+
+def _prophylaxis(spec, periods: list[Administration], where: str) -> list[Administration]:
+    if spec in (None, "none"):
+        return []
+    cfg = catalogue.load("prophylaxis", spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
+    allowed = {"drug", "amount", "unit", "before_dose", "hours_before", "max_mg", "description"}
+    extra = set(cfg.keys()) - allowed
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+    drug = parameters.load_drug(cfg.drug, f"{where}.drug")
+    if cfg.unit not in BOLUS_UNITS:
+        raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
+    k = cfg.get("before_dose", 1)
+    if not isinstance(k, int) or not 1 <= k <= len(periods):
+        raise ConfigError(f"{where}.before_dose must be an administration number 1-{len(periods)}, got {k!r}")
+    a = periods[k - 1]
+    t = a.day - float(cfg.get("hours_before", 4.0)) / 24.0
+    return [Administration(t, drug.kind, "iv", float(cfg.amount), cfg.unit, a.cycle, max_mg=float(cfg.get("max_mg", math.inf)),
+                           label=f"{cfg.drug} prophylaxis {cfg.amount:g} {cfg.unit}")]
+
+
+def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophylaxis=None,
+                horizon_days: float | None = None, assessment_every_days: float | None = None,
+                where: str = "arm") -> CompiledRegimen:
+    """All administrations of an arm (bispecific, pretreatment, premedication, prophylaxis)."""
+    drug = parameters.load_drug(drug_name, f"{where}.drug")
+    parameters.check_route(drug, route, f"{where}.route")
+    reg = load_regimen(regimen, f"{where}.regimen")
+    admins = expand_doses(reg, drug, route, f"{where}.regimen")
+    periods = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
+    if not periods:
+        raise ConfigError(f"{where}.regimen: no dose of {drug_name}")
+    admins += _premedication(premedication, periods, f"{where}.premedication")
+    admins += _prophylaxis(prophylaxis, periods, f"{where}.prophylaxis")
+    horizon = float(horizon_days if horizon_days is not None else regimen_days(reg))
+    if not horizon > 0:
+        raise ConfigError(f"{where}: horizon_days must be positive, got {horizon}")
+    every = float(assessment_every_days or reg.get("assessment_every_days", 42))
+    assessments = [float(d) for d in np.arange(every, horizon + 1e-9, every)]
+    if not assessments or assessments[-1] < horizon - 1e-9:
+        assessments.append(horizon)
+    admins = [a for a in admins if a.day < horizon]
+    return CompiledRegimen(admins, horizon, assessments)
+
+
+def time_grid(events: list[float], infusion_ends: list[float], t0: float, horizon: float, assessments: list[float],
+              first_step_days: float, growth: float, max_step_days: float) -> np.ndarray:
+    """Grid points: every event, fine steps growing geometrically after each event, `max_step_days`
+    in between, the assessment days and the horizon."""
+    pts = [np.arange(t0, horizon, max_step_days), np.asarray([horizon, *assessments, *infusion_ends, *events])]
+    n_fine = int(math.ceil(math.log1p(max_step_days * (growth - 1) / first_step_days) / math.log(growth))) if growth > 1 else 0
+    offsets = first_step_days * (growth ** np.arange(n_fine + 1) - 1) / (growth - 1) if growth > 1 else np.zeros(1)
+    for t in events:
+        pts.append(t + offsets)
+    grid = np.unique(np.concatenate(pts))
+    grid = grid[(grid >= t0) & (grid <= horizon)]
+    # Merge points closer than a minute (floating-point duplicates of the same instant).
+    keep = np.concatenate([[True], np.diff(grid) > 1.0 / 1440.0])
+    return grid[keep]
+
+
+def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
+    """Dense per-step arrays for the solver, padded to a multiple of solver.grid_bucket steps."""
+    admins = compiled.administrations
+    t0 = min(0.0, min(a.day for a in admins))
+    events = sorted({a.day for a in admins})
+    ends = sorted({a.day + a.duration_days for a in admins if a.duration_days > 0})
+    grid = time_grid(events, ends, t0, compiled.horizon_day, compiled.assessment_days,
+                     float(solver.first_step_hours) / 24.0, float(solver.step_growth), float(solver.max_step_days))
+    k = len(grid) - 1
+    bucket = int(solver.grid_bucket)
+    k_pad = int(math.ceil(k / bucket) * bucket)
+    c = len(INPUT_CHANNELS)
+    bolus = np.zeros((3, k_pad, c))
+    rate = np.zeros((3, k_pad, c))
+    cap = np.full((k_pad, c), np.inf)
+
+    def at(t):  # grid index of an event time
+        i = int(np.argmin(np.abs(grid - t)))
+        assert abs(grid[i] - t) < 1.0 / 1440.0, (t, grid[i])
+        return i
+
+    for a in admins:
+        ch = INPUT_CHANNELS.index(_CHANNEL[(a.drug_kind, a.route)])
+        i = at(a.day)
+        if a.continuous or a.duration_days > 0:
+            per = RATE_UNITS[a.unit] if a.continuous else BOLUS_UNITS[a.unit]
+            scale = a.amount if a.continuous else a.amount / a.duration_days
+            j = at(a.day + a.duration_days)
+            for u in range(3):
+                rate[u, i:j, ch] += per[u] * scale
+        else:
+            per = BOLUS_UNITS[a.unit]
+            for u in range(3):
+                bolus[u, i, ch] += per[u] * a.amount
+            cap[i, ch] = min(cap[i, ch], a.max_mg)
+        if a.drug_kind == "bispecific":
+            bolus[0, i, INPUT_CHANNELS.index("cytokines.margination")] += 1.0
+
+    period_start = np.asarray([a.day for a in compiled.periods])
+    t_start = np.concatenate([grid[:-1], np.full(k_pad - k, grid[-1])])
+    dt = np.concatenate([np.diff(grid), np.zeros(k_pad - k)])
+    period = np.searchsorted(period_start, t_start + 1e-9, side="right") - 1
+    assess = np.full(k_pad, -1)
+    for j, d in enumerate(compiled.assessment_days):
+        assess[at(d) - 1] = j
+    f = parameters._float()
+    steps = Steps(
+        t_start=jnp.asarray(t_start, f),
+        dt=jnp.asarray(dt, f),
+        bolus_mg=jnp.asarray(bolus[0], f),
+        bolus_mg_per_kg=jnp.asarray(bolus[1], f),
+        bolus_mg_per_m2=jnp.asarray(bolus[2], f),
+        bolus_cap_mg=jnp.asarray(cap, f),
+        rate_mg_per_day=jnp.asarray(rate[0], f),
+        rate_mg_per_day_per_kg=jnp.asarray(rate[1], f),
+        rate_mg_per_day_per_m2=jnp.asarray(rate[2], f),
+        period=jnp.asarray(period, jnp.int32),
+        assessment=jnp.asarray(assess, jnp.int32),
+    )
+    return Schedule(steps, jnp.asarray(period_start, f), jnp.asarray(compiled.assessment_days, f))

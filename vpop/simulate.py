@@ -1,0 +1,176 @@
+"""Simulate an arm's virtual patients in chunks: covariates -> parameters -> solver -> reductions.
+
+`prepare_arm` does the host work once per arm (configs, regimen, grid); `simulate_arm` runs chunks
+of patients through two jitted kernels (covariate sampling and simulation), so a patient's result
+depends only on (seed, patient id), never on the chunk size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig
+
+from vpop import catalogue, parameters, population, regimen
+from vpop.catalogue import ConfigError
+from vpop.model import solver
+from vpop.model.system import Params
+
+
+@dataclass(frozen=True)
+class Arm:
+    """An arm of a trial: a bispecific by a route on a regimen, with co-medications, in a population."""
+
+    name: str
+    drug: str
+    route: str
+    population: str
+    regimen: Any  # a configs/regimen name or an inline regimen mapping
+    premedication: Any = None  # a configs/premedication name, an inline mapping, or None
+    prophylaxis: Any = None  # a configs/prophylaxis name, an inline mapping, or None
+
+
+class ArmInputs(NamedTuple):
+    """The traced (array) inputs of the kernels for one arm."""
+
+    typical: Params
+    omegas: jax.Array
+    pk_covariates: parameters.PKCovariates
+    physiology: population.Physiology
+    covariate_params: jax.Array
+    schedule: solver.Schedule
+
+
+@dataclass
+class PreparedArm:
+    arm: Arm
+    compiled: regimen.CompiledRegimen
+    population: DictConfig
+    inputs: ArmInputs
+    variability_paths: tuple[str, ...]
+    covariate_kinds: tuple[str, ...]
+    unknowns: dict = field(default_factory=dict)
+
+
+def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float | None = None,
+                assessment_every_days: float | None = None) -> PreparedArm:
+    """Everything host-side for one arm; raises ConfigError naming the field on bad input."""
+    model = model if model is not None else catalogue.load("model", "default")
+    where = f"arms.{arm.name}"
+    pop = population.load(arm.population) if isinstance(arm.population, str) else None
+    if pop is None:
+        raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")
+    compiled = regimen.compile_arm(arm.regimen, arm.drug, arm.route, arm.premedication, arm.prophylaxis,
+                                   horizon_days, assessment_every_days, where)
+    spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
+    typical = parameters.typical_params(spec, model)
+    typical = typical._replace(first_dose_day=jnp.asarray(compiled.periods[0].day, parameters._float()))
+    var = parameters.variability(spec)
+    cov_model = population.covariate_model(pop)
+    f = parameters._float()
+    inputs = ArmInputs(
+        typical=typical,
+        omegas=jnp.asarray(var.omegas, f),
+        pk_covariates=parameters.PKCovariates(*(jnp.asarray(x, f) for x in parameters.pk_covariates(arm.drug))),
+        physiology=population.Physiology(*(jnp.asarray(x, f) for x in population.physiology(model, pop))),
+        covariate_params=jnp.asarray(cov_model.params, f),
+        schedule=regimen.build_schedule(compiled, model.solver),
+    )
+    return PreparedArm(arm, compiled, pop, inputs, var.paths, cov_model.kinds)
+
+
+@partial(jax.jit, static_argnames=("kinds",))
+def sample_covariates(covariate_params: jax.Array, ids: jax.Array, seed: jax.Array, kinds: tuple[str, ...]) -> population.Covariates:
+    """Covariates of patients `ids` (vmapped)."""
+    return jax.vmap(lambda i: population.sample_covariates(kinds, covariate_params, population.patient_key(seed, i)))(ids)
+
+
+def _patient_params(inputs: ArmInputs, cov, patient_id, seed, paths) -> Params:
+    key = population.patient_key(seed, patient_id)
+    return population.individual_params(inputs.typical, cov, inputs.physiology, inputs.pk_covariates, paths, inputs.omegas, key)
+
+
+@partial(jax.jit, static_argnames=("paths",))
+def simulate_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed: jax.Array,
+                   paths: tuple[str, ...]) -> solver.Reductions:
+    """Reductions of patients `ids` with the given covariates (vmapped, reduced on device)."""
+
+    def one(cov, i):
+        return solver.simulate_patient(_patient_params(inputs, cov, i, seed, paths), inputs.schedule)
+
+    return jax.vmap(one)(covariates, ids)
+
+
+@partial(jax.jit, static_argnames=("paths",))
+def trajectories_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed: jax.Array,
+                       paths: tuple[str, ...]):
+    """The state at every grid point for a (small) set of patients: (State with [n, K] leaves, Params)."""
+
+    def one(cov, i):
+        p = _patient_params(inputs, cov, i, seed, paths)
+        _, traj = solver.simulate_patient(p, inputs.schedule, trajectory=True)
+        return traj, p
+
+    return jax.vmap(one)(covariates, ids)
+
+
+@dataclass
+class ArmResult:
+    """Per-patient covariates and reductions of one arm, as numpy arrays with a leading patient axis."""
+
+    arm: Arm
+    patient_id: np.ndarray
+    covariates: dict[str, np.ndarray]
+    reductions: dict[str, np.ndarray]
+    period_start_day: np.ndarray
+    assessment_day: np.ndarray
+
+
+def _covariates_for(prepared: PreparedArm, ids: np.ndarray, seed: int, twins=None) -> population.Covariates:
+    if twins is not None:
+        return jax.tree_util.tree_map(lambda x: x[ids], twins)
+    return sample_covariates(prepared.inputs.covariate_params, jnp.asarray(ids), jnp.asarray(seed), prepared.covariate_kinds)
+
+
+def simulate_arm(prepared: PreparedArm, n: int, seed: int = 0, chunk_size: int = 10_000,
+                 twins: population.Covariates | None = None, progress=None) -> ArmResult:
+    """Simulate patients 0..n-1 in chunks; `progress(k)` is called with the patients done per chunk."""
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"population.n must be a positive whole number of patients, got {n!r}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ConfigError(f"chunk_size must be a positive whole number, got {chunk_size!r}")
+    chunks = []
+    covs = []
+    for start in range(0, n, chunk_size):
+        ids = np.arange(start, min(start + chunk_size, n))
+        # Pad the last chunk to the chunk size so every chunk reuses one compilation.
+        padded = np.concatenate([ids, np.full(chunk_size - len(ids), ids[-1])]) if n > chunk_size else ids
+        cov = _covariates_for(prepared, padded, seed, twins)
+        red = simulate_chunk(prepared.inputs, cov, jnp.asarray(padded), jnp.asarray(seed), prepared.variability_paths)
+        take = len(ids)
+        chunks.append(jax.tree_util.tree_map(lambda x: np.asarray(x[:take]), red))
+        covs.append(jax.tree_util.tree_map(lambda x: np.asarray(x[:take]), cov))
+        if progress is not None:
+            progress(take)
+    red = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *chunks)
+    cov = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *covs)
+    cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(population.Covariates(*cov).bsa_m2))
+    return ArmResult(prepared.arm, np.arange(n), cov_dict, red._asdict(),
+                     np.asarray(prepared.inputs.schedule.period_start_day), np.asarray(prepared.inputs.schedule.assessment_day))
+
+
+def simulate_trajectories(prepared: PreparedArm, ids, seed: int = 0, twins: population.Covariates | None = None):
+    """Time courses of patients `ids`: (grid days [K+1], State with [n, K+1] leaves from t0, Params)."""
+    ids = np.asarray(ids)
+    cov = _covariates_for(prepared, ids, seed, twins)
+    traj, params = trajectories_chunk(prepared.inputs, cov, jnp.asarray(ids), jnp.asarray(seed), prepared.variability_paths)
+    y0 = jax.vmap(solver.system.initial_state)(params)
+    states = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[:, None], b], axis=1), y0, traj)
+    steps = prepared.inputs.schedule.steps
+    times = np.concatenate([[float(steps.t_start[0])], np.asarray(steps.t_start + steps.dt)])
+    return times, states, params
