@@ -53,13 +53,13 @@ DOSE_KEYS = {"cycle", "cycles", "day", "hour", "amount", "unit", "drug", "route"
 REGIMEN_KEYS = {"cycle_days", "cycles", "doses", "then", "assessment_every_days", "description", "route"}
 # (drug kind, route) -> input channel
 _CHANNEL = {
-    ("bispecific", "iv"): "bispecific.central",
-    ("bispecific", "civ"): "bispecific.central",
-    ("bispecific", "sc"): "bispecific.depot",
-    ("tocilizumab", "iv"): "tocilizumab.central",
-    ("dexamethasone", "iv"): "dexamethasone.central",
-    ("dexamethasone", "oral"): "dexamethasone.depot",
-    ("anti_cd20", "iv"): "anti_cd20.central",
+    ("bispecific", "iv"): "drugs.bispecific.central",
+    ("bispecific", "civ"): "drugs.bispecific.central",
+    ("bispecific", "sc"): "drugs.bispecific.depot",
+    ("tocilizumab", "iv"): "drugs.tocilizumab.central",
+    ("dexamethasone", "iv"): "drugs.dexamethasone.central",
+    ("dexamethasone", "oral"): "drugs.dexamethasone.depot",
+    ("anti_cd20", "iv"): "drugs.anti_cd20.central",
 }
 
 
@@ -358,7 +358,7 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
                 bolus[u, i, ch] += per[u] * a.amount
             cap[i, ch] = min(cap[i, ch], a.max_mg)
         if a.drug_kind == "bispecific":
-            bolus[0, i, INPUT_CHANNELS.index("cytokines.margination")] += 1.0
+            bolus[0, i, INPUT_CHANNELS.index("host.cytokines.margination")] += 1.0
 
     period_start = np.asarray([a.day for a in compiled.periods])
     t_start = np.concatenate([grid[:-1], np.full(k_pad - k, grid[-1])])

@@ -69,16 +69,20 @@ class Schedule(NamedTuple):
     assessment_day: Array  # [n_assessments] days at which disease burden is recorded
 
 
-# State leaves that dosing can reach, in channel order.
+# State leaves that dosing can reach, in channel order. Infusions reach drug leaves only.
 INPUT_CHANNELS = (
-    "bispecific.depot",
-    "bispecific.central",
-    "tocilizumab.central",
-    "dexamethasone.depot",
-    "dexamethasone.central",
-    "anti_cd20.central",
-    "cytokines.margination",
+    "drugs.bispecific.depot",
+    "drugs.bispecific.central",
+    "drugs.tocilizumab.central",
+    "drugs.dexamethasone.depot",
+    "drugs.dexamethasone.central",
+    "drugs.anti_cd20.central",
+    "host.cytokines.margination",
 )
+# Drug sub-steps per step. Drugs depend on nothing else, so they can be integrated first on a finer
+# grid at little cost; this removes the exchange error of two-compartment PK on the coarse steps
+# (an IV bolus drifts 1.1% from its closed form over 6 weeks with 0.5-day steps, 0.1% with 4).
+DRUG_SUBSTEPS = 4
 
 
 class Reductions(NamedTuple):
@@ -107,54 +111,75 @@ def add_at(tree, path: str, value):
 
 
 def _phi(z: Array) -> tuple[Array, Array, Array]:
-    """e^{-z}, phi1(z), phi2(z) for z >= 0, accurate in float32 near z = 0."""
+    """e^{-z}, phi1(z) and phi2(z) for z >= 0 from one exponential (Taylor series below z = 0.2,
+    where the closed forms lose float32 digits to cancellation; both are within 1e-6 there)."""
     e = jnp.exp(-z)
-    small = z < 0.1
+    small = z < 0.2
     zs = jnp.where(small, 1.0, z)
-    phi1 = jnp.where(small, 1.0 - z / 2 + z * z / 6 - z * z * z / 24, -jnp.expm1(-zs) / zs)
-    phi2 = jnp.where(small, 0.5 - z / 6 + z * z / 24 - z * z * z / 120, (zs - 1.0 + jnp.exp(-zs)) / (zs * zs))
+    phi1 = jnp.where(small, 1.0 - z * (1 / 2 - z * (1 / 6 - z * (1 / 24 - z / 120))), (1.0 - e) / zs)
+    phi2 = jnp.where(small, 1 / 2 - z * (1 / 6 - z * (1 / 24 - z * (1 / 120 - z / 720))), (zs - 1.0 + e) / (zs * zs))
     return e, phi1, phi2
 
 
-def _with_inputs(production: State, rates_mg_per_day: Array) -> State:
+def _with_infusions(production: system.Drugs, rates_mg_per_day: Array) -> system.Drugs:
     for i, path in enumerate(INPUT_CHANNELS):
-        production = add_at(production, path, rates_mg_per_day[i])
+        if path.startswith("drugs."):
+            production = add_at(production, path.removeprefix("drugs."), rates_mg_per_day[i])
     return production
 
 
+def _predict(h, y, prod, loss):
+    e0, a0, _ = _phi(loss * h)
+    return e0 * y + h * a0 * prod
+
+
+def _correct(h, y, p0, l0, p1, l1):
+    e, a, b = _phi(0.5 * (l0 + l1) * h)
+    return e * y + h * (a * p0 + b * (p1 - p0))
+
+
+def _exponential_step(rates_fn, h, y):
+    """Predictor-corrector step for a pytree y; rates_fn(stage, y) gives (P, L) at stage 0 or 1."""
+    tree_map = jax.tree_util.tree_map
+    p0, l0 = rates_fn(0, y)
+    y_pred = tree_map(lambda *a: _predict(h, *a), y, p0, l0)
+    p1, l1 = rates_fn(1, y_pred)
+    return tree_map(lambda *a: _correct(h, *a), y, p0, l0, p1, l1)
+
+
 def exponential_step(t, h, y: State, infusion_mg_per_day: Array, p: Params) -> State:
-    """One step of the production-loss exponential integrator, with constant infusion inputs."""
-    p0, l0 = system.rates(t, y, p)
-    p0 = _with_inputs(p0, infusion_mg_per_day)
+    """One step of the production-loss exponential integrator, with constant infusion inputs:
+    the drugs on `DRUG_SUBSTEPS` sub-steps, then the host with the drugs at both ends of the step."""
+    drugs = y.drugs
+    sub = h / DRUG_SUBSTEPS
+    for j in range(DRUG_SUBSTEPS):
+        t_j = t + j * sub
 
-    def predict(y, p0, l0):
-        e0, a0, _ = _phi(l0 * h)
-        return e0 * y + h * a0 * p0
+        def drug_rates(stage, d, t_j=t_j):
+            prod, loss = system.drug_rates(t_j + stage * sub, d, p)
+            return _with_infusions(prod, infusion_mg_per_day), loss
 
-    y_pred = jax.tree_util.tree_map(predict, y, p0, l0)
-    p1, l1 = system.rates(t + h, y_pred, p)
-    p1 = _with_inputs(p1, infusion_mg_per_day)
+        drugs = _exponential_step(drug_rates, sub, drugs)
 
-    def correct(y, p0, l0, p1, l1):
-        e, a, b = _phi(0.5 * (l0 + l1) * h)
-        return e * y + h * (a * p0 + b * (p1 - p0))
+    def host_rates(stage, host):
+        return system.host_rates(drugs if stage else y.drugs, host, p)
 
-    return jax.tree_util.tree_map(correct, y, p0, l0, p1, l1)
+    return State(drugs, _exponential_step(host_rates, h, y.host))
 
 
-def _patient_inputs(step: Steps, p: Params) -> tuple[Array, Array]:
+def patient_inputs(step: Steps, p: Params) -> tuple[Array, Array]:
     """Bolus (mg, bioavailable part for depots) and infusion rate (mg/day) of each channel."""
     wt, bsa = p.patient.weight_kg, p.patient.bsa_m2
     bolus = step.bolus_mg + wt * step.bolus_mg_per_kg + bsa * step.bolus_mg_per_m2
     bolus = jnp.minimum(bolus, step.bolus_cap_mg)
     f = jnp.ones_like(bolus)
-    f = f.at[INPUT_CHANNELS.index("bispecific.depot")].set(p.bispecific_pk.bioavailability)
-    f = f.at[INPUT_CHANNELS.index("dexamethasone.depot")].set(p.dexamethasone_pk.bioavailability)
+    f = f.at[INPUT_CHANNELS.index("drugs.bispecific.depot")].set(p.bispecific_pk.bioavailability)
+    f = f.at[INPUT_CHANNELS.index("drugs.dexamethasone.depot")].set(p.dexamethasone_pk.bioavailability)
     rate = step.rate_mg_per_day + wt * step.rate_mg_per_day_per_kg + bsa * step.rate_mg_per_day_per_m2
     return bolus * f, rate
 
 
-def _init_reductions(schedule: Schedule, dtype) -> Reductions:
+def init_reductions(schedule: Schedule, dtype) -> Reductions:
     zp = jnp.zeros(schedule.period_start_day.shape, dtype)
     za = jnp.zeros(schedule.assessment_day.shape, dtype)
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
@@ -166,8 +191,9 @@ def _update_at(arr, i, fn):
     return lax.dynamic_update_index_in_dim(arr, fn(old), i, axis=0)
 
 
-def _reduce(red: Reductions, conc_start, obs: system.Observables, step: Steps, period_start, base) -> Reductions:
-    """Fold the state at the end of a step into the running per-patient summaries."""
+def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: Steps, period_start, base) -> Reductions:
+    """Fold the observables at the end of a step into the running per-patient summaries
+    (conc_start: drug concentration at the start of the step, after any bolus, for the AUC)."""
     t_end = step.t_start + step.dt
     in_period = step.period >= 0
     i = jnp.maximum(step.period, 0)
@@ -209,25 +235,26 @@ def _reduce(red: Reductions, conc_start, obs: system.Observables, step: Steps, p
     )
 
 
-def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False):
+def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, step=exponential_step):
     """Integrate one patient through the schedule.
 
     Returns the `Reductions`, and with trajectory=True also the `State` at the end of every step
-    (leaves with a leading [K] axis).
+    (leaves with a leading [K] axis). `step(t, h, y, infusion_mg_per_day, p)` advances the state
+    over one grid step (see `reference.ode_step` for a generic-solver alternative).
     """
     y0 = system.initial_state(p)
     base = system.observe(y0, p)
 
-    def body(carry, step: Steps):
+    def body(carry, grid: Steps):
         y, red = carry
-        bolus, rate = _patient_inputs(step, p)
+        bolus, rate = patient_inputs(grid, p)
         for i, path in enumerate(INPUT_CHANNELS):
             y = add_at(y, path, bolus[i])
-        conc_start = 1000.0 * system.pk.free_concentration(y.bispecific, p.bispecific_pk)
-        y_next = exponential_step(step.t_start, step.dt, y, rate, p)
-        red = _reduce(red, conc_start, system.observe(y_next, p), step, schedule.period_start_day, base)
+        conc_start = 1000.0 * system.pk.free_concentration(y.drugs.bispecific, p.bispecific_pk)
+        y_next = step(grid.t_start, grid.dt, y, rate, p)
+        red = fold_reductions(red, conc_start, system.observe(y_next, p), grid, schedule.period_start_day, base)
         return (y_next, red), (y_next if trajectory else None)
 
-    init = (y0, _init_reductions(schedule, base.t_blood.dtype))
+    init = (y0, init_reductions(schedule, base.t_blood.dtype))
     (_, red), traj = lax.scan(body, init, schedule.steps)
     return (red, traj) if trajectory else red

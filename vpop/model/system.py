@@ -2,7 +2,8 @@ r"""The whole patient: state, parameters and the coupled right-hand side.
 
 `rates(t, y, p)` returns production $P$ and first-order loss $L$ for every state, so that
 $\dot y = P - L \odot y$ (with $P, L \ge 0$) plus the dosing inputs; `vector_field` gives
-$\dot y$ for generic ODE solvers (the float64 reference and the benchmark peers).
+$\dot y$ for generic ODE solvers (the float64 reference and the benchmark peers). The state splits
+into the drugs (`drug_rates`, which depend on nothing else) and the host they act on (`host_rates`).
 
 Time $t$ is in days from the first administration of the regimen (cycle 1 day 1).
 """
@@ -22,13 +23,25 @@ from vpop.model import pk
 from vpop.model import supportive as sup
 
 
-class State(NamedTuple):
+class Drugs(NamedTuple):
+    """Amounts (mg) of every drug on board."""
+
     bispecific: pk.DrugAmounts
     tocilizumab: pk.DrugAmounts
     dexamethasone: pk.DrugAmounts
     anti_cd20: pk.DrugAmounts
+
+
+class Host(NamedTuple):
+    """The patient's cells and cytokines: everything the drugs act on."""
+
     cells: cells_mod.Cells
     cytokines: cyto.Cytokines
+
+
+class State(NamedTuple):
+    drugs: Drugs
+    host: Host
 
 
 class PatientCovariates(NamedTuple):
@@ -39,7 +52,7 @@ class PatientCovariates(NamedTuple):
 
 
 class Params(NamedTuple):
-    """Everything one patient's simulation needs (leaves are scalars, or (4,) per compartment)."""
+    """Everything one patient's simulation needs (scalar leaves; `ByCompartment` groups four)."""
 
     bispecific_pk: pk.PKParams
     engagement: eng.EngagementParams
@@ -60,6 +73,7 @@ def initial_state(p: Params) -> State:
     """The untreated patient at rest: T and B cells at baseline, cytokines at baseline, no drug."""
     dtype = p.body.volume_ml.blood.dtype
     zero = pk.zero_amounts(dtype)
+    drugs = Drugs(zero, zero, zero, zero)
     body = p.body
     none = body.t_baseline * 0.0
     cells = cells_mod.Cells(
@@ -69,7 +83,7 @@ def initial_state(p: Params) -> State:
         b_normal=body.b_baseline,
         malignant=body.malignant_baseline,
     )
-    return State(zero, zero, zero, zero, cells, cyto.baseline(p.cytokines))
+    return State(drugs, Host(cells, cyto.baseline(p.cytokines)))
 
 
 class Observables(NamedTuple):
@@ -86,14 +100,14 @@ class Observables(NamedTuple):
 
 
 def observe(y: State, p: Params) -> Observables:
-    c = y.cells
-    conc = pk.free_concentration(y.bispecific, p.bispecific_pk)
-    theta = sup.il6_receptor_free_fraction(pk.free_concentration(y.tocilizumab, p.tocilizumab_pk), p.supportive)
+    c, d = y.host.cells, y.drugs
+    conc = pk.free_concentration(d.bispecific, p.bispecific_pk)
+    theta = sup.il6_receptor_free_fraction(pk.free_concentration(d.tocilizumab, p.tocilizumab_pk), p.supportive)
     return Observables(
         bispecific_ng_ml=1000.0 * conc,
-        il6_signalling_pg_ml=cyto.il6_signalling(y.cytokines, theta),
-        il6_serum_pg_ml=y.cytokines.il6_pg_ml,
-        ifng_pg_ml=y.cytokines.ifng_pg_ml,
+        il6_signalling_pg_ml=cyto.il6_signalling(y.host.cytokines, theta),
+        il6_serum_pg_ml=y.host.cytokines.il6_pg_ml,
+        ifng_pg_ml=y.host.cytokines.ifng_pg_ml,
         t_blood=c.t_resting.blood + c.t_active.blood + c.t_post.blood,
         b_blood=c.b_normal.blood,
         malignant_total=c.malignant.total(),
@@ -101,22 +115,27 @@ def observe(y: State, p: Params) -> Observables:
     )
 
 
-def rates(t: Array, y: State, p: Params) -> tuple[State, State]:
-    """Production and loss of every state at time t (days)."""
-    # Drugs. The bispecific's clearance decays from its own first dose; the co-medications' clocks
-    # start at cycle 1 day 1 (obinutuzumab pretreatment is given then).
-    prod_bs, loss_bs = pk.rates(y.bispecific, p.bispecific_pk, t - p.first_dose_day)
-    prod_toci, loss_toci = pk.rates(y.tocilizumab, p.tocilizumab_pk, t)
-    prod_dex, loss_dex = pk.rates(y.dexamethasone, p.dexamethasone_pk, t)
-    prod_cd20, loss_cd20 = pk.rates(y.anti_cd20, p.anti_cd20_pk, t)
+def drug_rates(t: Array, d: Drugs, p: Params) -> tuple[Drugs, Drugs]:
+    """Production and loss of the drug amounts. Drugs act on the body but not the reverse, so the
+    solver integrates them first, on finer sub-steps."""
+    # The bispecific's clearance decays from its own first dose; the co-medications' clocks start at
+    # cycle 1 day 1 (obinutuzumab pretreatment is given then).
+    prod_bs, loss_bs = pk.rates(d.bispecific, p.bispecific_pk, t - p.first_dose_day)
+    prod_toci, loss_toci = pk.rates(d.tocilizumab, p.tocilizumab_pk, t)
+    prod_dex, loss_dex = pk.rates(d.dexamethasone, p.dexamethasone_pk, t)
+    prod_cd20, loss_cd20 = pk.rates(d.anti_cd20, p.anti_cd20_pk, t)
+    return Drugs(prod_bs, prod_toci, prod_dex, prod_cd20), Drugs(loss_bs, loss_toci, loss_dex, loss_cd20)
 
-    plasma = pk.free_concentration(y.bispecific, p.bispecific_pk)
-    theta = sup.il6_receptor_free_fraction(pk.free_concentration(y.tocilizumab, p.tocilizumab_pk), p.supportive)
-    dex_cytokine, dex_kill = sup.dexamethasone_inhibition(pk.free_concentration(y.dexamethasone, p.dexamethasone_pk), p.supportive)
-    cd20_normal, cd20_malignant = sup.anti_cd20_kill(pk.free_concentration(y.anti_cd20, p.anti_cd20_pk), p.supportive)
+
+def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
+    """Production and loss of cells and cytokines given the drugs on board."""
+    plasma = pk.free_concentration(d.bispecific, p.bispecific_pk)
+    theta = sup.il6_receptor_free_fraction(pk.free_concentration(d.tocilizumab, p.tocilizumab_pk), p.supportive)
+    dex_cytokine, dex_kill = sup.dexamethasone_inhibition(pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
+    cd20_normal, cd20_malignant = sup.anti_cd20_kill(pk.free_concentration(d.anti_cd20, p.anti_cd20_pk), p.supportive)
 
     # Engagement.
-    c = y.cells
+    c = b.cells
     e = p.engagement
     conc = eng.compartment_concentration_ng_ml(plasma, e)
     target = eng.targets(c.b_normal, c.malignant, e)
@@ -129,7 +148,7 @@ def rates(t: Array, y: State, p: Params) -> tuple[State, State]:
         activation,
         kill * e.binds_normal_b + cd20_normal,
         kill * e.binds_malignant * p.malignant.kill_factor + cd20_malignant,
-        y.cytokines.margination,
+        b.cytokines.margination,
         p.tcells,
         p.bcells,
         p.malignant,
@@ -137,11 +156,15 @@ def rates(t: Array, y: State, p: Params) -> tuple[State, State]:
     )
 
     signal = cyto.t_cell_signal(c.t_active * engaged, p.cytokines)
-    prod_cyto, loss_cyto = cyto.rates(y.cytokines, signal, theta, dex_cytokine, p.tcells.margination_half_life_day, p.cytokines)
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, signal, theta, dex_cytokine, p.tcells.margination_half_life_day, p.cytokines)
+    return Host(prod_cells, prod_cyto), Host(loss_cells, loss_cyto)
 
-    production = State(prod_bs, prod_toci, prod_dex, prod_cd20, prod_cells, prod_cyto)
-    loss = State(loss_bs, loss_toci, loss_dex, loss_cd20, loss_cells, loss_cyto)
-    return production, loss
+
+def rates(t: Array, y: State, p: Params) -> tuple[State, State]:
+    """Production and loss of every state at time t (days)."""
+    prod_d, loss_d = drug_rates(t, y.drugs, p)
+    prod_h, loss_h = host_rates(y.drugs, y.host, p)
+    return State(prod_d, prod_h), State(loss_d, loss_h)
 
 
 def vector_field(t: Array, y: State, p: Params) -> State:

@@ -1,0 +1,41 @@
+"""Shared helpers: one patient's parameters and a compiled schedule for an inline regimen."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vpop import catalogue, regimen
+from vpop.simulate import Arm, _patient_params, prepare_arm, sample_covariates
+
+
+def doses(*entries, cycle_days=28, cycles=1):
+    """An inline regimen from (cycle, day, amount, unit[, extra]) tuples."""
+    out = []
+    for e in entries:
+        d = {"cycle": e[0], "day": e[1], "amount": e[2], "unit": e[3]}
+        if len(e) > 4:
+            d.update(e[4])
+        out.append(d)
+    return {"cycle_days": cycle_days, "cycles": cycles, "doses": out}
+
+
+def patient(drug, route, population, reg, patient_id=0, seed=0, **arm_kw):
+    """(Params of one virtual patient, the arm's Schedule, the prepared arm)."""
+    prepared = prepare_arm(Arm("test", drug, route, population, reg, **arm_kw))
+    ids = jnp.asarray([patient_id])
+    cov = sample_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
+    cov0 = jax.tree_util.tree_map(lambda x: x[0], cov)
+    p = _patient_params(prepared.inputs, cov0, patient_id, jnp.asarray(seed), prepared.variability_paths)
+    return p, prepared.inputs.schedule, prepared
+
+
+def schedule_for(reg, drug="mosunetuzumab", route="iv", solver=None, **kw):
+    compiled = regimen.compile_arm(reg, drug, route, **kw)
+    return regimen.build_schedule(compiled, solver or catalogue.load("model", "default").solver)
+
+
+@pytest.fixture(scope="session")
+def model_cfg():
+    return catalogue.load("model", "default")

@@ -1,0 +1,94 @@
+"""Bad input gets an error that names the field and the allowed values."""
+
+import pytest
+from conftest import doses
+
+from vpop import regimen
+from vpop.catalogue import ConfigError
+from vpop.simulate import Arm, prepare_arm, simulate_arm
+
+GOOD = doses((1, 1, 1, "mg"), cycle_days=21)
+
+
+def _error(**arm):
+    spec = dict(name="a", drug="mosunetuzumab", route="iv", population="fl_rr", regimen=GOOD)
+    spec.update(arm)
+    with pytest.raises(ConfigError) as err:
+        prepare_arm(Arm(**spec))
+    return str(err.value)
+
+
+def test_unknown_drug_lists_the_catalogue():
+    msg = _error(drug="rituximab")
+    assert "drug" in msg and "unknown drug 'rituximab'" in msg
+    assert "mosunetuzumab" in msg and "teclistamab" in msg
+
+
+def test_route_the_drug_has_no_parameters_for():
+    msg = _error(drug="glofitamab", route="sc")
+    assert "route" in msg and "no parameters for route 'sc'" in msg and "allowed: iv" in msg
+
+
+def test_unknown_route():
+    assert "allowed: iv, sc, civ, oral" in _error(route="intrathecal")
+
+
+@pytest.mark.parametrize("amount", [0, -5])
+def test_zero_or_negative_dose(amount):
+    msg = _error(regimen=doses((1, 1, amount, "mg"), cycle_days=21))
+    assert "regimen.doses[0].amount must be a positive number" in msg
+
+
+def test_dose_day_outside_the_cycle():
+    msg = _error(regimen=doses((1, 22, 1, "mg"), cycle_days=21))
+    assert "regimen.doses[0].day must be a day within the cycle, 1-21" in msg
+
+
+def test_dose_cycle_outside_the_regimen():
+    msg = _error(regimen=doses((3, 1, 1, "mg"), cycle_days=21, cycles=2))
+    assert "doses[0].cycle: 3 is outside the allowed 1-2" in msg
+
+
+def test_unknown_unit_lists_units():
+    msg = _error(regimen=doses((1, 1, 1, "tablespoons"), cycle_days=21))
+    assert "unknown unit 'tablespoons'" in msg and "mg/kg" in msg and "ug/m2/day" in msg
+
+
+def test_unknown_population():
+    msg = _error(population="martians")
+    assert "unknown population 'martians'" in msg and "fl_rr" in msg
+
+
+def test_unknown_regimen_key():
+    reg = dict(GOOD, cycle_length=21)
+    assert "unknown key(s) ['cycle_length']" in _error(regimen=reg)
+
+
+def test_infusion_past_end_of_cycle():
+    reg = doses((1, 20, 28, "ug/day", {"duration_days": 7}), cycle_days=21)
+    msg = _error(drug="blinatumomab", route="civ", population="b_all_rr", regimen=reg)
+    assert "runs past the end of cycle 1" in msg
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5])
+def test_non_positive_population_size(n):
+    prepared = prepare_arm(Arm("a", "mosunetuzumab", "iv", "fl_rr", GOOD), horizon_days=7)
+    with pytest.raises(ConfigError, match="population.n must be a positive whole number"):
+        simulate_arm(prepared, n)
+
+
+def test_named_regimens_of_the_catalogue_compile():
+    for name, drug, route in [
+        ("mosunetuzumab_fl_iv", "mosunetuzumab", "iv"),
+        ("mosunetuzumab_fl_sc", "mosunetuzumab", "sc"),
+        ("glofitamab_dlbcl", "glofitamab", "iv"),
+        ("epcoritamab_dlbcl", "epcoritamab", "sc"),
+        ("epcoritamab_fl", "epcoritamab", "sc"),
+        ("odronextamab_dlbcl", "odronextamab", "iv"),
+        ("odronextamab_fl", "odronextamab", "iv"),
+        ("blinatumomab_all", "blinatumomab", "civ"),
+        ("blinatumomab_dlbcl", "blinatumomab", "civ"),
+        ("teclistamab_mm", "teclistamab", "sc"),
+    ]:
+        compiled = regimen.compile_arm(name, drug, route)
+        assert compiled.periods, name

@@ -1,0 +1,79 @@
+"""Virtual patients: reproducibility, chunk independence, digital twins."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vpop import population
+from vpop.catalogue import ConfigError
+from vpop.simulate import Arm, prepare_arm, simulate_arm
+
+ARM = Arm("a", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare_arm(ARM, horizon_days=42)
+
+
+def test_same_seed_same_patients_in_one_batch_or_in_chunks(prepared):
+    whole = simulate_arm(prepared, 96, seed=7, chunk_size=96)
+    chunked = simulate_arm(prepared, 96, seed=7, chunk_size=40)
+    again = simulate_arm(prepared, 96, seed=7, chunk_size=96)
+    for name in whole.reductions:
+        np.testing.assert_array_equal(whole.reductions[name], again.reductions[name])
+        np.testing.assert_allclose(whole.reductions[name], chunked.reductions[name], rtol=1e-6, atol=1e-9)
+    for name in whole.covariates:
+        np.testing.assert_array_equal(whole.covariates[name], chunked.covariates[name])
+
+
+def test_other_seed_other_patients(prepared):
+    a = simulate_arm(prepared, 50, seed=1, chunk_size=50)
+    b = simulate_arm(prepared, 50, seed=2, chunk_size=50)
+    assert not np.allclose(a.covariates["weight_kg"], b.covariates["weight_kg"])
+
+
+def test_patient_is_the_same_in_every_arm():
+    sc = prepare_arm(Arm("sc", "mosunetuzumab", "sc", "fl_rr", "mosunetuzumab_fl_sc"), horizon_days=21)
+    iv = prepare_arm(ARM, horizon_days=21)
+    a = simulate_arm(sc, 30, seed=4, chunk_size=30)
+    b = simulate_arm(iv, 30, seed=4, chunk_size=30)
+    for name in a.covariates:
+        np.testing.assert_array_equal(a.covariates[name], b.covariates[name])
+
+
+def test_covariates_follow_their_distributions(prepared):
+    cov = simulate_arm(prepared, 2000, seed=0, chunk_size=2000).covariates
+    assert np.median(cov["weight_kg"]) == pytest.approx(78, rel=0.05)
+    assert np.mean(cov["age_years"]) == pytest.approx(60, abs=1.5)
+    assert 0.75 < np.mean(cov["b_cells_per_ul"] < 70) < 0.9  # anti-CD20 B-cell aplasia ~80%
+    assert np.all((cov["bsa_m2"] > 1.2) & (cov["bsa_m2"] < 2.8))
+
+
+def test_digital_twins_one_patient_per_row(tmp_path, prepared):
+    rows = pd.DataFrame({"weight_kg": [50.0, 120.0], "tumour_volume_ml": [10.0, 400.0], "cd8_t_cells_per_ul": [100.0, 600.0]})
+    path = tmp_path / "twins.csv"
+    rows.to_csv(path, index=False)
+    twins = population.twins_covariates(population.read_twins(path), prepared.population)
+    res = simulate_arm(prepared, 2, seed=0, chunk_size=2, twins=twins)
+    np.testing.assert_allclose(res.covariates["weight_kg"], [50.0, 120.0])
+    np.testing.assert_allclose(res.covariates["tumour_volume_ml"], [10.0, 400.0])
+    # Columns the CSV lacks take the population's typical value.
+    np.testing.assert_allclose(res.covariates["age_years"], [60.0, 60.0])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("weight_kg,shoe_size\n70,42\n", "unknown column(s) ['shoe_size']"),
+        ("weight_kg\nheavy\n", "column weight_kg row 1"),
+        ("weight_kg\n-3\n", "expected a number in [2, 400]"),
+        ("weight_kg\n", "has no rows"),
+    ],
+)
+def test_malformed_twin_csv_is_rejected_with_the_column_named(tmp_path, content, message):
+    path = tmp_path / "twins.csv"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        population.read_twins(path)
+    assert message in str(err.value)
