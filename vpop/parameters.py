@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from omegaconf import DictConfig, OmegaConf
 
-from vpop import catalogue
+from vpop import catalogue, endpoints
 from vpop.catalogue import ConfigError
 from vpop.model import cells, cytokines, engagement, pk, supportive
 from vpop.model.compartments import ByCompartment
@@ -155,14 +155,32 @@ def _by_compartment(blood, lymphoid, marrow, tumour) -> ByCompartment:
     return ByCompartment(*(jnp.asarray(x, _float()) for x in (blood, lymphoid, marrow, tumour)))
 
 
-def typical_params(arm: ArmSpec, model: DictConfig | None = None) -> Params:
-    """Population-typical parameters of one arm (scalar leaves)."""
-    model = model if model is not None else catalogue.load("model", "default")
-    drug = load_drug(arm.drug)
+def with_overrides(cfg: DictConfig, scope: str, name: str | None, overrides: dict[str, float] | None) -> DictConfig:
+    """A copy of cfg with the overrides addressed to it set. Keys are 'model.<path>',
+    'drug.<name>.<path>' or 'population.<name>.<path>' (how posterior draws address parameters)."""
+    if not overrides:
+        return cfg
+    cfg = cfg.copy()
+    for key, val in overrides.items():
+        parts = key.split(".")
+        if parts[0] != scope or (name is not None and (len(parts) < 2 or parts[1] != name)):
+            continue
+        path = ".".join(parts[1:] if name is None else parts[2:])
+        if OmegaConf.select(cfg, path) is None:
+            raise ConfigError(f"override '{key}': no such parameter in {scope}{'/' + name if name else ''}")
+        OmegaConf.update(cfg, path, float(val), merge=False)
+    return cfg
+
+
+def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dict[str, float] | None = None) -> Params:
+    """Population-typical parameters of one arm (scalar leaves); `overrides` set config values
+    (see `with_overrides`)."""
+    model = with_overrides(model if model is not None else catalogue.load("model", "default"), "model", None, overrides)
+    drug = with_overrides(load_drug(arm.drug), "drug", arm.drug, overrides)
     if drug.kind != "bispecific":
         raise ConfigError(f"drug: {arm.drug} is a {drug.kind}, not a bispecific antibody")
     check_route(drug, arm.route)
-    pop = catalogue.load("population", arm.population, "population")
+    pop = with_overrides(catalogue.load("population", arm.population, "population"), "population", arm.population, overrides)
     dis = pop.malignant
 
     antigens = dis.get("antigens", {})
@@ -231,6 +249,7 @@ def typical_params(arm: ArmSpec, model: DictConfig | None = None) -> Params:
         malignant=malignant,
         cytokines=cyto,
         body=body,
+        crs=_fill(endpoints.CRSParams, model.crs, "model.crs"),
         patient=PatientCovariates(weight_kg=zero, bsa_m2=zero),
         first_dose_day=zero,
     )
@@ -269,10 +288,10 @@ class Variability(NamedTuple):
     omegas: tuple[float, ...]
 
 
-def variability(arm: ArmSpec) -> Variability:
+def variability(arm: ArmSpec, overrides: dict[str, float] | None = None) -> Variability:
     """Random effects of an arm: the drug's PK (bispecific_pk.*) and the population's (any path)."""
-    drug = load_drug(arm.drug)
-    pop = catalogue.load("population", arm.population, "population")
+    drug = with_overrides(load_drug(arm.drug), "drug", arm.drug, overrides)
+    pop = with_overrides(catalogue.load("population", arm.population, "population"), "population", arm.population, overrides)
     entries = {f"bispecific_pk.{k}": value(v) for k, v in (drug.get("variability") or {}).items()}
     entries.update({k: value(v) for k, v in (pop.get("variability") or {}).items()})
     template = typical_params(arm)

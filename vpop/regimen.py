@@ -247,12 +247,13 @@ def _premedication(spec, periods: list[Administration], where: str) -> list[Admi
         raise ConfigError(f"{where}.route: {cfg.drug} cannot be given by '{route}'")
     if cfg.unit not in BOLUS_UNITS:
         raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
+    # A selection may name more administrations or cycles than a (short) regimen has.
     n = len(periods)
     chosen = set(range(1, n + 1))
     if "administrations" in cfg:
-        chosen = set(_parse_cycles(cfg.administrations, f"{where}.administrations", 1, n))
+        chosen &= set(_parse_cycles(cfg.administrations, f"{where}.administrations", 1, 10**6))
     if "cycles" in cfg:
-        cyc = set(_parse_cycles(cfg.cycles, f"{where}.cycles", 1, max(a.cycle for a in periods)))
+        cyc = set(_parse_cycles(cfg.cycles, f"{where}.cycles", 1, 10**6))
         chosen = {k for k in chosen if periods[k - 1].cycle in cyc}
     out = []
     for k in sorted(chosen):
@@ -302,6 +303,8 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     assessments = [float(d) for d in np.arange(every, horizon + 1e-9, every)]
     if not assessments or assessments[-1] < horizon - 1e-9:
         assessments.append(horizon)
+    if periods[0].day >= horizon:
+        raise ConfigError(f"{where}: horizon_days={horizon:g} ends before the first dose of {drug_name} (day {periods[0].day + 1:g})")
     admins = [a for a in admins if a.day < horizon]
     return CompiledRegimen(admins, horizon, assessments)
 
@@ -327,7 +330,8 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
     admins = compiled.administrations
     t0 = min(0.0, min(a.day for a in admins))
     events = sorted({a.day for a in admins})
-    ends = sorted({a.day + a.duration_days for a in admins if a.duration_days > 0})
+    horizon = compiled.horizon_day
+    ends = sorted({min(a.day + a.duration_days, horizon) for a in admins if a.duration_days > 0})
     grid = time_grid(events, ends, t0, compiled.horizon_day, compiled.assessment_days,
                      float(solver.first_step_hours) / 24.0, float(solver.step_growth), float(solver.max_step_days))
     k = len(grid) - 1
@@ -338,10 +342,8 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
     rate = np.zeros((3, k_pad, c))
     cap = np.full((k_pad, c), np.inf)
 
-    def at(t):  # grid index of an event time
-        i = int(np.argmin(np.abs(grid - t)))
-        assert abs(grid[i] - t) < 1.0 / 1440.0, (t, grid[i])
-        return i
+    def at(t):  # grid index of an event time (every event time is a grid point)
+        return int(np.argmin(np.abs(grid - t)))
 
     for a in admins:
         ch = INPUT_CHANNELS.index(_CHANNEL[(a.drug_kind, a.route)])
@@ -349,7 +351,7 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
         if a.continuous or a.duration_days > 0:
             per = RATE_UNITS[a.unit] if a.continuous else BOLUS_UNITS[a.unit]
             scale = a.amount if a.continuous else a.amount / a.duration_days
-            j = at(a.day + a.duration_days)
+            j = at(min(a.day + a.duration_days, horizon))  # an infusion may outlast the horizon
             for u in range(3):
                 rate[u, i:j, ch] += per[u] * scale
         else:

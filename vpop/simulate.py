@@ -7,7 +7,7 @@ depends only on (seed, patient id), never on the chunk size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -54,23 +54,23 @@ class PreparedArm:
     inputs: ArmInputs
     variability_paths: tuple[str, ...]
     covariate_kinds: tuple[str, ...]
-    unknowns: dict = field(default_factory=dict)
 
 
 def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float | None = None,
-                assessment_every_days: float | None = None) -> PreparedArm:
-    """Everything host-side for one arm; raises ConfigError naming the field on bad input."""
-    model = model if model is not None else catalogue.load("model", "default")
+                assessment_every_days: float | None = None, overrides: dict[str, float] | None = None) -> PreparedArm:
+    """Everything host-side for one arm; raises ConfigError naming the field on bad input.
+    `overrides` set parameter values by config path (a posterior draw, see `parameters.with_overrides`)."""
+    model = parameters.with_overrides(model if model is not None else catalogue.load("model", "default"), "model", None, overrides)
     where = f"arms.{arm.name}"
-    pop = population.load(arm.population) if isinstance(arm.population, str) else None
-    if pop is None:
+    if not isinstance(arm.population, str):
         raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")
+    pop = parameters.with_overrides(population.load(arm.population), "population", arm.population, overrides)
     compiled = regimen.compile_arm(arm.regimen, arm.drug, arm.route, arm.premedication, arm.prophylaxis,
                                    horizon_days, assessment_every_days, where)
     spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
-    typical = parameters.typical_params(spec, model)
+    typical = parameters.typical_params(spec, model, overrides)
     typical = typical._replace(first_dose_day=jnp.asarray(compiled.periods[0].day, parameters._float()))
-    var = parameters.variability(spec)
+    var = parameters.variability(spec, overrides)
     cov_model = population.covariate_model(pop)
     f = parameters._float()
     inputs = ArmInputs(

@@ -23,7 +23,8 @@ $$
 
 $M$ is myeloid (monocyte/macrophage) activation, driven by the T-cell cytokines IFN-g and TNF-a
 (Li 2019 Sci Transl Med 11:eaax8861) through saturating terms of each one's excess over baseline,
-$h_x = (x - x_0)_+/((x - x_0)_+ + EC_{50,x})$: the myeloid amplification of the T-cell signal.
+$h_x = u^n/(1 + u^n)$ with $u = (x - x_0)_+/EC_{50,x}$: the myeloid amplification of the T-cell
+signal, switch-like ($n = 2$) so that small cytokine excesses do not keep monocytes active.
 $\theta$ is the fraction of IL-6 receptor free of tocilizumab. IL-6 *signalling*
 $\mathrm{IL6}\cdot\theta$ is what drives CRS; serum IL-6 rises under tocilizumab because
 receptor-mediated clearance $k^R_6\theta$ is lost.
@@ -72,6 +73,7 @@ class CytokineParams(NamedTuple):
     k_myeloid_on_per_day: Array
     k_myeloid_off_per_day: Array
     ec50_ifng_pg_ml: Array
+    myeloid_hill: Array  # steepness of myeloid activation by IFN-g and TNF-a excess
     ec50_tnfa_pg_ml: Array
     ic50_il10_pg_ml: Array
     tissue_reach: ByCompartment  # systemic reach w_c of release in each compartment (blood 1)
@@ -96,9 +98,10 @@ def t_cell_signal(engaged_active: ByCompartment, p: CytokineParams) -> Array:
     return (engaged_active * p.tissue_reach).total()
 
 
-def _excess_hill(x: Array, x0: Array, ec50: Array) -> Array:
-    excess = jnp.maximum(x - x0, 0.0)
-    return excess / (excess + ec50)
+def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
+    excess = jnp.maximum(x - x0, 0.0) / ec50
+    excess_n = jnp.exp(n * jnp.log(jnp.maximum(excess, 1e-12)))
+    return excess_n / (1.0 + excess_n)
 
 
 def rates(
@@ -115,8 +118,8 @@ def rates(
     k6_other = p.k_el_il6_per_day - k6_receptor
     # Myeloid cells are driven by each T-cell cytokine's excess over its baseline, so the untreated
     # patient is at rest with the myeloid pool inactive.
-    drive_m = _excess_hill(c.ifng_pg_ml, p.baseline_ifng_pg_ml, p.ec50_ifng_pg_ml) + _excess_hill(
-        c.tnfa_pg_ml, p.baseline_tnfa_pg_ml, p.ec50_tnfa_pg_ml
+    drive_m = _excess_hill(c.ifng_pg_ml, p.baseline_ifng_pg_ml, p.ec50_ifng_pg_ml, p.myeloid_hill) + _excess_hill(
+        c.tnfa_pg_ml, p.baseline_tnfa_pg_ml, p.ec50_tnfa_pg_ml, p.myeloid_hill
     )
     on = p.k_myeloid_on_per_day * drive_m / (1.0 + c.il10_pg_ml / p.ic50_il10_pg_ml)
     desens_drive = p.k_desensitisation_per_day * signal / (p.desensitisation_ec50_1e9_cells + signal)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from vpop import endpoints
 from vpop.model import system
 from vpop.model.system import Params, State
 
@@ -95,6 +96,12 @@ class Reductions(NamedTuple):
     cmax_ng_ml: Array
     auc_ng_day_ml: Array
     min_blood_t_fraction: Array  # blood T cells relative to baseline (margination nadir)
+    crs_severity_max: Array  # largest latent CRS severity in the period (see `endpoints`)
+    crs_grade: Array  # ASTCT grade 0-4 of CRS starting in the period
+    crs_onset_day: Array  # days from the administration to grade >= 1 (-1: no CRS)
+    crs_duration_day: Array  # days spent at grade >= 1
+    toci_rescue: Array  # 1 if tocilizumab was given for CRS in the period
+    dex_rescue: Array  # 1 if dexamethasone was given for CRS in the period
     malignant_nadir_fraction: Array  # smallest malignant burden relative to baseline
     malignant_nadir_day: Array
     blood_b_min_fraction: Array
@@ -179,11 +186,34 @@ def patient_inputs(step: Steps, p: Params) -> tuple[Array, Array]:
     return bolus * f, rate
 
 
+_NO_SEVERITY = -100.0  # below any threshold: log of 1e-44 pg/mL
+
+
 def init_reductions(schedule: Schedule, dtype) -> Reductions:
     zp = jnp.zeros(schedule.period_start_day.shape, dtype)
     za = jnp.zeros(schedule.assessment_day.shape, dtype)
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
-    return Reductions(zp, zp, zp, zp, zp, zp, zp + 1.0, one, zero, one, za, za, za)
+    return Reductions(
+        peak_il6_signalling_pg_ml=zp,
+        peak_il6_signalling_day=zp,
+        peak_il6_serum_pg_ml=zp,
+        peak_ifng_pg_ml=zp,
+        cmax_ng_ml=zp,
+        auc_ng_day_ml=zp,
+        min_blood_t_fraction=zp + 1.0,
+        crs_severity_max=zp + _NO_SEVERITY,
+        crs_grade=zp,
+        crs_onset_day=zp - 1.0,
+        crs_duration_day=zp,
+        toci_rescue=zp,
+        dex_rescue=zp,
+        malignant_nadir_fraction=one,
+        malignant_nadir_day=zero,
+        blood_b_min_fraction=one,
+        malignant_fraction_at=za,
+        marrow_malignant_fraction_at=za,
+        blood_b_fraction_at=za,
+    )
 
 
 def _update_at(arr, i, fn):
@@ -191,7 +221,8 @@ def _update_at(arr, i, fn):
     return lax.dynamic_update_index_in_dim(arr, fn(old), i, axis=0)
 
 
-def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: Steps, period_start, base) -> Reductions:
+def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: Steps, period_start, base,
+                    p: Params) -> Reductions:
     """Fold the observables at the end of a step into the running per-patient summaries
     (conc_start: drug concentration at the start of the step, after any bolus, for the AUC)."""
     t_end = step.t_start + step.dt
@@ -217,8 +248,10 @@ def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: 
     def record(arr, val):
         return _update_at(arr, j, lambda old: jnp.where(at, val, old))
 
+    z = endpoints.severity(sig, obs.ifng_pg_ml, base.ifng_pg_ml, p.crs)
+    crs = in_period & (z >= endpoints.log_thresholds(p.crs)[0])
     lower_nadir = m_frac < red.malignant_nadir_fraction
-    return Reductions(
+    return red._replace(
         peak_il6_signalling_pg_ml=period_max(red.peak_il6_signalling_pg_ml, sig),
         peak_il6_signalling_day=_update_at(red.peak_il6_signalling_day, i, lambda old: jnp.where(higher, t_end - start, old)),
         peak_il6_serum_pg_ml=period_max(red.peak_il6_serum_pg_ml, obs.il6_serum_pg_ml),
@@ -226,6 +259,9 @@ def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: 
         cmax_ng_ml=period_max(red.cmax_ng_ml, obs.bispecific_ng_ml),
         auc_ng_day_ml=_update_at(red.auc_ng_day_ml, i, lambda old: old + auc_inc),
         min_blood_t_fraction=_update_at(red.min_blood_t_fraction, i, lambda old: jnp.where(in_period, jnp.minimum(old, t_frac), old)),
+        crs_severity_max=period_max(red.crs_severity_max, z),
+        crs_onset_day=_update_at(red.crs_onset_day, i, lambda old: jnp.where(crs & (old < 0), t_end - start, old)),
+        crs_duration_day=_update_at(red.crs_duration_day, i, lambda old: old + jnp.where(crs, step.dt, 0.0)),
         malignant_nadir_fraction=jnp.where(lower_nadir, m_frac, red.malignant_nadir_fraction),
         malignant_nadir_day=jnp.where(lower_nadir, t_end, red.malignant_nadir_day),
         blood_b_min_fraction=jnp.minimum(red.blood_b_min_fraction, b_frac),
@@ -250,11 +286,32 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
         bolus, rate = patient_inputs(grid, p)
         for i, path in enumerate(INPUT_CHANNELS):
             y = add_at(y, path, bolus[i])
+        y, red = _rescue(y, red, grid, p)
         conc_start = 1000.0 * system.pk.free_concentration(y.drugs.bispecific, p.bispecific_pk)
         y_next = step(grid.t_start, grid.dt, y, rate, p)
-        red = fold_reductions(red, conc_start, system.observe(y_next, p), grid, schedule.period_start_day, base)
+        red = fold_reductions(red, conc_start, system.observe(y_next, p), grid, schedule.period_start_day, base, p)
         return (y_next, red), (y_next if trajectory else None)
 
     init = (y0, init_reductions(schedule, base.t_blood.dtype))
     (_, red), traj = lax.scan(body, init, schedule.steps)
+    red = red._replace(crs_grade=endpoints.grade(red.crs_severity_max, p.crs).astype(red.crs_grade.dtype))
     return (red, traj) if trajectory else red
+
+
+def _rescue(y: State, red: Reductions, grid: Steps, p: Params) -> tuple[State, Reductions]:
+    """Reactive CRS treatment at the start of a step, from the grade reached so far in the period:
+    tocilizumab at grade >= 2, dexamethasone too at grade >= 3, once each per period."""
+    c = p.crs
+    i = jnp.maximum(grid.period, 0)
+    on = (c.rescue > 0) & (grid.period >= 0)
+    g = endpoints.grade(lax.dynamic_index_in_dim(red.crs_severity_max, i, keepdims=False), c)
+    toci = on & (g >= 2) & (lax.dynamic_index_in_dim(red.toci_rescue, i, keepdims=False) == 0)
+    dex = on & (g >= 3) & (lax.dynamic_index_in_dim(red.dex_rescue, i, keepdims=False) == 0)
+    toci_mg = jnp.minimum(c.rescue_tocilizumab_mg_per_kg * p.patient.weight_kg, c.rescue_tocilizumab_max_mg)
+    y = add_at(y, "drugs.tocilizumab.central", jnp.where(toci, toci_mg, 0.0))
+    y = add_at(y, "drugs.dexamethasone.central", jnp.where(dex, c.rescue_dexamethasone_mg, 0.0))
+    red = red._replace(
+        toci_rescue=_update_at(red.toci_rescue, i, lambda old: jnp.where(toci, 1.0, old)),
+        dex_rescue=_update_at(red.dex_rescue, i, lambda old: jnp.where(dex, 1.0, old)),
+    )
+    return y, red

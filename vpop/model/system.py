@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from vpop import endpoints
 from vpop.model import cells as cells_mod
 from vpop.model import cytokines as cyto
 from vpop.model import engagement as eng
@@ -65,6 +66,7 @@ class Params(NamedTuple):
     malignant: cells_mod.MalignantParams
     cytokines: cyto.CytokineParams
     body: cells_mod.Body
+    crs: endpoints.CRSParams
     patient: PatientCovariates
     first_dose_day: Array  # day of the first bispecific administration (clearance-decay origin)
 

@@ -1,0 +1,317 @@
+"""The performance yardstick (DESIGN.md section 8): mosunetuzumab IV 1/2/60/60/30 mg q21d for 6 cycles
+(126 days) in R/R FL, all endpoints reduced on device.
+
+    python experiments/benchmarks/yardstick.py --sizes 1000 10000 100000 --out experiments/benchmarks/results
+
+measures, each in its own process (so peak memory is that run's):
+  vpop      patients/s after compilation, compile time, peak host RSS (and peak device memory on GPU)
+  reference float64 diffrax Kvaerno5 (rtol 1e-8) on a 4x refined grid: the accuracy yardstick
+  scipy     a scipy solve_ivp LSODA loop over patients with the same right-hand side (float64)
+  diffrax   a plain diffrax vmap with an adaptive solver (Kvaerno5, float32) at several tolerances
+and writes results.json and results.md (a table) with per-patient accuracy of peak IL-6 signalling
+(every dose period) and tumour nadir against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REGIMEN = {
+    "cycle_days": 21,
+    "cycles": 6,
+    "doses": [
+        {"cycle": 1, "day": 1, "amount": 1, "unit": "mg"},
+        {"cycle": 1, "day": 8, "amount": 2, "unit": "mg"},
+        {"cycle": 1, "day": 15, "amount": 60, "unit": "mg"},
+        {"cycle": 2, "day": 1, "amount": 60, "unit": "mg"},
+        {"cycles": "3-6", "day": 1, "amount": 30, "unit": "mg"},
+    ],
+}
+ACCURACY_KEYS = ("peak_il6_signalling_pg_ml", "malignant_nadir_fraction")
+
+
+def _prepare():
+    from vpop.simulate import Arm, prepare_arm
+
+    return prepare_arm(Arm("yardstick", "mosunetuzumab", "iv", "fl_rr", REGIMEN))
+
+
+def _patients(prepared, ids, seed=0):
+    """Covariates and parameters of patients `ids` (batched)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vpop.simulate import _patient_params, sample_covariates
+
+    ids = jnp.asarray(ids)
+    cov = sample_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
+    return jax.jit(jax.vmap(lambda c, i: _patient_params(prepared.inputs, c, i, jnp.asarray(seed), prepared.variability_paths)))(cov, ids)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _device_peak_mb():
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20 or None
+
+
+def worker_vpop(n: int, chunk: int, save: str | None) -> dict:
+    import jax
+
+    from vpop.simulate import simulate_arm
+
+    prepared = _prepare()
+    chunk = min(chunk, n)
+    t0 = time.perf_counter()
+    simulate_arm(prepared, chunk, seed=0, chunk_size=chunk)  # compiles
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = simulate_arm(prepared, n, seed=0, chunk_size=chunk)
+    run_s = time.perf_counter() - t0
+    if save:
+        np.savez(save, **{k: res.reductions[k] for k in ACCURACY_KEYS})
+    return dict(method="vpop", n=n, chunk=chunk, compile_s=compile_s, run_s=run_s, patients_per_s=n / run_s,
+                peak_rss_mb=_peak_rss_mb(), device_peak_mb=_device_peak_mb(), device=str(jax.devices()[0]),
+                steps=int((np.asarray(prepared.inputs.schedule.steps.dt) > 0).sum()))
+
+
+def worker_reference(n: int, save: str) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from vpop.model import reference, solver
+
+    prepared = _prepare()
+    fine = reference.refine(prepared.inputs.schedule, 4)
+    fine = fine._replace(steps=jax.tree_util.tree_map(jnp.asarray, fine.steps))
+    step = reference.ode_step(rtol=1e-8, atol=1e-12)
+    run = jax.jit(jax.vmap(lambda p: solver.simulate_patient(p, fine, step=step)))
+    params = _patients(prepared, np.arange(n))
+    t0 = time.perf_counter()
+    red = jax.block_until_ready(run(params))
+    total_s = time.perf_counter() - t0
+    np.savez(save, **{k: np.asarray(getattr(red, k)) for k in ACCURACY_KEYS})
+    return dict(method="reference", n=n, total_s=total_s, peak_rss_mb=_peak_rss_mb())
+
+
+def worker_diffrax(n: int, rtol: float, save: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from vpop.model import reference, solver
+
+    prepared = _prepare()
+    sched = reference.refine(prepared.inputs.schedule, 1)  # same grid, padding dropped
+    sched = sched._replace(steps=jax.tree_util.tree_map(jnp.asarray, sched.steps))
+    step = reference.ode_step(rtol=rtol, atol=rtol * 1e-3)
+    run = jax.jit(jax.vmap(lambda p: solver.simulate_patient(p, sched, step=step)))
+    params = _patients(prepared, np.arange(n))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    red = jax.block_until_ready(run(params))
+    run_s = time.perf_counter() - t0
+    np.savez(save, **{k: np.asarray(getattr(red, k)) for k in ACCURACY_KEYS})
+    return dict(method=f"diffrax Kvaerno5 rtol {rtol:g}", n=n, compile_s=compile_s, run_s=run_s, patients_per_s=n / run_s,
+                peak_rss_mb=_peak_rss_mb())
+
+
+def worker_scipy(n: int, save: str) -> dict:
+    """A loop over patients, each solved by scipy LSODA between dosing events, with the model's
+    own right-hand side (jitted, float64) and the same reductions folded from the grid points."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+    from scipy.integrate import solve_ivp
+
+    from vpop.model import reference, solver, system
+
+    prepared = _prepare()
+    sched = reference.refine(prepared.inputs.schedule, 1)
+    steps = sched.steps
+    params = _patients(prepared, np.arange(n))
+    y0_template = system.initial_state(jax.tree_util.tree_map(lambda x: x[0], params))
+    _, unravel = ravel_pytree(y0_template)
+
+    @jax.jit
+    def field(t, y, rate, p):
+        dy = system.vector_field(t, unravel(y), p)
+        for i, path in enumerate(solver.INPUT_CHANNELS):
+            if path.startswith("drugs."):
+                dy = solver.add_at(dy, path, rate[i])
+        return ravel_pytree(dy)[0]
+
+    @jax.jit
+    def dose(y, step, p):
+        bolus, rate = solver.patient_inputs(step, p)
+        state = unravel(y)
+        for i, path in enumerate(solver.INPUT_CHANNELS):
+            state = solver.add_at(state, path, bolus[i])
+        return ravel_pytree(state)[0], rate
+
+    @jax.jit
+    def fold(p, traj_flat, conc_start):
+        traj = jax.vmap(unravel)(traj_flat)
+        base = system.observe(system.initial_state(p), p)
+
+        def f(red, xs):
+            step, c0, y = xs
+            return solver.fold_reductions(red, c0, system.observe(y, p), step, sched.period_start_day, base, p), None
+
+        used = jax.tree_util.tree_map(jnp.asarray, steps)
+        red, _ = jax.lax.scan(f, solver.init_reductions(sched, traj_flat.dtype), (used, conc_start, traj))
+        return red
+
+    segs = _segments(steps)
+    t_end = steps.t_start + steps.dt
+    out = {k: [] for k in ACCURACY_KEYS}
+    t0 = time.perf_counter()
+    for i in range(-1, n):  # patient -1: a warm-up run of patient 0 that compiles the jitted pieces
+        if i == 0:
+            t0 = time.perf_counter()
+            out = {k: [] for k in ACCURACY_KEYS}
+        i = max(i, 0)
+        p = jax.tree_util.tree_map(lambda x: x[i], params)
+        y = np.asarray(ravel_pytree(system.initial_state(p))[0])
+        ys = []
+        for a, b in segs:
+            step_a = jax.tree_util.tree_map(lambda x: x[a], steps)
+            y, rate = dose(jnp.asarray(y), step_a, p)
+            rate = np.asarray(rate)
+            sol = solve_ivp(lambda t, yy: np.asarray(field(t, yy, rate, p)), (steps.t_start[a], t_end[b - 1]), np.asarray(y),
+                            method="LSODA", t_eval=t_end[a:b], rtol=1e-6, atol=1e-9)
+            ys.append(sol.y.T)
+            y = sol.y[:, -1]
+        traj = np.concatenate(ys)
+        red = fold(p, jnp.asarray(traj), jnp.zeros(len(traj)))
+        for k in ACCURACY_KEYS:
+            out[k].append(np.asarray(getattr(red, k)))
+    run_s = time.perf_counter() - t0
+    np.savez(save, **{k: np.stack(v) for k, v in out.items()})
+    return dict(method="scipy LSODA loop (rtol 1e-6)", n=n, run_s=run_s, patients_per_s=n / run_s, peak_rss_mb=_peak_rss_mb())
+
+
+def _segments(steps) -> list[tuple[int, int]]:
+    """[first, last) step ranges between dosing events (a bolus or a change of infusion rate)."""
+    bolus = (steps.bolus_mg + steps.bolus_mg_per_kg + steps.bolus_mg_per_m2).any(axis=1)
+    rates = np.concatenate([steps.rate_mg_per_day, steps.rate_mg_per_day_per_kg, steps.rate_mg_per_day_per_m2], axis=1)
+    changed = np.concatenate([[True], (rates[1:] != rates[:-1]).any(axis=1)])
+    starts = np.flatnonzero(bolus | changed)
+    return [(int(a), int(b)) for a, b in zip(starts, [*starts[1:], len(steps.dt)])]
+
+
+def _run_worker(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def accuracy(candidate: str, ref: str) -> dict:
+    """Relative error against the reference, per patient (peaks over every dose period pooled)."""
+    a, r = np.load(candidate), np.load(ref)
+    out = {}
+    for k in ACCURACY_KEYS:
+        x, y = a[k][: len(r[k])], r[k]
+        if k == "malignant_nadir_fraction":  # absolute error of a fraction of baseline
+            err = np.abs(x - y)
+        else:
+            err = np.abs(x - y) / np.maximum(np.abs(y), 1e-9)
+        out[k] = dict(median=float(np.median(err)), p99=float(np.percentile(err, 99)), max=float(err.max()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    ap.add_argument("--chunk", type=int, default=10_000, help="patients per chunk for vpop")
+    ap.add_argument("--accuracy-n", type=int, default=20, help="patients solved by the float64 reference")
+    ap.add_argument("--scipy-n", type=int, default=10)
+    ap.add_argument("--diffrax-n", type=int, default=100)
+    ap.add_argument("--diffrax-rtol", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5])
+    ap.add_argument("--out", default="experiments/benchmarks/results")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        kind, *rest = args.worker
+        fn = {"vpop": lambda n, c, s=None: worker_vpop(int(n), int(c), s), "reference": lambda n, s: worker_reference(int(n), s),
+              "diffrax": lambda n, r, s: worker_diffrax(int(n), float(r), s), "scipy": lambda n, s: worker_scipy(int(n), s)}[kind]
+        print(json.dumps(fn(*rest)))
+        return
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "arrays"
+    tmp.mkdir(exist_ok=True)
+    results = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
+                                python=platform.python_version()), runs=[])
+    ref = str(tmp / "reference.npz")
+    print("reference (float64) ...", flush=True)
+    results["runs"].append(_run_worker("reference", str(args.accuracy_n), ref))
+    acc_file = str(tmp / "vpop_accuracy.npz")
+    run = _run_worker("vpop", str(args.accuracy_n), str(args.accuracy_n), acc_file)
+    results["vpop_accuracy"] = accuracy(acc_file, ref)
+    for n in args.sizes:
+        print(f"vpop N={n} ...", flush=True)
+        results["runs"].append(_run_worker("vpop", str(n), str(args.chunk)))
+    print("scipy ...", flush=True)
+    f = str(tmp / "scipy.npz")
+    r = _run_worker("scipy", str(args.scipy_n), f)
+    r["accuracy"] = accuracy(f, ref)
+    results["runs"].append(r)
+    for rtol in args.diffrax_rtol:
+        print(f"diffrax rtol={rtol} ...", flush=True)
+        f = str(tmp / f"diffrax_{rtol:g}.npz")
+        r = _run_worker("diffrax", str(args.diffrax_n), str(rtol), f)
+        r["accuracy"] = accuracy(f, ref)
+        results["runs"].append(r)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    acc = results["vpop_accuracy"]
+    lines = [f"Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs", "",
+             "| method | N | patients/s | compile s | peak RSS MB | IL-6 peak rel. err. median / p99 | tumour nadir abs. err. median / p99 |",
+             "|---|---|---|---|---|---|---|"]
+
+    def fmt_acc(a):
+        i, t = a["peak_il6_signalling_pg_ml"], a["malignant_nadir_fraction"]
+        return f"{i['median']:.1e} / {i['p99']:.1e}", f"{t['median']:.1e} / {t['p99']:.1e}"
+
+    for r in results["runs"]:
+        if r["method"] == "reference":
+            continue
+        a = r.get("accuracy", acc if r["method"] == "vpop" else None)
+        il6, nadir = fmt_acc(a) if a else ("", "")
+        lines.append(f"| {r['method']} | {r['n']:,} | {r['patients_per_s']:,.0f} | {r.get('compile_s', float('nan')):.1f} | "
+                     f"{r['peak_rss_mb']:,.0f} | {il6} | {nadir} |")
+    ref = next(r for r in results["runs"] if r["method"] == "reference")
+    lines.append("")
+    lines.append(f"Reference: float64 diffrax Kvaerno5, rtol 1e-8, 4x refined grid, {ref['n']} patients ({ref['total_s']:.0f} s).")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

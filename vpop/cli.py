@@ -1,0 +1,86 @@
+"""Command-line apps (Hydra): `vpop-trial` runs an in-silico trial."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from vpop import catalogue, posterior, report
+from vpop.catalogue import ConfigError
+from vpop.trial import TrialSettings, arms_from_config, run_trial
+
+log = logging.getLogger("vpop")
+
+
+def _use_user_config_dirs() -> None:
+    """Named drugs, regimens and populations are also looked up in --config-dir folders."""
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            catalogue.add_search_dir(source.path)
+
+
+def _progress(enabled, total: int):
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
+    bar = tqdm(total=total, unit="patient", disable=not show, smoothing=0.1, dynamic_ncols=True)
+    return bar
+
+
+def _settings(cfg: DictConfig) -> TrialSettings:
+    return TrialSettings(
+        n=cfg.population.n,
+        seed=cfg.seed,
+        draws=cfg.draws,
+        chunk_size=cfg.chunk_size,
+        horizon_days=cfg.horizon_days,
+        assessment_every_days=cfg.assessment_every_days,
+        trajectories=cfg.trajectories,
+    )
+
+
+def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
+    """The trial app without Hydra's wrapping (used by tests)."""
+    try:
+        experiment = cfg.experiment
+    except MissingMandatoryValue:
+        raise ConfigError(f"no experiment: add +experiment=NAME; available: {', '.join(catalogue.available('experiment'))}") from None
+    arms, reference_arm = arms_from_config(experiment)
+    settings = _settings(cfg)
+    if not isinstance(settings.n, int) or settings.n <= 0:
+        raise ConfigError(f"population.n must be a positive whole number of patients, got {settings.n!r}")
+    draws = posterior.draws(cfg.posterior, cfg.draws, cfg.seed)
+    twins = None
+    if cfg.twins:
+        from vpop.population import read_twins
+
+        twins = read_twins(cfg.twins)
+    n = len(twins) if twins is not None else settings.n
+    with _progress(cfg.progress, n * len(arms) * len(draws)) as bar:
+        result = run_trial(arms, reference_arm, settings, draws=draws, twins=twins, progress=bar.update)
+    written = report.write_outputs(result, out_dir)
+    log.info("wrote %s", ", ".join(str(p) for p in written))
+    log.info("main endpoints:\n%s", report.markdown_table(result.summary))
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="pkg://vpop.configs", config_name="trial")
+def trial(cfg: DictConfig) -> None:
+    """vpop-trial +experiment=NAME [population.n=N seed=S posterior=default draws=D chunk_size=C ...]"""
+    _use_user_config_dirs()
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" on CPU
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    trial()

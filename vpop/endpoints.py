@@ -1,0 +1,105 @@
+r"""Clinical endpoints from simulated patients: CRS grades per dose period, rescue, tumour response.
+
+CRS (on device, inside the simulation). A latent severity
+
+$$ z(t) = \log \mathrm{IL6sig}(t) + w_{IFN} \log\frac{\mathrm{IFN}(t)}{\mathrm{IFN}_0} + \log s_i $$
+
+combines IL-6 signalling (pg/mL), IFN-g above its baseline and the patient's susceptibility $s_i$
+(log-normal between patients). ASTCT grade $g$ is reached when $z$ crosses $\log \theta_g$ with
+$\theta_1 < \theta_2 = f_2\theta_1 < \theta_3 = f_3\theta_2 < \theta_4 = f_4\theta_3$; the grade of a
+dose period is that of its largest $z$ (CRS starting after the k-th administration). Onset is the
+first crossing of $\theta_1$ after the administration, duration the time spent above it. Rescue
+happens in the simulation, so it changes the rest of the trajectory: reaching grade 2 gives
+tocilizumab 8 mg/kg (at most 800 mg), grade 3 adds dexamethasone, once each per dose period.
+
+Response (on the host, from the burden recorded at the assessment days):
+- lymphoma: SPD ~ volume^(2/3); PR at >= 50% decrease from baseline, CR when the residual volume is
+  below a threshold, PD at >= 50% increase from nadir (Cheson 2007, as in the pivotal trials; Lugano
+  2014 judges progression lesion by lesion, which one tumour compartment cannot); best overall
+  response is the best before progression;
+- leukaemia: CR/CRh when marrow blasts fall below 5% (counts are not modelled, so CR and CRh are one);
+- myeloma: PR at >= 50% and CR at >= 99% reduction of the malignant burden (an M-protein proxy).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+RESPONSES = ("CR", "PR", "SD", "PD")
+RESPONSE_KINDS = ("lymphoma", "leukaemia", "myeloma")
+
+
+class CRSParams(NamedTuple):
+    grade1_il6_signalling_pg_ml: Array  # theta_1 at typical susceptibility and baseline IFN-g
+    grade2_fold: Array  # theta_2 / theta_1
+    grade3_fold: Array
+    grade4_fold: Array
+    ifng_weight: Array  # w_IFN
+    susceptibility: Array  # s_i, 1 for the typical patient (log-normal variability)
+    rescue: Array  # 1: treat CRS in the simulation (tocilizumab at grade 2, dexamethasone at grade 3)
+    rescue_tocilizumab_mg_per_kg: Array
+    rescue_tocilizumab_max_mg: Array
+    rescue_dexamethasone_mg: Array
+
+
+def log_thresholds(p: CRSParams) -> Array:
+    """[4] log theta_g for grades 1-4."""
+    steps = jnp.stack([jnp.log(p.grade1_il6_signalling_pg_ml), jnp.log(p.grade2_fold), jnp.log(p.grade3_fold), jnp.log(p.grade4_fold)])
+    return jnp.cumsum(steps)
+
+
+def severity(il6_signalling_pg_ml: Array, ifng_pg_ml: Array, ifng_baseline_pg_ml: Array, p: CRSParams) -> Array:
+    """Latent CRS severity z (log pg/mL scale)."""
+    return (jnp.log(jnp.maximum(il6_signalling_pg_ml, 1e-6)) + p.ifng_weight * jnp.log(jnp.maximum(ifng_pg_ml / ifng_baseline_pg_ml, 1.0))
+            + jnp.log(p.susceptibility))
+
+
+def grade(z: Array, p: CRSParams) -> Array:
+    """ASTCT grade 0-4 for severity z (works on any shape of z)."""
+    return jnp.sum(z[..., None] >= log_thresholds(p), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: response and the endpoint table
+# ---------------------------------------------------------------------------------------------
+
+
+def lymphoma_response(burden_at: np.ndarray, baseline_volume_ml: np.ndarray, cr_residual_volume_ml: float):
+    """Best overall response per patient from burden/baseline at the assessments ([n, A]).
+
+    Returns (best response as an index into RESPONSES, day index of first progression or -1)."""
+    spd = np.maximum(burden_at, 0.0) ** (2.0 / 3.0)
+    nadir = np.minimum.accumulate(np.concatenate([np.ones((len(spd), 1)), spd], axis=1), axis=1)[:, :-1]
+    volume = burden_at * baseline_volume_ml[:, None]
+    # Progression needs a measurable lesion again (above the CR residual), not just regrowth from nadir.
+    progressed = (spd >= 1.5 * nadir) & (volume > cr_residual_volume_ml)
+    first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
+    level = np.where(volume <= cr_residual_volume_ml, 0, np.where(spd <= 0.5, 1, np.where(progressed, 3, 2)))
+    before_pd = np.arange(spd.shape[1])[None, :] < np.where(first_pd < 0, spd.shape[1], first_pd)[:, None]
+    best = np.where(before_pd, level, 3).min(axis=1)
+    return best, first_pd
+
+
+def leukaemia_response(marrow_fraction_at: np.ndarray, baseline_percent: np.ndarray, cr_blast_percent: float = 5.0):
+    """CR/CRh (index 0) when marrow blasts fall below 5%; else SD, or PD if blasts rise by 25%."""
+    frac = baseline_percent[:, None] / 100.0 * marrow_fraction_at
+    blasts = 100.0 * frac / np.maximum(frac + (1.0 - baseline_percent[:, None] / 100.0), 1e-12)
+    cr = (blasts < cr_blast_percent).any(axis=1)
+    progressed = blasts >= np.minimum(baseline_percent[:, None] * 1.25, 100.0)
+    first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
+    best = np.where(cr, 0, np.where(first_pd >= 0, 3, 2))
+    return best, first_pd
+
+
+def myeloma_response(burden_at: np.ndarray):
+    """CR at >= 99%, PR at >= 50% reduction of the malignant burden; PD at >= 25% above nadir."""
+    nadir = np.minimum.accumulate(np.concatenate([np.ones((len(burden_at), 1)), burden_at], axis=1), axis=1)[:, :-1]
+    progressed = burden_at >= 1.25 * nadir
+    first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
+    level = np.where(burden_at <= 0.01, 0, np.where(burden_at <= 0.5, 1, np.where(progressed, 3, 2)))
+    before_pd = np.arange(burden_at.shape[1])[None, :] < np.where(first_pd < 0, burden_at.shape[1], first_pd)[:, None]
+    return np.where(before_pd, level, 3).min(axis=1), first_pd
