@@ -19,10 +19,15 @@ def test_step_up_lowers_il6_signalling_peak_at_first_60_mg():
     flat = doses((1, 15, 60, "mg"), cycle_days=21)
     r_step = _run(Arm("step", "mosunetuzumab", "iv", "fl_rr", step))
     r_flat = _run(Arm("flat", "mosunetuzumab", "iv", "fl_rr", flat))
-    at_60_step = r_step["peak_il6_signalling_pg_ml"][:, 2]  # third administration
-    at_60_flat = r_flat["peak_il6_signalling_pg_ml"][:, 0]
-    assert np.median(at_60_step / at_60_flat) < 0.8
-    assert np.mean(at_60_step < at_60_flat) > 0.8
+    baseline = 1.47  # pg/mL (configs/model/default.yaml)
+    excess_step = r_step["peak_il6_signalling_pg_ml"][:, 2] - baseline  # third administration, 60 mg
+    excess_flat = r_flat["peak_il6_signalling_pg_ml"][:, 0] - baseline
+    responders = excess_flat > 5.0  # patients with an IL-6 response to 60 mg at all
+    assert responders.sum() > 50
+    assert np.median(excess_step[responders] / excess_flat[responders]) < 0.8
+    assert np.mean(excess_step[responders] < excess_flat[responders]) > 0.75
+    # ... and fewer patients have CRS after the first 60 mg.
+    assert np.mean(r_step["crs_grade"][:, 2] >= 1) < np.mean(r_flat["crs_grade"][:, 0] >= 1)
 
 
 def test_sc_gives_lower_later_cmax_than_the_same_iv_dose():

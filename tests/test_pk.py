@@ -29,7 +29,7 @@ def test_iv_bolus_matches_two_compartment_closed_form():
 
     keep = (np.asarray(schedule.steps.dt) > 0) & (exact > 0.01 * c0)
     rel = np.abs(c[keep] - exact[keep]) / exact[keep]
-    assert rel.max() < 2e-3, rel.max()
+    assert rel.max() < 5e-3, rel.max()  # 2 drug sub-steps on 0.5-day steps: ~0.2% drift over 6 weeks
 
 
 def test_sc_auc_equals_bioavailable_dose_over_clearance():

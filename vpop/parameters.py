@@ -337,10 +337,19 @@ def apply_pk_covariates(p: pk.PKParams, cov: PKCovariates, weight_kg, bsa_m2) ->
     )
 
 
+def standard_normal(key: jax.Array) -> jax.Array:
+    """N(0, 1) drawn in float32 whatever the precision, so float64 runs see the same patients."""
+    return jax.random.normal(key, dtype=jnp.float32).astype(_float())
+
+
+def standard_uniform(key: jax.Array) -> jax.Array:
+    return jax.random.uniform(key, dtype=jnp.float32).astype(_float())
+
+
 def apply_variability(p: Params, paths: tuple[str, ...], omegas, key: jax.Array) -> Params:
     """Multiply each parameter in `paths` by exp(omega * z), z ~ N(0, 1) from its own named stream."""
     for i, path in enumerate(paths):
-        z = jax.random.normal(jax.random.fold_in(key, stream_id(path)), dtype=_float())
+        z = standard_normal(jax.random.fold_in(key, stream_id(path)))
         p = set_path(p, path, get_path(p, path) * jnp.exp(omegas[i] * z))
     return p
 

@@ -122,16 +122,16 @@ def covariate_model(pop: DictConfig) -> CovariateModel:
 
 def _draw(kind: str, a, key: jax.Array) -> jax.Array:
     f = parameters._float()
-    z = jax.random.normal(key, dtype=f)
+    z = parameters.standard_normal(key)
     if kind == "normal":
         return jnp.clip(a[0] + a[1] * z, a[2], a[3])
     if kind == "lognormal":
         return jnp.clip(a[0] * jnp.exp(a[1] * z), a[2], a[3])
     if kind == "lognormal_mixture":
-        low = jax.random.uniform(jax.random.fold_in(key, 1), dtype=f) < a[2]
+        low = parameters.standard_uniform(jax.random.fold_in(key, 1)) < a[2]
         return jnp.where(low, a[0], a[1]) * jnp.exp(a[3] * z)
     if kind == "bernoulli":
-        return (jax.random.uniform(key, dtype=f) < a[0]).astype(f)
+        return (parameters.standard_uniform(key) < a[0]).astype(f)
     return a[0] + 0.0 * z  # constant
 
 

@@ -309,19 +309,34 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     return CompiledRegimen(admins, horizon, assessments)
 
 
-def time_grid(events: list[float], infusion_ends: list[float], t0: float, horizon: float, assessments: list[float],
-              first_step_days: float, growth: float, max_step_days: float) -> np.ndarray:
-    """Grid points: every event, fine steps growing geometrically after each event, `max_step_days`
-    in between, the assessment days and the horizon."""
-    pts = [np.arange(t0, horizon, max_step_days), np.asarray([horizon, *assessments, *infusion_ends, *events])]
-    n_fine = int(math.ceil(math.log1p(max_step_days * (growth - 1) / first_step_days) / math.log(growth))) if growth > 1 else 0
-    offsets = first_step_days * (growth ** np.arange(n_fine + 1) - 1) / (growth - 1) if growth > 1 else np.zeros(1)
-    for t in events:
-        pts.append(t + offsets)
-    grid = np.unique(np.concatenate(pts))
-    grid = grid[(grid >= t0) & (grid <= horizon)]
-    # Merge points closer than a minute (floating-point duplicates of the same instant).
-    keep = np.concatenate([[True], np.diff(grid) > 1.0 / 1440.0])
+def time_grid(events: list[float], anchors: list[float], t0: float, horizon: float, solver: DictConfig) -> np.ndarray:
+    """Grid points from t0 to the horizon. After each event the step starts at `first_step_hours`
+    and grows geometrically (`step_growth`) up to `fine_max_step_days`, which it keeps until
+    `fine_window_days` after the event (cytokines and T cells move in hours after a dose), then
+    grows on to `max_step_days` (tumour and B cells move over weeks). Anchors (infusion ends,
+    assessment days) are grid points too."""
+    first = float(solver.first_step_hours) / 24.0
+    growth, fine_max = float(solver.step_growth), float(solver.fine_max_step_days)
+    window, coarse_max = float(solver.fine_window_days), float(solver.max_step_days)
+    stops = np.unique(np.asarray([t0, horizon, *events, *anchors]))
+    stops = stops[(stops >= t0) & (stops <= horizon)]
+    events = np.asarray(sorted(events))
+    points = [stops]
+    for a, b in zip(stops[:-1], stops[1:]):
+        before = events[events <= a + 1e-12]
+        since = a - before[-1] if len(before) else np.inf  # days since the last event at a
+        t, h = a, first if since < 1e-12 else None
+        while True:
+            if h is None:  # continuing: the step the grid would have reached by now
+                h = min(first * growth ** max(math.log(max(since, first) / first, growth), 0), fine_max) if since < window else coarse_max
+            t += h
+            if t >= b - 1e-9:
+                break
+            points.append(np.asarray([t]))
+            since_now = since + (t - a)
+            h = min(h * growth, fine_max if since_now < window else coarse_max)
+    grid = np.unique(np.concatenate(points))
+    keep = np.concatenate([[True], np.diff(grid) > 1.0 / 1440.0])  # floating-point duplicates
     return grid[keep]
 
 
@@ -332,8 +347,7 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
     events = sorted({a.day for a in admins})
     horizon = compiled.horizon_day
     ends = sorted({min(a.day + a.duration_days, horizon) for a in admins if a.duration_days > 0})
-    grid = time_grid(events, ends, t0, compiled.horizon_day, compiled.assessment_days,
-                     float(solver.first_step_hours) / 24.0, float(solver.step_growth), float(solver.max_step_days))
+    grid = time_grid(events, [*ends, *compiled.assessment_days], t0, horizon, solver)
     k = len(grid) - 1
     bucket = int(solver.grid_bucket)
     k_pad = int(math.ceil(k / bucket) * bucket)

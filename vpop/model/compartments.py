@@ -1,10 +1,10 @@
 """`ByCompartment`: one value for each of the four compartments, with elementwise arithmetic.
 
 Why not a (4,) array: vmapped over patients, (4,) arrays become [N, 4] arrays whose sums, stacks and
-index updates split XLA's work into dozens of separate loops per right-hand-side evaluation (memory
-bound: measured ~115 ns per patient on 2 CPU cores). Four separate scalars keep every operation
-elementwise over the patient axis, so XLA fuses the right-hand side into a few loops (~8x faster).
-The class reads like the vector code it replaces: `k * partition * volume / reference`.
+index updates split XLA's work into many more separate, memory-bound loops. Four separate scalars
+keep every operation elementwise over the patient axis; measured on the yardstick (2 CPU cores) the
+whole simulation ran 4x faster (4,400 -> 19,000 patients/s). The class reads like the vector code
+it replaces: `k * partition * volume / reference`.
 """
 
 from __future__ import annotations

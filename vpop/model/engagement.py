@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -52,14 +53,14 @@ class EngagementParams(NamedTuple):
     partition: ByCompartment  # tissue:plasma drug concentration ratio Kp (blood 1)
 
 
-def hill(x, n):
-    """x^n / (1 + x^n) for x >= 0, with finite gradients at x = 0 (x may be a ByCompartment)."""
+def log_of(x) -> ByCompartment:
+    """Elementwise log, floored at a tiny positive number (so that empty compartments stay finite)."""
+    return cmap(lambda v: jnp.log(jnp.maximum(v, _TINY)), x)
 
-    def h(x):
-        xn = jnp.exp(n * jnp.log(jnp.maximum(x, _TINY)))
-        return xn / (1.0 + xn)
 
-    return cmap(h, x) if isinstance(x, ByCompartment) else h(x)
+def hill_log(log_x, n):
+    """x^n / (1 + x^n) from log x: one exponential, finite gradients everywhere."""
+    return cmap(lambda lx: jax.nn.sigmoid(n * lx), log_x) if isinstance(log_x, ByCompartment) else jax.nn.sigmoid(n * log_x)
 
 
 def compartment_concentration_ng_ml(plasma_mg_per_l: Array, p: EngagementParams) -> ByCompartment:
@@ -72,11 +73,12 @@ def targets(normal_b: ByCompartment, malignant: ByCompartment, p: EngagementPara
     return normal_b * p.binds_normal_b + malignant * p.binds_malignant
 
 
-def engaged_fraction(conc_ng_ml: ByCompartment, target: ByCompartment, t_available: ByCompartment,
+def engaged_fraction(log_conc: ByCompartment, log_target: ByCompartment, log_t_available: ByCompartment,
                      p: EngagementParams) -> ByCompartment:
-    """Drug occupancy x target-availability saturation shared by activation and secretion."""
-    ratio = target / cmap(lambda t: jnp.maximum(t, _TINY), t_available)
-    return hill(ratio / p.km_target_per_t, p.hill_target) * hill(conc_ng_ml / p.kd_activation_ng_ml, p.hill_activation)
+    """Drug occupancy x target-availability saturation shared by activation and secretion
+    (arguments are logs of ng/mL and cell numbers: the Hill functions are computed in log space)."""
+    ratio = log_target - log_t_available - jnp.log(p.km_target_per_t)
+    return hill_log(ratio, p.hill_target) * hill_log(log_conc - jnp.log(p.kd_activation_ng_ml), p.hill_activation)
 
 
 def activation_rate(engaged: ByCompartment, k_activation_per_day: Array, p: EngagementParams) -> ByCompartment:
@@ -85,12 +87,11 @@ def activation_rate(engaged: ByCompartment, k_activation_per_day: Array, p: Enga
     return engaged * tissue * (k_activation_per_day * p.vmax_activation)
 
 
-def kill_rate(conc_ng_ml: ByCompartment, t_active: ByCompartment, target: ByCompartment,
+def kill_rate(conc_ng_ml: ByCompartment, log_t_active: ByCompartment, log_target: ByCompartment,
               p: EngagementParams) -> ByCompartment:
     """Per-day killing rate of each target-bearing cell."""
-    effector_ratio = t_active / cmap(lambda t: jnp.maximum(t, _TINY), target)
-    km = ByCompartment.blood_and_tissues(p.km_effector_per_target, p.km_effector_per_target * p.tissue_km_factor)
-    saturation = hill(effector_ratio / km, p.hill_kill)
+    log_km = ByCompartment.blood_and_tissues(jnp.log(p.km_effector_per_target), jnp.log(p.km_effector_per_target * p.tissue_km_factor))
+    saturation = hill_log(log_t_active - log_target - log_km, p.hill_kill)
     drug = conc_ng_ml / (conc_ng_ml + p.kd_kill_ng_ml)
     tissue = ByCompartment.blood_and_tissues(1.0, p.tissue_kill_factor)
     return saturation * drug * tissue * (p.k_kill_per_day * p.vmax_kill)

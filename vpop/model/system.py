@@ -141,9 +141,11 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     e = p.engagement
     conc = eng.compartment_concentration_ng_ml(plasma, e)
     target = eng.targets(c.b_normal, c.malignant, e)
-    engaged = eng.engaged_fraction(conc, target, c.t_resting + c.t_post, e)
+    log_conc = eng.log_of(e.partition) + jnp.log(jnp.maximum(1000.0 * plasma, 1e-12))
+    log_target = eng.log_of(target)
+    engaged = eng.engaged_fraction(log_conc, log_target, eng.log_of(c.t_resting + c.t_post), e)
     activation = eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
-    kill = eng.kill_rate(conc, c.t_active, target, e) * (1.0 - dex_kill)
+    kill = eng.kill_rate(conc, eng.log_of(c.t_active), log_target, e) * (1.0 - dex_kill)
 
     prod_cells, loss_cells = cells_mod.rates(
         c,
