@@ -82,5 +82,21 @@ def trial(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+@hydra.main(version_base="1.3", config_path="pkg://vpop.configs", config_name="calibrate")
+def calibrate(cfg: DictConfig) -> None:
+    """vpop-calibrate [calibration.samples=N calibration.chains=C calibration.patients_per_cohort=P ...]"""
+    from vpop import calibrate as cal
+
+    _use_user_config_dirs()
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    try:
+        show = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
+        files = cal.run(cfg.calibration, Path(HydraConfig.get().runtime.output_dir), progress=show)
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+
+
 if __name__ == "__main__":  # pragma: no cover
-    trial()
+    {"calibrate": calibrate}.get(sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] == "calibrate" else "", trial)()

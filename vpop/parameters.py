@@ -357,3 +357,55 @@ def apply_variability(p: Params, paths: tuple[str, ...], omegas, key: jax.Array)
 def log_uniform_prior(u: Unknown) -> tuple[float, float]:
     """(loc, scale) of log-space uniform bounds used by calibration."""
     return math.log(u.low), math.log(u.high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated parameters: config paths <-> parameter-pytree paths
+# ---------------------------------------------------------------------------------------------
+
+_BY_COMPARTMENT_SUFFIX = {"_lymphoid": "lymphoid", "_marrow": "marrow", "_tumour": "tumour"}
+
+
+def params_path(config_path: str, arm: ArmSpec) -> str | None:
+    """Where a config value lives in an arm's `Params` ('model.crs.grade2_fold' -> 'crs.grade2_fold');
+    None when it does not concern the arm (another drug's potency, another population's kill)."""
+    scope, *rest = config_path.split(".")
+    if scope == "model":
+        group, name = rest[0], ".".join(rest[1:])
+        if group == "cytokines" and name.startswith("tissue_reach_"):
+            return f"cytokines.tissue_reach.{name.removeprefix('tissue_reach_')}"
+        if group in ("crs", "cytokines", "tcells", "bcells", "engagement"):
+            return f"{group}.{name}"
+    elif scope == "population":
+        name, group, field = rest[0], rest[1], ".".join(rest[2:])
+        if name != arm.population:
+            return None
+        if group == "malignant":
+            return f"malignant.{field}"
+    elif scope == "drug":
+        name, group, field = rest[0], rest[1], rest[2:]
+        if name != arm.drug:
+            return None
+        if group == "engagement":
+            return f"engagement.{'.'.join(field)}"
+        if group == "pk":
+            return f"bispecific_pk.{'.'.join(field)}"
+        if group == "routes":
+            return f"bispecific_pk.{field[1]}" if field[0] == arm.route else None
+    raise ConfigError(f"'{config_path}' cannot be calibrated: only model.(crs|cytokines|tcells|bcells|engagement).*, "
+                      "population.<name>.malignant.* and drug.<name>.(engagement|pk|routes.<route>).* map to parameters")
+
+
+def config_entry(config_path: str) -> Any:
+    """The raw config entry at a path like 'drug.mosunetuzumab.routes.sc.ka_per_day'."""
+    scope, *rest = config_path.split(".")
+    if scope == "model":
+        cfg, path = catalogue.load("model", "default"), rest
+    elif scope in ("drug", "population"):
+        cfg, path = catalogue.load(scope, rest[0], scope), rest[1:]
+    else:
+        raise ConfigError(f"'{config_path}': the first part must be model, drug or population")
+    node = OmegaConf.select(cfg, ".".join(path))
+    if node is None:
+        raise ConfigError(f"'{config_path}': no such config entry")
+    return node

@@ -174,3 +174,52 @@ def simulate_trajectories(prepared: PreparedArm, ids, seed: int = 0, twins: popu
     steps = prepared.inputs.schedule.steps
     times = np.concatenate([[float(steps.t_start[0])], np.asarray(steps.t_start + steps.dt)])
     return times, states, params
+
+
+def pad_schedule(schedule: solver.Schedule, k: int, n_periods: int, n_assessments: int) -> solver.Schedule:
+    """The schedule padded to k steps (dt = 0), n_periods and n_assessments, so arms can be stacked."""
+    s = schedule.steps
+    extra = k - s.dt.shape[0]
+
+    def pad(x, value):
+        return jnp.concatenate([x, jnp.full((extra, *x.shape[1:]), value, x.dtype)]) if extra else x
+
+    steps = solver.Steps(
+        t_start=pad(s.t_start, s.t_start[-1] + s.dt[-1]), dt=pad(s.dt, 0.0), bolus_mg=pad(s.bolus_mg, 0.0),
+        bolus_mg_per_kg=pad(s.bolus_mg_per_kg, 0.0), bolus_mg_per_m2=pad(s.bolus_mg_per_m2, 0.0),
+        bolus_cap_mg=pad(s.bolus_cap_mg, jnp.inf), rate_mg_per_day=pad(s.rate_mg_per_day, 0.0),
+        rate_mg_per_day_per_kg=pad(s.rate_mg_per_day_per_kg, 0.0), rate_mg_per_day_per_m2=pad(s.rate_mg_per_day_per_m2, 0.0),
+        period=pad(s.period, s.period[-1]), assessment=pad(s.assessment, -1),
+    )
+
+    def pad_to(x, n):
+        return jnp.concatenate([x, jnp.full((n - x.shape[0],), x[-1], x.dtype)]) if n > x.shape[0] else x
+
+    return solver.Schedule(steps, pad_to(schedule.period_start_day, n_periods), pad_to(schedule.assessment_day, n_assessments))
+
+
+def stack_arms(prepared: list[PreparedArm]) -> tuple[ArmInputs, tuple[str, ...]]:
+    """The arms' kernel inputs stacked on a leading axis (schedules padded to a common shape,
+    random effects on the union of the arms' parameters), for one batched simulation of all arms."""
+    paths = tuple(dict.fromkeys(p for arm in prepared for p in arm.variability_paths))
+    k = max(a.inputs.schedule.steps.dt.shape[0] for a in prepared)
+    n_p = max(a.inputs.schedule.period_start_day.shape[0] for a in prepared)
+    n_a = max(a.inputs.schedule.assessment_day.shape[0] for a in prepared)
+    f = parameters._float()
+    rows = []
+    for a in prepared:
+        omega = dict(zip(a.variability_paths, np.asarray(a.inputs.omegas)))
+        rows.append(a.inputs._replace(
+            omegas=jnp.asarray([omega.get(p, 0.0) for p in paths], f),
+            schedule=pad_schedule(a.inputs.schedule, k, n_p, n_a),
+        ))
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows), paths
+
+
+def simulate_stacked(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed, paths) -> solver.Reductions:
+    """Reductions [arms, patients, ...] for stacked arms (see `stack_arms`); covariates are [arms, patients].
+    Not jitted here: it is traced inside the caller's jit (calibration)."""
+    def arm(inp, cov):
+        return jax.vmap(lambda c, i: solver.simulate_patient(_patient_params(inp, c, i, seed, paths), inp.schedule))(cov, ids)
+
+    return jax.vmap(arm)(inputs, covariates)

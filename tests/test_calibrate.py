@@ -1,0 +1,107 @@
+"""Calibration: smooth rates, finite gradients, parameter recovery, a tiny run end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from vpop import calibrate, catalogue, parameters, posterior
+from vpop.catalogue import ConfigError
+
+
+def _cfg(**kw):
+    cfg = OmegaConf.create({
+        "targets": "targets", "only_targets": ["T01", "T03"], "horizon_days": 35, "patients_per_cohort": 24, "seed": 0,
+        "smoothing": {"log_severity": 0.3, "log_burden": 0.3},
+        "parameters": ["model.crs.grade1_il6_signalling_pg_ml", "population.fl_rr.malignant.kill_factor"],
+    })
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return calibrate.build_problem(_cfg())
+
+
+def test_targets_file_is_valid_and_keeps_validation_out_of_the_fit():
+    t = calibrate.load_targets("targets")
+    assert set(t.role) == {"calibration", "validation", "excluded"}
+    assert (t.k <= t.n).all()
+    fit = calibrate.build_problem(_cfg(only_targets=None, horizon_days=7, patients_per_cohort=2), roles=("calibration",))
+    assert "validation" not in set(fit.targets.role) and len(fit.targets) == (t.role == "calibration").sum()
+
+
+def test_parameter_paths_reach_the_right_arms():
+    fl = parameters.ArmSpec("mosunetuzumab", "iv", "fl_rr")
+    assert parameters.params_path("population.fl_rr.malignant.kill_factor", fl) == "malignant.kill_factor"
+    assert parameters.params_path("population.dlbcl_rr.malignant.kill_factor", fl) is None
+    assert parameters.params_path("drug.mosunetuzumab.routes.sc.ka_per_day", fl) is None
+    assert parameters.params_path("drug.mosunetuzumab.routes.sc.ka_per_day", fl._replace(route="sc")) == "bispecific_pk.ka_per_day"
+    with pytest.raises(ConfigError, match="has a published value"):
+        calibrate.calibrated_parameters(["model.tcells.k_activation_per_day"])
+
+
+def test_rates_respond_to_parameters_smoothly(problem):
+    lo = problem.rates({"model.crs.grade1_il6_signalling_pg_ml": 20.0, "population.fl_rr.malignant.kill_factor": 0.3})
+    hi = problem.rates({"model.crs.grade1_il6_signalling_pg_ml": 200.0, "population.fl_rr.malignant.kill_factor": 0.3})
+    assert float(lo["T03"]) > float(hi["T03"])  # a higher grade-1 threshold means less CRS
+    strong = problem.rates({"model.crs.grade1_il6_signalling_pg_ml": 60.0, "population.fl_rr.malignant.kill_factor": 3.0})
+    weak = problem.rates({"model.crs.grade1_il6_signalling_pg_ml": 60.0, "population.fl_rr.malignant.kill_factor": 0.03})
+    assert float(strong["T01"]) > float(weak["T01"])  # stronger killing, more responses
+
+
+def test_log_density_gradient_is_finite(problem):
+    from numpyro.infer.util import initialize_model
+
+    info = initialize_model(jax.random.PRNGKey(0), calibrate.numpyro_model, model_args=(problem,))
+    params = info.param_info.z
+    value, grad = jax.value_and_grad(info.potential_fn)(params)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(grad))
+
+
+def test_recovers_known_parameters_from_simulated_data(problem):
+    """Simulated targets at known values, large n: the posterior mode sits near the truth."""
+    from numpyro.infer import MCMC, NUTS
+
+    truth = {"model.crs.grade1_il6_signalling_pg_ml": 40.0, "population.fl_rr.malignant.kill_factor": 0.5}
+    rates = problem.rates(truth)
+    synthetic = problem.targets.copy()
+    synthetic["n"] = 2000
+    synthetic["k"] = [int(round(float(rates[i]) * 2000)) for i in synthetic.id]
+    fake = calibrate.Problem(synthetic, problem.cohorts, problem.parameters, problem.patients, problem.seed,
+                             problem.smoothing_severity, problem.smoothing_burden)
+    mcmc = MCMC(NUTS(calibrate.numpyro_model, max_tree_depth=5), num_warmup=60, num_samples=60, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(1), fake)
+    s = mcmc.get_samples()
+    for name, value in truth.items():
+        lo, hi = np.percentile(np.asarray(s[name]), [2.5, 97.5])
+        assert lo * 0.9 <= value <= hi * 1.1, (name, value, lo, hi)
+
+
+def test_tiny_calibration_writes_valid_inference_data(tmp_path):
+    import arviz as az
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="vpop.configs", version_base="1.3"):
+        cfg = compose(config_name="calibrate", overrides=["calibration=tiny", "calibration.warmup=8", "calibration.samples=8",
+                                                           "calibration.patients_per_cohort=12"])
+    files = calibrate.run(cfg.calibration, tmp_path)
+    idata = az.from_netcdf(files["posterior"])
+    for group in ("posterior", "sample_stats", "observed_data", "posterior_predictive"):
+        assert group in idata.groups(), group
+    assert set(idata.posterior.data_vars) == {"model.crs.grade1_il6_signalling_pg_ml", "population.fl_rr.malignant.kill_factor"}
+    diag = pd.read_csv(files["diagnostics"])
+    assert {"parameter", "r_hat", "ess_bulk", "ess_tail", "divergences"} <= set(diag.columns)
+    ppc = pd.read_csv(files["ppc"])
+    assert list(ppc.columns)[:7] == ["target", "endpoint", "role", "observed", "predicted_mean", "lower", "upper"]
+    assert set(ppc.role) == {"calibration", "validation"}
+    assert ((ppc.lower <= ppc.predicted_mean + 1e-9) & (ppc.predicted_mean <= ppc.upper + 1e-9)).all()
+    for fig in ("rank.png", "pairs.png", "ppc.png"):
+        assert (tmp_path / "figures" / fig).exists()
+    # The trial runner takes it as a posterior: draws become parameter overrides.
+    draws = posterior.draws(str(files["posterior"]), 3)
+    assert len(draws) == 3 and all(set(d) == set(idata.posterior.data_vars) for d in draws)

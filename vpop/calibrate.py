@@ -1,0 +1,350 @@
+r"""Bayesian calibration of population parameters to published response and CRS rates (NumPyro).
+
+Each published result is a binomial observation, $k \sim \mathrm{Binomial}(n, \bar p_j(\theta))$,
+where $\bar p_j$ is the model's rate over a fixed virtual cohort for that trial (common random
+numbers: the same patients at every $\theta$). Rates are made smooth so that NUTS can differentiate
+through the simulator: each patient contributes a probability rather than a 0/1 outcome,
+
+$$ P_i(\text{CRS} \ge g) = \Phi\Big(\frac{z^{max}_i - \log\theta_g}{\sigma_z}\Big), \qquad
+   P_i(\text{response}) = \mathrm{logistic}\Big(\frac{\log c - \log b_i}{\sigma_b}\Big), $$
+
+with $z^{max}_i$ the largest latent CRS severity over the dose periods, $b_i$ the smallest disease
+burden at the assessments and $c$ the response threshold (see `endpoints`). In-simulation rescue is
+switched off while fitting (it only acts once grade 2 is reached, so it does not change whether a
+patient reaches grade 1 or 2, but it would make the likelihood jump). Priors come from the
+`{nominal, prior: [low, high], unknown: true}` entries of the configs: normal on the log scale (logit
+scale for fractions) with the prior range as its central 95%. Validation targets are simulated from
+the posterior but never enter the likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jax.scipy.stats import norm
+from omegaconf import DictConfig
+
+from vpop import catalogue, parameters, population
+from vpop.catalogue import ConfigError
+from vpop.simulate import Arm, prepare_arm, sample_covariates, simulate_stacked, stack_arms
+
+ROLES = ("calibration", "validation", "excluded")
+TARGET_COLUMNS = ("id", "drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days",
+                  "endpoint", "n", "k", "role", "trial", "citation", "note")
+SMOOTH_ENDPOINTS = ("crs_any", "crs_grade2plus", "crs_grade3plus", "orr", "cr")
+
+
+def load_targets(name_or_path: str = "targets") -> pd.DataFrame:
+    """Published targets: `vpop/data/<name>.csv` or a CSV path (columns as in `TARGET_COLUMNS`)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = resources.files("vpop.data") / f"{name_or_path}.csv"
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except FileNotFoundError:
+        raise ConfigError(f"calibration.targets: no such targets file '{name_or_path}'") from None
+    missing = [c for c in TARGET_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"targets {path}: missing column(s) {missing}; needed: {', '.join(TARGET_COLUMNS)}")
+    bad = df[~df.role.isin(ROLES)]
+    if len(bad):
+        raise ConfigError(f"targets {path}: role of {bad.id.iloc[0]} is {bad.role.iloc[0]!r}; allowed: {', '.join(ROLES)}")
+    used = df[df.role != "excluded"]
+    bad = used[~used.endpoint.isin(SMOOTH_ENDPOINTS)]
+    if len(bad):
+        raise ConfigError(f"targets {path}: endpoint of {bad.id.iloc[0]} is {bad.endpoint.iloc[0]!r}; allowed: {', '.join(SMOOTH_ENDPOINTS)}")
+    if ((used.k < 0) | (used.k > used.n)).any():
+        raise ConfigError(f"targets {path}: every k must lie in 0..n")
+    return df
+
+
+@dataclass(frozen=True)
+class CalibratedParameter:
+    """A population parameter with a prior, sampled on an unconstrained scale u ~ N(0, 1)."""
+
+    config_path: str
+    low: float
+    high: float
+    logit: bool  # fractions (upper bound <= 1) live on the logit scale, the rest on the log scale
+
+    @property
+    def site(self) -> str:
+        return "u:" + self.config_path
+
+    def _scale(self, x):
+        return jnp.log(x / (1 - x)) if self.logit else jnp.log(x)
+
+    def constrain(self, u):
+        lo, hi = self._scale(self.low), self._scale(self.high)
+        v = 0.5 * (lo + hi) + 0.25 * (hi - lo) * u  # prior range = central 95%
+        return jax.nn.sigmoid(v) if self.logit else jnp.exp(v)
+
+
+def calibrated_parameters(paths: list[str]) -> list[CalibratedParameter]:
+    out = []
+    for path in paths:
+        entry = parameters.config_entry(path)
+        if not (isinstance(entry, DictConfig) and entry.get("unknown", False)):
+            raise ConfigError(f"calibration.parameters: '{path}' has a published value; only "
+                              "{nominal, prior, unknown: true} entries are calibrated")
+        low, high = (float(x) for x in entry.prior)
+        out.append(CalibratedParameter(path, low, high, logit=high <= 1.0))
+    return out
+
+
+@dataclass
+class Cohort:
+    """One simulated trial population: the virtual cohort behind one or more targets."""
+
+    arm: Arm
+    horizon_days: float
+    prepared: object
+    targets: pd.DataFrame
+    paths: dict[str, str]  # config path -> Params path for the calibrated parameters that concern it
+    kind: str
+    cr_residual_volume_ml: float
+
+
+@dataclass
+class Problem:
+    """Targets, cohorts and parameters, with the batched simulation of all cohorts at once."""
+
+    targets: pd.DataFrame
+    cohorts: list[Cohort]
+    parameters: list[CalibratedParameter]
+    patients: int
+    seed: int
+    smoothing_severity: float
+    smoothing_burden: float
+    inputs: object = None
+    variability_paths: tuple = ()
+    covariates: object = None
+    ids: object = None
+    _typicals: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.inputs, self.variability_paths = stack_arms([c.prepared for c in self.cohorts])
+        self.ids = jnp.arange(self.patients)
+        covs = [sample_covariates(c.prepared.inputs.covariate_params, self.ids, jnp.asarray(self.seed), c.prepared.covariate_kinds)
+                for c in self.cohorts]
+        self.covariates = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *covs)
+        self._typicals = [jax.tree_util.tree_map(lambda x, i=i: x[i], self.inputs.typical) for i in range(len(self.cohorts))]
+
+    def rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Smooth predicted rate (0-1) of every target, for calibrated values by config path."""
+        typicals = []
+        for cohort, typ in zip(self.cohorts, self._typicals):
+            for config_path, params_path in cohort.paths.items():
+                typ = parameters.set_path(typ, params_path, jnp.asarray(values[config_path], typ.first_dose_day.dtype))
+            typicals.append(typ)
+        inputs = self.inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
+        red = simulate_stacked(inputs, self.covariates, self.ids, jnp.asarray(self.seed), self.variability_paths)
+        out = {}
+        for i, cohort in enumerate(self.cohorts):
+            r = jax.tree_util.tree_map(lambda x, i=i: x[i], red)
+            cov = jax.tree_util.tree_map(lambda x, i=i: x[i], self.covariates)
+            probs = self._patient_probabilities(r, cov, cohort, typicals[i])
+            for t in cohort.targets.itertuples():
+                out[t.id] = jnp.mean(probs[t.endpoint])
+        return out
+
+    def _patient_probabilities(self, red, cov, cohort: Cohort, typ) -> dict[str, jax.Array]:
+        from vpop import endpoints
+
+        z = jnp.max(red.crs_severity_max, axis=-1)
+        log_theta = endpoints.log_thresholds(typ.crs)
+        s = self.smoothing_severity
+        out = {name: norm.cdf((z - log_theta[g]) / s) for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus"))}
+        b = self.smoothing_burden
+        if cohort.kind == "lymphoma":
+            nadir = jnp.maximum(jnp.min(red.malignant_fraction_at, axis=-1), 1e-30)
+            volume = nadir * jnp.maximum(cov.tumour_volume_ml, 1e-6)
+            out["orr"] = jax.nn.sigmoid((jnp.log(0.5 ** 1.5) - jnp.log(nadir)) / b)  # SPD halved ~ volume x 0.354
+            out["cr"] = jax.nn.sigmoid((jnp.log(cohort.cr_residual_volume_ml) - jnp.log(volume)) / b)
+        elif cohort.kind == "leukaemia":
+            b0 = cov.marrow_malignant_percent / 100.0
+            f = jnp.min(red.marrow_malignant_fraction_at, axis=-1)
+            blasts = 100.0 * f * b0 / jnp.maximum(f * b0 + 1.0 - b0, 1e-12)
+            out["cr"] = out["orr"] = jax.nn.sigmoid((jnp.log(5.0) - jnp.log(jnp.maximum(blasts, 1e-12))) / b)
+        else:
+            nadir = jnp.maximum(jnp.min(red.malignant_fraction_at, axis=-1), 1e-30)
+            out["orr"] = jax.nn.sigmoid((jnp.log(0.5) - jnp.log(nadir)) / b)
+            out["cr"] = jax.nn.sigmoid((jnp.log(0.01) - jnp.log(nadir)) / b)
+        return out
+
+
+def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "validation")) -> Problem:
+    """Cohorts for the targets of the given roles (rescue off, see the module docstring)."""
+    targets = load_targets(cfg.targets)
+    targets = targets[targets.role.isin(roles)].copy()
+    if cfg.get("only_targets"):
+        unknown = sorted(set(cfg.only_targets) - set(targets.id))
+        if unknown:
+            raise ConfigError(f"calibration.only_targets: unknown target(s) {unknown}; allowed: {', '.join(targets.id)}")
+        targets = targets[targets.id.isin(list(cfg.only_targets))]
+    if cfg.get("horizon_days"):
+        targets["horizon_days"] = np.minimum(targets.horizon_days.astype(float), float(cfg.horizon_days))
+    params = calibrated_parameters(list(cfg.parameters))
+    model = catalogue.load("model", "default")
+    keys = ["drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days"]
+    cohorts = []
+    for key, group in targets.groupby(keys, sort=False, dropna=False):
+        spec = dict(zip(keys, key))
+        arm = Arm(f"{spec['drug']}_{spec['population']}_{spec['regimen']}", spec["drug"], spec["route"], spec["population"],
+                  spec["regimen"], _none(spec["premedication"]), _none(spec["prophylaxis"]))
+        prepared = prepare_arm(arm, model, float(spec["horizon_days"]), overrides={"model.crs.rescue": 0.0})
+        arm_spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
+        paths = {p.config_path: pp for p in params if (pp := parameters.params_path(p.config_path, arm_spec)) is not None}
+        response = population.load(arm.population).response
+        cohorts.append(Cohort(arm, float(spec["horizon_days"]), prepared, group, paths, str(response.kind),
+                              float(response.get("cr_residual_volume_ml", 0.0))))
+    return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), float(cfg.smoothing.log_severity),
+                   float(cfg.smoothing.log_burden))
+
+
+def _none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) or x == "none" else x
+
+
+def numpyro_model(problem: Problem, fit: bool = True):
+    """Priors on the calibrated parameters, smooth rates for every target, binomial likelihood for
+    the calibration targets (`fit=False` leaves the observations out: prior predictive)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    values = {}
+    for prm in problem.parameters:
+        u = numpyro.sample(prm.site, dist.Normal(0.0, 1.0))
+        values[prm.config_path] = numpyro.deterministic(prm.config_path, prm.constrain(u))
+    rates = problem.rates(values)
+    for t in problem.targets.itertuples():
+        rate = numpyro.deterministic("rate:" + t.id, jnp.clip(rates[t.id], 1e-6, 1 - 1e-6))
+        if t.role == "calibration":
+            numpyro.sample(t.id, dist.Binomial(int(t.n), probs=rate), obs=int(t.k) if fit else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a calibration: prior predictive, NUTS, posterior predictive, diagnostics, files
+# ---------------------------------------------------------------------------------------------
+
+
+def _predict(problem: Problem, samples: dict | None, n: int, key) -> dict[str, np.ndarray]:
+    """Rates of every target under prior (samples None) or posterior samples, one draw at a time."""
+    from numpyro.infer import Predictive
+
+    kw = dict(posterior_samples=samples) if samples is not None else dict(num_samples=n)
+    pred = Predictive(numpyro_model, return_sites=[f"rate:{i}" for i in problem.targets.id], parallel=False, **kw)
+    out = pred(key, problem, fit=False)
+    return {k.removeprefix("rate:"): np.asarray(v) for k, v in out.items()}
+
+
+def _thin(samples: dict, n: int) -> dict:
+    total = next(iter(samples.values())).shape[0]
+    idx = np.linspace(0, total - 1, min(n, total)).astype(int)
+    return {k: v[idx] for k, v in samples.items()}
+
+
+def ppc_table(targets: pd.DataFrame, rates: dict[str, np.ndarray], seed: int = 0) -> pd.DataFrame:
+    """ppc.csv: observed and posterior-predictive rates (%) with 95% intervals of a trial of size n."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in targets.itertuples():
+        r = rates[t.id]
+        k_rep = rng.binomial(int(t.n), np.clip(r, 0, 1)[:, None], size=(len(r), 20)).ravel() / t.n
+        rows.append(dict(target=t.id, endpoint=t.endpoint, role=t.role, observed=100 * t.k / t.n,
+                         predicted_mean=100 * float(np.mean(r)), lower=100 * float(np.percentile(k_rep, 2.5)),
+                         upper=100 * float(np.percentile(k_rep, 97.5)), n=int(t.n), drug=t.drug, population=t.population))
+    return pd.DataFrame(rows)
+
+
+def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Path]:
+    """Calibrate and write posterior.nc, diagnostics.csv, ppc.csv and figures/ into out_dir."""
+    import arviz as az
+    import numpyro
+    import xarray as xr
+    from numpyro.infer import MCMC, NUTS
+
+    numpyro.set_host_device_count(1)
+    fit_problem = build_problem(cfg, roles=("calibration",))
+    full_problem = build_problem(cfg, roles=("calibration", "validation"))
+    key = jax.random.PRNGKey(int(cfg.seed))
+    k_prior, k_mcmc, k_post = jax.random.split(key, 3)
+
+    prior_rates = _predict(full_problem, None, int(cfg.prior_predictive_draws), k_prior)
+    kernel = NUTS(numpyro_model, target_accept_prob=float(cfg.target_accept), max_tree_depth=int(cfg.max_tree_depth))
+    mcmc = MCMC(kernel, num_warmup=int(cfg.warmup), num_samples=int(cfg.samples), num_chains=int(cfg.chains),
+                chain_method=str(cfg.chain_method), progress_bar=progress)
+    mcmc.run(k_mcmc, fit_problem)
+    samples = mcmc.get_samples()
+    post_rates = _predict(full_problem, _thin(samples, int(cfg.posterior_predictive_draws)), 0, k_post)
+
+    names = [p.config_path for p in fit_problem.parameters]
+    idata = az.from_numpyro(mcmc)
+    idata.posterior = idata.posterior[names]  # the parameters by config path (the sampler's u-scale dropped)
+    rng = np.random.default_rng(int(cfg.seed))
+    pp = {t.id: (("chain", "draw"), rng.binomial(int(t.n), np.clip(post_rates[t.id], 0, 1))[None, :])
+          for t in full_problem.targets.itertuples()}
+    pp_rates = {f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in post_rates.items()}
+    idata.add_groups(posterior_predictive=xr.Dataset({**pp, **pp_rates}),
+                     prior_predictive=xr.Dataset({f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in prior_rates.items()}))
+    idata.attrs.update(targets=str(cfg.targets), patients_per_cohort=int(cfg.patients_per_cohort))
+
+    summary = az.summary(idata, var_names=names, kind="all", round_to="none")
+    summary.insert(0, "parameter", summary.index)
+    summary["divergences"] = int(np.asarray(idata.sample_stats.diverging).sum())
+    ppc = ppc_table(full_problem.targets, post_rates, int(cfg.seed))
+    prior_ppc = ppc_table(full_problem.targets, prior_rates, int(cfg.seed))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = dict(posterior=out_dir / "posterior.nc", diagnostics=out_dir / "diagnostics.csv", ppc=out_dir / "ppc.csv",
+                 prior_ppc=out_dir / "prior_ppc.csv")
+    idata.to_netcdf(files["posterior"])
+    summary.to_csv(files["diagnostics"], index=False)
+    ppc.to_csv(files["ppc"], index=False, float_format="%.3f")
+    prior_ppc.to_csv(files["prior_ppc"], index=False, float_format="%.3f")
+    figures(idata, names, ppc, prior_ppc, out_dir / "figures")
+    return files
+
+
+def figures(idata, names: list[str], ppc: pd.DataFrame, prior_ppc: pd.DataFrame, folder: Path) -> None:
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    short = {n: n.split(".", 1)[1] if n.startswith("model.") else n for n in names}
+    axes = az.plot_rank(idata, var_names=names, kind="vlines", figsize=(10, 2.0 * len(names)))
+    plt.gcf().tight_layout()
+    plt.savefig(folder / "rank.png", dpi=100)
+    plt.close("all")
+    key = names[: min(4, len(names))]
+    az.plot_pair(idata, var_names=key, kind="kde" if idata.posterior.sizes["draw"] > 20 else "scatter", figsize=(9, 9),
+                 labeller=az.labels.MapLabeller(var_name_map=short))
+    plt.savefig(folder / "pairs.png", dpi=100)
+    plt.close("all")
+    del axes
+
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ppc) + 1.5))
+    y = np.arange(len(ppc))[::-1]
+    for frame, offset, color, label in ((prior_ppc, 0.18, "#bbbbbb", "prior predictive"), (ppc, 0.0, "#1f77b4", "posterior predictive")):
+        ax.errorbar(frame.predicted_mean, y + offset, xerr=[frame.predicted_mean - frame.lower, frame.upper - frame.predicted_mean],
+                    fmt="o", ms=3, color=color, capsize=2, label=label)
+    val = ppc.role == "validation"
+    ax.scatter(ppc.observed[~val], y[~val], marker="D", color="k", zorder=3, label="observed (calibration)")
+    ax.scatter(ppc.observed[val], y[val], marker="*", s=90, color="#d62728", zorder=3, label="observed (validation, not fitted)")
+    ax.set_yticks(y, [f"{r.target} {r.drug} {r.endpoint}" for r in ppc.itertuples()], fontsize=7)
+    ax.set_xlabel("rate (%) with 95% predictive interval for a trial of the published size")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "ppc.png", dpi=110)
+    plt.close(fig)

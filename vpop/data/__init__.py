@@ -1,0 +1,1 @@
+"""Data shipped with vpop: published calibration targets and the calibrated default posterior."""
