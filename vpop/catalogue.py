@@ -29,8 +29,29 @@ def add_search_dir(path: str | Path) -> None:
         _user_dirs.insert(0, p)
 
 
+def shipped_configs():
+    """The shipped `configs/` folder: `vpop.configs` once installed, `../configs` in a source checkout.
+
+    A wheel maps `configs/` to the `vpop.configs` package; running from the repository root
+    (`python -m pytest`) imports the checkout's `vpop/`, which has no `configs` sub-package.
+    """
+    try:
+        return resources.files("vpop.configs")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def hydra_config_path() -> str:
+    """`config_path` for `hydra.main`/`initialize_config_*`: the package when installed, else the folder."""
+    try:
+        resources.files("vpop.configs")
+        return "pkg://vpop.configs"
+    except ModuleNotFoundError:
+        return str(shipped_configs())
+
+
 def _roots() -> list:
-    return [*_user_dirs, resources.files("vpop.configs")]
+    return [*_user_dirs, shipped_configs()]
 
 
 def available(group: str) -> list[str]:

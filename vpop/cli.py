@@ -70,7 +70,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="pkg://vpop.configs", config_name="trial")
+@hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="trial")
 def trial(cfg: DictConfig) -> None:
     """vpop-trial +experiment=NAME [population.n=N seed=S posterior=default draws=D chunk_size=C ...]"""
     _use_user_config_dirs()
@@ -82,7 +82,7 @@ def trial(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://vpop.configs", config_name="calibrate")
+@hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="calibrate")
 def calibrate(cfg: DictConfig) -> None:
     """vpop-calibrate [calibration.samples=N calibration.chains=C calibration.patients_per_cohort=P ...]"""
     from vpop import calibrate as cal

@@ -308,7 +308,7 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
 
     init = (y0, init_reductions(schedule, base.t_blood.dtype))
     # Checkpointing the step keeps reverse-mode memory at one state per step (for calibration).
-    (_, red), traj = lax.scan(body, init, schedule.steps)
+    (_, red), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
     red = red._replace(crs_grade=endpoints.grade(red.crs_severity_max, p.crs).astype(red.crs_grade.dtype))
     return (red, traj) if trajectory else red
 
