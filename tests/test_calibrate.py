@@ -53,10 +53,12 @@ def test_rates_respond_to_parameters_smoothly(problem):
     assert float(strong["T01"]) > float(weak["T01"])  # stronger killing, more responses
 
 
-def test_log_density_gradient_is_finite(problem):
+def test_log_density_gradient_is_finite():
+    """The `simulator` method: NUTS differentiates the log density through the simulator itself."""
     from numpyro.infer.util import initialize_model
 
-    info = initialize_model(jax.random.PRNGKey(0), calibrate.numpyro_model, model_args=(problem,))
+    small = calibrate.build_problem(_cfg(horizon_days=21, patients_per_cohort=6))
+    info = initialize_model(jax.random.PRNGKey(0), calibrate.numpyro_model, model_args=(small,))
     params = info.param_info.z
     value, grad = jax.value_and_grad(info.potential_fn)(params)
     assert np.isfinite(float(value))
@@ -71,18 +73,19 @@ def test_recovers_known_parameters_from_simulated_data(problem):
     truth = calibrate.constrain_all(problem, truth_u)
     rates = problem.rates(truth)
     synthetic = problem.targets.copy()
-    synthetic["n"] = 1000
-    synthetic["k"] = [int(round(float(rates[i]) * 1000)) for i in synthetic.id]
+    synthetic["n"] = 500
+    synthetic["k"] = [int(round(float(rates[i]) * 500)) for i in synthetic.id]
     fake = calibrate.Problem(synthetic, problem.cohorts, problem.parameters, problem.patients, problem.seed,
                              problem.smoothing_severity, problem.smoothing_burden)
     u = np.random.default_rng(0).normal(0.0, 1.3, size=(48, 2))
-    emulator = calibrate.Emulator(list(fake.targets.id), u, calibrate.simulate_design(fake, u), steps=2000)
+    emulator = calibrate.Emulator(list(fake.targets.id), u, calibrate.simulate_design(fake, u))
     mcmc = MCMC(NUTS(calibrate.numpyro_model), num_warmup=300, num_samples=500, progress_bar=False)
     mcmc.run(jax.random.PRNGKey(1), fake, emulator=emulator)
     s = mcmc.get_samples()
     for i, prm in enumerate(fake.parameters):
         lo, hi = np.percentile(np.asarray(s[prm.site]), [1, 99])
         assert lo <= float(truth_u[i]) <= hi, (prm.config_path, float(truth_u[i]), lo, hi)
+        assert float(np.std(np.asarray(s[prm.site]))) < 0.5  # the data narrowed the unit-normal prior
 
 
 def test_tiny_calibration_writes_valid_inference_data(tmp_path):
@@ -108,3 +111,21 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path):
     # The trial runner takes it as a posterior: draws become parameter overrides.
     draws = posterior.draws(str(files["posterior"]), 3)
     assert len(draws) == 3 and all(set(d) == set(idata.posterior.data_vars) for d in draws)
+
+
+def test_smooth_rates_agree_with_the_trial_endpoints():
+    """Cohorts of different lengths are simulated stacked; each one's smooth rates must still match
+    the trial runner's 0/1 endpoints on the same virtual patients (nominal parameters)."""
+    from vpop.trial import TrialSettings, run_trial
+
+    cfg = _cfg(only_targets=["T01", "M19"], horizon_days=None, patients_per_cohort=32,
+               smoothing={"log_severity": 0.05, "log_burden": 0.05})
+    prob = calibrate.build_problem(cfg)
+    nominal = {p.config_path: float(parameters.config_entry(p.config_path).nominal) for p in prob.parameters}
+    rates = prob.rates(nominal)
+    for cohort in prob.cohorts:
+        arm = cohort.arm
+        trial = run_trial({arm.name: arm}, arm.name, TrialSettings(n=32, horizon_days=cohort.horizon_days, trajectories=0),
+                          draws=[nominal])
+        for t in cohort.targets.itertuples():
+            assert abs(float(rates[t.id]) - trial.patients[t.endpoint].mean()) < 0.1, (t.id, float(rates[t.id]), trial.patients[t.endpoint].mean())

@@ -230,7 +230,9 @@ def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dic
         tocilizumab_kd_mg_per_l=value(sc.tocilizumab_kd_nm) * value(toci.molecular_weight_kda) / 1000.0,
         dexamethasone_mw_g_per_mol=value(dex.molecular_weight_kda) * 1000.0,
         anti_cd20_k_kill_per_day=_by_compartment(kill_blood, kill_tissue, kill_tissue, kill_tissue),
-        anti_cd20_binds_malignant=value(antigens.get("CD20", 0.0)),
+        # Most relapsed/refractory lymphomas are refractory to anti-CD20 antibodies: the population says
+        # how much of the antibody's killing of normal B cells still reaches its malignant cells.
+        anti_cd20_binds_malignant=value(antigens.get("CD20", 0.0)) * value(dis.get("anti_cd20_sensitivity", 1.0)),
     )
 
     # Body and baselines come from each patient's covariates (population.individual_params).

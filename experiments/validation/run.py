@@ -1,0 +1,345 @@
+"""Validation report: what the shipped posterior predicts for results the calibration never saw.
+
+    python experiments/validation/run.py --out DIR [--posterior default] [--patients 1000] [--draws 40]
+
+Writes DIR/validation.csv (every target, validation and calibration, and every published comparison:
+observed with its exact binomial 95% interval, predicted with its 95% posterior predictive interval
+for a trial of the published size), DIR/dose_periods.csv (CRS by dose period for every approved
+regimen), DIR/sensitivity.csv (PRCC over posterior draws), DIR/report.md and DIR/figures/*.png.
+
+Predictions use the trial runner itself (hard 0/1 endpoints, in-simulation rescue on), not the
+smoothed rates the calibration fitted, so calibration targets are re-checked here as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from scipy import stats
+from tqdm import tqdm
+
+from vpop import calibrate, catalogue, posterior
+from vpop.simulate import Arm, prepare_arm
+from vpop.trial import TrialSettings, arms_from_config, run_trial
+
+HERE = Path(__file__).resolve().parent
+COLUMNS = ["target", "endpoint", "role", "observed", "observed_lower", "observed_upper", "predicted", "lower", "upper"]
+REPLICATES = 400  # binomial trials per posterior draw for predictive intervals
+
+
+class Simulator:
+    """Per-draw patient tables of arms, cached by arm definition (targets share cohorts)."""
+
+    def __init__(self, draws: list[dict], patients: int, seed: int, bar: tqdm):
+        self.draws, self.patients, self.seed, self.bar = draws, patients, seed, bar
+        self.cache: dict[str, pd.DataFrame] = {}
+
+    def run(self, arm: Arm, horizon_days: float | None = None) -> pd.DataFrame:
+        key = repr((arm.drug, arm.route, arm.population, arm.regimen, arm.premedication, arm.prophylaxis, horizon_days))
+        if key not in self.cache:
+            settings = TrialSettings(n=self.patients, seed=self.seed, draws=len(self.draws), horizon_days=horizon_days, trajectories=0)
+            result = run_trial({arm.name: arm}, arm.name, settings, draws=self.draws)
+            self.cache[key] = result.patients
+            self.bar.update(1)
+        return self.cache[key]
+
+
+def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
+    if endpoint not in patients:
+        raise KeyError(f"endpoint {endpoint!r} not simulated for this arm")
+    return patients.groupby("draw")[endpoint].mean().to_numpy(float)
+
+
+def exact_interval(k: int, n: int) -> tuple[float, float]:
+    """Clopper-Pearson 95% interval of an observed k/n."""
+    lo = 0.0 if k == 0 else stats.beta.ppf(0.025, k, n - k + 1)
+    hi = 1.0 if k == n else stats.beta.ppf(0.975, k + 1, n - k)
+    return float(lo), float(hi)
+
+
+def predictive(rates: np.ndarray, n: int, rng) -> np.ndarray:
+    """Rates a trial of n patients would report, over posterior draws (rates: one per draw)."""
+    return rng.binomial(n, np.repeat(rates, REPLICATES)) / n
+
+
+def target_arm(t) -> Arm:
+    none = lambda v: None if pd.isna(v) or v == "none" else v  # noqa: E731
+    return Arm(t.id, t.drug, t.route, t.population, t.regimen, none(t.premedication), none(t.prophylaxis))
+
+
+def targets_table(targets: pd.DataFrame, sim: Simulator, rng) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    rows, rates = [], {}
+    for t in targets.itertuples():
+        r = per_draw_rate(sim.run(target_arm(t), float(t.horizon_days)), t.endpoint)
+        rates[t.id] = r
+        pred = predictive(r, int(t.n), rng)
+        lo, hi = exact_interval(int(t.k), int(t.n))
+        rows.append(dict(target=t.id, endpoint=t.endpoint, role=t.role, observed=t.k / t.n, observed_lower=lo, observed_upper=hi,
+                         predicted=r.mean(), lower=np.percentile(pred, 2.5), upper=np.percentile(pred, 97.5),
+                         drug=t.drug, population=t.population, route=t.route, n=int(t.n), trial=t.trial))
+    return pd.DataFrame(rows), rates
+
+
+def comparisons_table(spec, targets: pd.DataFrame, rates: dict[str, np.ndarray], rng) -> pd.DataFrame:
+    """Published differences (arm minus reference): observed from two independent binomials
+    (Jeffreys posteriors), predicted from the same posterior draws in both arms."""
+    by_id = targets.set_index("id")
+    rows = []
+    for c in spec:
+        for endpoint, arm_id in c.arm.items():
+            ref_id = c.reference[endpoint]
+            a, b = by_id.loc[arm_id], by_id.loc[ref_id]
+            obs = [rng.beta(x.k + 0.5, x.n - x.k + 0.5, 20_000) for x in (a, b)]
+            pred = predictive(rates[arm_id], int(a.n), rng) - predictive(rates[ref_id], int(b.n), rng)
+            rows.append(dict(target=f"{c.name} ({arm_id} - {ref_id})", endpoint=f"{endpoint} difference", role="comparison",
+                             observed=a.k / a.n - b.k / b.n, observed_lower=np.percentile(obs[0] - obs[1], 2.5),
+                             observed_upper=np.percentile(obs[0] - obs[1], 97.5), predicted=(rates[arm_id] - rates[ref_id]).mean(),
+                             lower=np.percentile(pred, 2.5), upper=np.percentile(pred, 97.5)))
+    return pd.DataFrame(rows)
+
+
+def experiments_table(spec, sim: Simulator) -> pd.DataFrame:
+    """Predicted-only paired differences of shipped experiments (posterior 95% interval of the
+    difference in the virtual cohort)."""
+    rows = []
+    for e in spec:
+        arms, ref = arms_from_config(catalogue.load("experiment", e.experiment).experiment)
+        base = sim.run(arms[ref])
+        for name, arm in arms.items():
+            if name == ref:
+                continue
+            other = sim.run(arm)
+            for endpoint in e.endpoints:
+                d = per_draw_rate(other, endpoint) - per_draw_rate(base, endpoint)
+                rows.append(dict(target=f"{e.name} ({name} - {ref})", endpoint=f"{endpoint} difference", role="prediction",
+                                 observed=np.nan, observed_lower=np.nan, observed_upper=np.nan, predicted=d.mean(),
+                                 lower=np.percentile(d, 2.5), upper=np.percentile(d, 97.5)))
+    return pd.DataFrame(rows)
+
+
+def dose_period_table(spec, sim: Simulator) -> pd.DataFrame:
+    """CRS (any grade) starting in each dose period of every approved regimen, with where it peaks."""
+    rows = []
+    for reg, a in spec.items():
+        route = catalogue.load("regimen", reg).route
+        patients = sim.run(Arm(reg, a.drug, route, a.population, reg, a.premedication, None))
+        periods = prepare_arm(Arm(reg, a.drug, route, a.population, reg, a.premedication, None), horizon_days=None).compiled.periods
+        amounts = np.array([p.amount for p in periods])
+        full = int(np.argmax(amounts >= amounts.max()))  # first administration at the full (largest) dose
+        rates = [per_draw_rate(patients, f"crs_any_dose{k + 1}") for k in range(len(periods))]
+        peak = int(np.argmax([r.mean() for r in rates]))
+        for k, (p, r) in enumerate(zip(periods, rates)):
+            rows.append(dict(regimen=reg, drug=a.drug, period=k + 1, dose=p.label, amount=p.amount, unit=p.unit,
+                             crs_any=r.mean(), lower=np.percentile(r, 2.5), upper=np.percentile(r, 97.5),
+                             step_up_fold=amounts.max() / amounts[0], first_full_dose_period=full + 1, peak_period=peak + 1))
+    return pd.DataFrame(rows)
+
+
+def prcc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Partial rank correlation of y with each column of x, the other columns regressed out."""
+    rx = np.apply_along_axis(stats.rankdata, 0, x)
+    ry = stats.rankdata(y)
+    out = []
+    for j in range(x.shape[1]):
+        others = np.column_stack([np.ones(len(y)), np.delete(rx, j, axis=1)])
+        res_x = rx[:, j] - others @ np.linalg.lstsq(others, rx[:, j], rcond=None)[0]
+        res_y = ry - others @ np.linalg.lstsq(others, ry, rcond=None)[0]
+        denom = np.sqrt((res_x @ res_x) * (res_y @ res_y))
+        out.append(float(res_x @ res_y / denom) if denom > 0 else np.nan)
+    return np.array(out)
+
+
+def sensitivity_table(spec, draws: list[dict], patients: int, seed: int, bar) -> pd.DataFrame:
+    a = spec.arm
+    sim = Simulator(draws, patients, seed, bar)
+    table = sim.run(Arm("sensitivity", a.drug, a.route, a.population, a.regimen, a.premedication, None))
+    names = sorted(draws[0])
+    x = np.array([[d[n] for n in names] for d in draws])
+    rows = []
+    for endpoint in spec.endpoints:
+        y = per_draw_rate(table, endpoint)
+        for name, value in zip(names, prcc(x, y) if np.all(np.isfinite(y)) and y.std() > 0 else [np.nan] * len(names)):
+            rows.append(dict(endpoint=endpoint, parameter=name, prcc=value, rate_mean=y.mean(), rate_sd=y.std()))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures and report
+# ---------------------------------------------------------------------------------------------
+
+
+def figures(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = table[table.role.isin(["validation", "calibration", "comparison"])].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+    y = np.arange(len(rows))[::-1]
+    colors = rows.role.map({"validation": "#d62728", "calibration": "#1f77b4", "comparison": "#9467bd"})
+    ax.errorbar(100 * rows.predicted, y + 0.15, xerr=[100 * (rows.predicted - rows.lower), 100 * (rows.upper - rows.predicted)],
+                fmt="none", ecolor=colors, capsize=2)
+    ax.scatter(100 * rows.predicted, y + 0.15, c=colors, s=14, label="predicted (95% predictive)")
+    ax.errorbar(100 * rows.observed, y - 0.15, xerr=[100 * (rows.observed - rows.observed_lower), 100 * (rows.observed_upper - rows.observed)],
+                fmt="D", ms=3, color="k", capsize=2, label="observed (95% exact)")
+    ax.set_yticks(y, [f"{r.role[:5]}  {r.target}  {r.endpoint}" for r in rows.itertuples()], fontsize=6)
+    ax.axvline(0, color="#999", lw=0.5)
+    ax.set_xlabel("rate or difference (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "validation.png", dpi=110)
+    plt.close(fig)
+
+    regs = list(dict.fromkeys(doses.regimen))
+    fig, axes = plt.subplots(len(regs), 1, figsize=(8, 1.5 * len(regs) + 0.5), squeeze=False)
+    for ax, reg in zip(axes[:, 0], regs):
+        d = doses[doses.regimen == reg].head(8)
+        ax.bar(d.period, 100 * d.crs_any, yerr=[100 * (d.crs_any - d.lower), 100 * (d.upper - d.crs_any)], color="#ff7f0e", capsize=2)
+        ax.set_xticks(d.period, d.dose, fontsize=6)
+        ax.set_ylabel("CRS %", fontsize=7)
+        ax.set_title(f"{reg}: step-up fold {d.step_up_fold.iloc[0]:g}, peak at period {d.peak_period.iloc[0]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "crs_by_dose_period.png", dpi=110)
+    plt.close(fig)
+
+    eps = list(dict.fromkeys(sens.endpoint))
+    fig, axes = plt.subplots(1, len(eps), figsize=(5 * len(eps), 0.35 * sens.parameter.nunique() + 1.5), squeeze=False, sharey=True)
+    for ax, ep in zip(axes[0], eps):
+        s = sens[sens.endpoint == ep]
+        ax.barh(s.parameter.str.replace("population.", "").str.replace("model.", ""), s.prcc, color="#2ca02c")
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_xlim(-1, 1)
+        ax.set_title(f"PRCC with {ep}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "sensitivity.png", dpi=110)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return "" if pd.isna(x) else f"{100 * x:.1f}"
+
+
+def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta: dict) -> str:
+    def rows(frame):
+        out = ["| target | endpoint | role | observed (95% CI) | predicted (95% PI) | abs. error | overlap |", "|---|---|---|---|---|---|---|"]
+        for r in frame.itertuples():
+            obs = f"{_pct(r.observed)} ({_pct(r.observed_lower)}-{_pct(r.observed_upper)})" if not pd.isna(r.observed) else "not published"
+            err = _pct(abs(r.observed - r.predicted)) if not pd.isna(r.observed) else ""
+            ov = ("yes" if r.overlap else "**no**") if not pd.isna(r.observed) else ""
+            out.append(f"| {r.target} | {r.endpoint} | {r.role} | {obs} | {_pct(r.predicted)} ({_pct(r.lower)}-{_pct(r.upper)}) | {err} | {ov} |")
+        return "\n".join(out)
+
+    val = table[table.role == "validation"]
+    mae = float(np.mean(np.abs(val.observed - val.predicted))) if len(val) else float("nan")
+    cal = table[table.role == "calibration"]
+    peaks = doses.groupby("regimen").first()
+    dose_lines = ["| regimen | step-up fold (full / first dose) | first full dose at period | CRS peaks at period | peak CRS % |", "|---|---|---|---|---|"]
+    for reg, r in peaks.iterrows():
+        pk = doses[(doses.regimen == reg) & (doses.period == r.peak_period)].iloc[0]
+        dose_lines.append(f"| {reg} | {r.step_up_fold:g} | {r.first_full_dose_period} | {r.peak_period} ({pk.dose}) | {_pct(pk.crs_any)} |")
+    top = sens.reindex(sens.prcc.abs().sort_values(ascending=False).index).groupby("endpoint").head(3)
+    sens_lines = [f"- {r.endpoint}: {r.parameter} PRCC {r.prcc:+.2f}" for r in top.itertuples()]
+    return f"""# vpop validation report
+
+Posterior: `{meta['posterior']}` ({meta['draws']} draws), {meta['patients']} virtual patients per arm and draw,
+seed {meta['seed']}, {meta['seconds']:.0f} s. Predictions come from the trial runner (0/1 endpoints, rescue on);
+predictive intervals are for a trial of the published size. Validation targets never entered the likelihood.
+
+**Mean absolute error over the {len(val)} validation rates: {_pct(mae)} percentage points**
+({int(val.overlap.sum())} of {len(val)} predictive intervals overlap the observed 95% interval;
+calibration targets re-checked: {int(cal.overlap.sum())} of {len(cal)} overlap).
+
+![validation](figures/validation.png)
+
+## Validation targets and published comparisons
+
+{rows(table[table.role.isin(['validation', 'comparison'])])}
+
+## Predicted comparisons without a published counterpart
+
+{rows(table[table.role == 'prediction'])}
+
+## CRS by dose period of the approved regimens
+
+{chr(10).join(dose_lines)}
+
+![CRS by dose period](figures/crs_by_dose_period.png)
+
+## Calibration targets, re-simulated with hard endpoints
+
+{rows(cal)}
+
+## Global sensitivity over the posterior (PRCC, {meta['sensitivity_draws']} draws)
+
+{chr(10).join(sens_lines)}
+
+![sensitivity](figures/sensitivity.png)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--posterior", default="default", help="default, or a path to a posterior.nc")
+    parser.add_argument("--patients", type=int, default=1000, help="virtual patients per arm and draw")
+    parser.add_argument("--draws", type=int, default=40, help="posterior draws")
+    parser.add_argument("--sensitivity-draws", type=int, default=120, help="posterior draws for the PRCC")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("patients", "draws", "sensitivity_draws"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
+    started = time.perf_counter()
+    spec = OmegaConf.load(HERE / "comparisons.yaml")
+    draws = posterior.draws(args.posterior, args.draws, args.seed)
+    rng = np.random.default_rng(args.seed)
+    targets = calibrate.load_targets("targets")
+    targets = targets[targets.role.isin(["calibration", "validation"])]
+    n_arms = targets.groupby(["drug", "route", "population", "regimen", "premedication", "prophylaxis", "horizon_days"], dropna=False).ngroups
+    n_arms += 2 * len(spec.experiments) + len(spec.approved_regimens) + 1
+    with tqdm(total=n_arms, unit="arm", disable=not sys.stderr.isatty()) as bar:
+        sim = Simulator(draws, args.patients, args.seed, bar)
+        table, rates = targets_table(targets, sim, rng)
+        table = pd.concat([table, comparisons_table(spec.comparisons, targets, rates, rng), experiments_table(spec.experiments, sim)],
+                          ignore_index=True)
+        doses = dose_period_table(spec.approved_regimens, sim)
+        sens = sensitivity_table(spec.sensitivity, posterior.draws(args.posterior, args.sensitivity_draws, args.seed + 1),
+                                 args.patients, args.seed, bar)
+    table["abs_error"] = (table.observed - table.predicted).abs()
+    overlap = (table.lower <= table.observed_upper) & (table.observed_lower <= table.upper)
+    table["overlap"] = overlap.astype(object).where(table.observed.notna(), None)  # empty where nothing was published
+
+    out = args.out
+    staging = out.with_name(out.name + ".partial")  # written whole, then moved into place
+    staging.mkdir(parents=True, exist_ok=True)
+    table[COLUMNS + [c for c in table.columns if c not in COLUMNS]].to_csv(staging / "validation.csv", index=False, float_format="%.4f")
+    doses.to_csv(staging / "dose_periods.csv", index=False, float_format="%.4f")
+    sens.to_csv(staging / "sensitivity.csv", index=False, float_format="%.4f")
+    figures(table, doses, sens, staging / "figures")
+    meta = dict(posterior=args.posterior, draws=len(draws), patients=args.patients, seed=args.seed,
+                sensitivity_draws=args.sensitivity_draws, seconds=time.perf_counter() - started)
+    (staging / "report.md").write_text(markdown(table, doses, sens, meta))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in staging.rglob("*"):
+        if f.is_file():
+            dest = out / f.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            f.replace(dest)
+    for d in sorted(staging.rglob("*"), reverse=True):
+        d.rmdir()
+    staging.rmdir()
+    print(f"wrote {out / 'report.md'} ({meta['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The validation report regenerates end to end (tiny population) with its contract columns."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vpop import calibrate, posterior
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "validation" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def validation():
+    spec = importlib.util.spec_from_file_location("validation_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prcc_finds_monotone_and_irrelevant_inputs(validation):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    y = np.exp(x[:, 0]) - 0.5 * x[:, 1] ** 3 + 0.05 * rng.normal(size=200)
+    r = validation.prcc(x, y)
+    assert r[0] > 0.9 and r[1] < -0.9 and abs(r[2]) < 0.2
+
+
+def test_report_on_a_tiny_population(validation, tmp_path):
+    if not posterior.default_path().is_file():
+        pytest.fail("the shipped posterior vpop/data/posterior_default.nc is missing")
+    out = tmp_path / "report"
+    assert validation.main(["--out", str(out), "--patients", "12", "--draws", "2", "--sensitivity-draws", "8"]) == 0
+    table = pd.read_csv(out / "validation.csv")
+    assert list(table.columns[:9]) == validation.COLUMNS
+    targets = calibrate.load_targets("targets")
+    assert set(targets.id[targets.role == "validation"]) <= set(table.target)
+    assert {"validation", "calibration", "comparison", "prediction"} <= set(table.role)
+    inside = table.dropna(subset=["predicted"])
+    assert ((inside.lower <= inside.predicted + 1e-9) & (inside.predicted <= inside.upper + 1e-9)).all()
+    doses = pd.read_csv(out / "dose_periods.csv")
+    assert {"regimen", "period", "crs_any", "peak_period", "step_up_fold"} <= set(doses.columns)
+    sens = pd.read_csv(out / "sensitivity.csv")
+    assert set(sens.endpoint) == {"crs_grade2plus", "orr"}
+    report = (out / "report.md").read_text()
+    assert "Mean absolute error over the 3 validation rates" in report
+    for fig in ("validation.png", "crs_by_dose_period.png", "sensitivity.png"):
+        assert (out / "figures" / fig).stat().st_size > 0
+    assert not (tmp_path / "report.partial").exists()
