@@ -152,6 +152,9 @@ def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary.arm) == {"step", "flat"}
     assert (out / "figures" / "crs_by_dose.png").exists()
+    # By default the shipped posterior is propagated: 20 draws, each a full re-simulation.
+    patients = pd.read_parquet(out / "patients.parquet")
+    assert patients.draw.nunique() == 20 and len(patients) == 2 * 20 * 40
 
 
 def test_cli_bad_config_exits_with_the_field_named_and_writes_nothing(tmp_path):

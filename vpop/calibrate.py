@@ -21,7 +21,7 @@ Two samplers, chosen by `calibration.method`:
   nine published cohorts costs ~0.7 s on 2 CPU cores (32 patients each) and NUTS needs ~10^4 of them.
 - `emulator` (default): the simulator's smooth rates at a few hundred parameter sets (forward runs
   only, batched) fit a Gaussian-process emulator of logit(rate) against the parameters; NUTS runs on it
-  in seconds. A second design round concentrates new simulations where the first posterior lies. The
+  in seconds. Later design rounds concentrate new simulations where the latest posterior lies. The
   emulator's error is reported per target (`emulator.csv`), and every predictive check (`ppc.csv`,
   validation) is simulated with the real simulator at posterior draws, never emulated.
 """
@@ -379,6 +379,26 @@ def ppc_table(targets: pd.DataFrame, rates: dict[str, np.ndarray], seed: int = 0
     return pd.DataFrame(rows)
 
 
+def _starting_points(problem: Problem, emulator: Emulator, chains: int) -> dict[str, jax.Array]:
+    """One starting point per chain: the design points the emulator scores best (log prior plus
+    binomial log likelihood). Rates pinned near 0 or 1 leave flat plateaus where NUTS, started at
+    random, can stall far from the data; the design already holds points near the posterior."""
+    u = jnp.asarray(emulator.x)
+    fit = problem.targets[problem.targets.role == "calibration"]
+    col = jnp.asarray([emulator.target_ids.index(t) for t in fit.id])
+    k, n = jnp.asarray(fit.k.to_numpy(float)), jnp.asarray(fit.n.to_numpy(float))
+
+    def score(ui):
+        r = jnp.clip(jax.nn.sigmoid(emulator.logits(ui))[col], 1e-6, 1 - 1e-6)
+        return jnp.sum(k * jnp.log(r) + (n - k) * jnp.log1p(-r)) - 0.5 * jnp.sum(ui * ui)
+
+    best = jnp.argsort(-jax.vmap(score)(u))[:chains]
+    start = u[best]
+    if chains == 1:
+        start = start[0]
+    return {prm.site: start[..., i] for i, prm in enumerate(problem.parameters)}
+
+
 def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, progress: bool, samples: int | None = None):
     from numpyro.infer import MCMC, NUTS
 
@@ -386,35 +406,43 @@ def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, pro
                   dense_mass=True)
     mcmc = MCMC(kernel, num_warmup=int(cfg.warmup), num_samples=int(samples or cfg.samples), num_chains=int(cfg.chains),
                 chain_method=str(cfg.chain_method), progress_bar=progress)
-    mcmc.run(key, problem, emulator=emulator)
+    init = _starting_points(problem, emulator, int(cfg.chains)) if emulator is not None else None
+    mcmc.run(key, problem, emulator=emulator, init_params=init)
     return mcmc
 
 
 def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool) -> tuple[Emulator, pd.DataFrame]:
-    """Two design rounds: prior-wide, then around the first posterior. Returns the emulator and its
-    hold-out error per target (on every fifth second-round set)."""
+    """Sequential design: a prior-wide first round, then each round simulated around the posterior
+    of the emulator fitted so far (where a posterior far in the prior's tail would otherwise be
+    extrapolated). Returns the emulator on all rounds and its hold-out error per target (every
+    fifth set of the last round left out of a refit)."""
     d = len(problem.parameters)
+    ids = list(problem.targets.id)
     rng = np.random.default_rng(int(cfg.seed))
     m = int(cfg.emulator.design_points)
-    u1 = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
-    y1 = simulate_design(problem, u1)
-    first = Emulator(list(problem.targets.id), u1, y1)
-    k1, k2 = jax.random.split(key)
-    s = _nuts(problem, cfg, k1, first, progress, samples=200).get_samples()
-    draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
-    u2 = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, 0.3, size=(m, d))
-    y2 = simulate_design(problem, u2)
-    held = np.arange(m) % 5 == 0  # a fifth held out (at least one point)
-    check = Emulator(list(problem.targets.id), np.concatenate([u1, u2[~held]]), np.concatenate([y1, y2[~held]]))
-    pred = np.asarray(jax.vmap(check.logits)(jnp.asarray(u2[held])))
+    rounds = int(cfg.emulator.rounds)
+    if rounds < 1:
+        raise ConfigError(f"calibration.emulator.rounds must be >= 1, got {rounds}")
+    u = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
+    y = simulate_design(problem, u)
+    for key_r in jax.random.split(key, rounds - 1):
+        s = _nuts(problem, cfg, key_r, Emulator(ids, u, y), progress, samples=200).get_samples()
+        draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
+        u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, 0.3, size=(m, d))
+        u, y = np.concatenate([u, u_new]), np.concatenate([y, simulate_design(problem, u_new)])
+    held = np.zeros(len(u), bool)
+    held[len(u) - m::5] = True  # every fifth set of the last round
+    check = Emulator(ids, u[~held], y[~held])
+    pred = np.asarray(jax.vmap(check.logits)(jnp.asarray(u[held])))
+    gap = np.abs(jax.nn.sigmoid(pred) - jax.nn.sigmoid(y[held]))
     err = pd.DataFrame({
-        "target": problem.targets.id,
-        "logit_rmse": np.sqrt(np.mean((pred - y2[held]) ** 2, axis=0)),
-        "rate_abs_error_percent_median": 100 * np.median(np.abs(jax.nn.sigmoid(pred) - jax.nn.sigmoid(y2[held])), axis=0),
-        "rate_abs_error_percent_max": 100 * np.max(np.abs(jax.nn.sigmoid(pred) - jax.nn.sigmoid(y2[held])), axis=0),
-        "design_points": 2 * m,
+        "target": ids,
+        "logit_rmse": np.sqrt(np.mean((pred - y[held]) ** 2, axis=0)),
+        "rate_abs_error_percent_median": 100 * np.median(gap, axis=0),
+        "rate_abs_error_percent_max": 100 * np.max(gap, axis=0),
+        "design_points": len(u),
     })
-    return Emulator(list(problem.targets.id), np.concatenate([u1, u2]), np.concatenate([y1, y2])), err
+    return Emulator(ids, u, y), err
 
 
 def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Path]:
@@ -439,7 +467,7 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
     stage(f"prior predictive: {cfg.prior_predictive_draws} draws x {len(full_problem.cohorts)} cohorts")
     prior_rates = _predict(full_problem, None, int(cfg.prior_predictive_draws), k_prior)
     if method == "emulator":
-        stage(f"emulator design: 2 x {cfg.emulator.design_points} parameter sets")
+        stage(f"emulator design: {cfg.emulator.rounds} rounds x {cfg.emulator.design_points} parameter sets")
     emulator, emulator_error = (_emulate(fit_problem, cfg, k_emul, progress) if method == "emulator" else (None, None))
     stage(f"NUTS: {cfg.chains} chains x ({cfg.warmup} warmup + {cfg.samples} samples)")
     mcmc = _nuts(fit_problem, cfg, k_mcmc, emulator, progress)
@@ -510,7 +538,9 @@ def figures(idata, names: list[str], ppc: pd.DataFrame, prior_ppc: pd.DataFrame,
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(ppc) + 1.5))
     y = np.arange(len(ppc))[::-1]
     for frame, offset, color, label in ((prior_ppc, 0.18, "#bbbbbb", "prior predictive"), (ppc, 0.0, "#1f77b4", "posterior predictive")):
-        ax.errorbar(frame.predicted_mean, y + offset, xerr=[frame.predicted_mean - frame.lower, frame.upper - frame.predicted_mean],
+        below = np.clip(frame.predicted_mean - frame.lower, 0, None)  # a skewed predictive can put the mean outside
+        above = np.clip(frame.upper - frame.predicted_mean, 0, None)
+        ax.errorbar(frame.predicted_mean, y + offset, xerr=[below, above],
                     fmt="o", ms=3, color=color, capsize=2, label=label)
     val = ppc.role == "validation"
     ax.scatter(ppc.observed[~val], y[~val], marker="D", color="k", zorder=3, label="observed (calibration)")
