@@ -184,16 +184,16 @@ def figures(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, folder
     rows = table[table.role.isin(["validation", "calibration", "comparison"])].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
     y = np.arange(len(rows))[::-1]
-    colors = rows.role.map({"validation": "#d62728", "calibration": "#1f77b4", "comparison": "#9467bd"})
-    ax.errorbar(100 * rows.predicted, y + 0.15, xerr=[100 * (rows.predicted - rows.lower), 100 * (rows.upper - rows.predicted)],
-                fmt="none", ecolor=colors, capsize=2)
-    ax.scatter(100 * rows.predicted, y + 0.15, c=colors, s=14, label="predicted (95% predictive)")
+    for role, color in (("calibration", "#1f77b4"), ("validation", "#d62728"), ("comparison", "#9467bd")):
+        r = rows[rows.role == role]
+        ax.errorbar(100 * r.predicted, y[r.index] + 0.15, xerr=[100 * np.clip(r.predicted - r.lower, 0, None), 100 * np.clip(r.upper - r.predicted, 0, None)],
+                    fmt="o", ms=3, color=color, capsize=2, label=f"predicted, {role} (95% predictive)")
     ax.errorbar(100 * rows.observed, y - 0.15, xerr=[100 * (rows.observed - rows.observed_lower), 100 * (rows.observed_upper - rows.observed)],
                 fmt="D", ms=3, color="k", capsize=2, label="observed (95% exact)")
     ax.set_yticks(y, [f"{r.role[:5]}  {r.target}  {r.endpoint}" for r in rows.itertuples()], fontsize=6)
     ax.axvline(0, color="#999", lw=0.5)
     ax.set_xlabel("rate or difference (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(folder / "validation.png", dpi=110)
     plt.close(fig)
