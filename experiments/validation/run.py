@@ -131,13 +131,16 @@ def dose_period_table(spec, sim: Simulator) -> pd.DataFrame:
         patients = sim.run(Arm(reg, a.drug, route, a.population, reg, a.premedication, None))
         periods = prepare_arm(Arm(reg, a.drug, route, a.population, reg, a.premedication, None), horizon_days=None).compiled.periods
         amounts = np.array([p.amount for p in periods])
-        full = int(np.argmax(amounts >= amounts.max()))  # first administration at the full (largest) dose
+        at_full = np.isclose(amounts, float(a.full_dose), rtol=1e-3)
+        if not at_full.any():
+            raise ValueError(f"approved_regimens.{reg}.full_dose: {a.full_dose} is not a dose of the regimen; doses: {sorted(set(amounts))}")
+        full = int(np.argmax(at_full))  # first administration at the target dose
         rates = [per_draw_rate(patients, f"crs_any_dose{k + 1}") for k in range(len(periods))]
         peak = int(np.argmax([r.mean() for r in rates]))
         for k, (p, r) in enumerate(zip(periods, rates)):
             rows.append(dict(regimen=reg, drug=a.drug, period=k + 1, dose=p.label, amount=p.amount, unit=p.unit,
                              crs_any=r.mean(), lower=np.percentile(r, 2.5), upper=np.percentile(r, 97.5),
-                             step_up_fold=amounts.max() / amounts[0], first_full_dose_period=full + 1, peak_period=peak + 1))
+                             step_up_fold=float(a.full_dose) / amounts[0], first_full_dose_period=full + 1, peak_period=peak + 1))
     return pd.DataFrame(rows)
 
 
@@ -242,10 +245,13 @@ def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta:
     mae = float(np.mean(np.abs(val.observed - val.predicted))) if len(val) else float("nan")
     cal = table[table.role == "calibration"]
     peaks = doses.groupby("regimen").first()
-    dose_lines = ["| regimen | step-up fold (full / first dose) | first full dose at period | CRS peaks at period | peak CRS % |", "|---|---|---|---|---|"]
+    dose_lines = ["| regimen | step-up fold (full / first dose) | first full dose at period | CRS peaks at period | peak CRS % | peak at |",
+                  "|---|---|---|---|---|---|"]
     for reg, r in peaks.iterrows():
         pk = doses[(doses.regimen == reg) & (doses.period == r.peak_period)].iloc[0]
-        dose_lines.append(f"| {reg} | {r.step_up_fold:g} | {r.first_full_dose_period} | {r.peak_period} ({pk.dose}) | {_pct(pk.crs_any)} |")
+        where = ("step-up dose 1" if r.peak_period == 1 else "first full dose" if r.peak_period == r.first_full_dose_period
+                 else "another step-up dose" if r.peak_period < r.first_full_dose_period else "a later full dose")
+        dose_lines.append(f"| {reg} | {r.step_up_fold:.3g} | {r.first_full_dose_period} | {r.peak_period} ({pk.dose}) | {_pct(pk.crs_any)} | {where} |")
     top = sens.reindex(sens.prcc.abs().sort_values(ascending=False).index).groupby("endpoint").head(3)
     sens_lines = [f"- {r.endpoint}: {r.parameter} PRCC {r.prcc:+.2f}" for r in top.itertuples()]
     return f"""# vpop validation report
