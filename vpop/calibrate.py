@@ -178,25 +178,21 @@ class Problem:
         s = self.smoothing_severity
         out = {name: norm.cdf((z - log_theta[g]) / s) for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus"))}
         b = self.smoothing_burden
-        # Cohorts are stacked with their assessment lists padded to a common length; the padded
-        # slots are never recorded (zeros), so only the cohort's own assessments may count.
-        n_assessed = cohort.prepared.inputs.schedule.assessment_day.shape[0]
-        red = red._replace(malignant_fraction_at=red.malignant_fraction_at[..., :n_assessed],
-                           marrow_malignant_fraction_at=red.marrow_malignant_fraction_at[..., :n_assessed])
+        # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
+        best = lambda x: jnp.maximum(jnp.nanmin(x, axis=-1), 1e-30)  # noqa: E731
         if cohort.kind == "lymphoma":
-            nadir = jnp.maximum(jnp.min(red.malignant_fraction_at, axis=-1), 1e-30)
+            nadir = best(red.malignant_fraction_at)
+            volume_pr = endpoints.LYMPHOMA_PR_SPD_FRACTION ** 1.5  # the PR criterion on volume (SPD ~ volume^(2/3))
+            out["orr"] = jax.nn.sigmoid((jnp.log(volume_pr) - jnp.log(nadir)) / b)
             volume = nadir * jnp.maximum(cov.tumour_volume_ml, 1e-6)
-            out["orr"] = jax.nn.sigmoid((jnp.log(0.5 ** 1.5) - jnp.log(nadir)) / b)  # SPD halved ~ volume x 0.354
             out["cr"] = jax.nn.sigmoid((jnp.log(cohort.cr_residual_volume_ml) - jnp.log(volume)) / b)
         elif cohort.kind == "leukaemia":
-            b0 = cov.marrow_malignant_percent / 100.0
-            f = jnp.min(red.marrow_malignant_fraction_at, axis=-1)
-            blasts = 100.0 * f * b0 / jnp.maximum(f * b0 + 1.0 - b0, 1e-12)
-            out["cr"] = out["orr"] = jax.nn.sigmoid((jnp.log(5.0) - jnp.log(jnp.maximum(blasts, 1e-12))) / b)
+            blasts = endpoints.marrow_blast_percent(best(red.marrow_malignant_fraction_at), cov.marrow_malignant_percent, jnp)
+            out["cr"] = out["orr"] = jax.nn.sigmoid((jnp.log(endpoints.LEUKAEMIA_CR_BLAST_PERCENT) - jnp.log(jnp.maximum(blasts, 1e-12))) / b)
         else:
-            nadir = jnp.maximum(jnp.min(red.malignant_fraction_at, axis=-1), 1e-30)
-            out["orr"] = jax.nn.sigmoid((jnp.log(0.5) - jnp.log(nadir)) / b)
-            out["cr"] = jax.nn.sigmoid((jnp.log(0.01) - jnp.log(nadir)) / b)
+            nadir = best(red.malignant_fraction_at)
+            out["orr"] = jax.nn.sigmoid((jnp.log(endpoints.MYELOMA_PR_BURDEN_FRACTION) - jnp.log(nadir)) / b)
+            out["cr"] = jax.nn.sigmoid((jnp.log(endpoints.MYELOMA_CR_BURDEN_FRACTION) - jnp.log(nadir)) / b)
         return out
 
 
@@ -380,20 +376,17 @@ def ppc_table(targets: pd.DataFrame, rates: dict[str, np.ndarray], seed: int = 0
 
 
 def _starting_points(problem: Problem, emulator: Emulator, chains: int) -> dict[str, jax.Array]:
-    """One starting point per chain: the design points the emulator scores best (log prior plus
-    binomial log likelihood). Rates pinned near 0 or 1 leave flat plateaus where NUTS, started at
-    random, can stall far from the data; the design already holds points near the posterior."""
-    u = jnp.asarray(emulator.x)
-    fit = problem.targets[problem.targets.role == "calibration"]
-    col = jnp.asarray([emulator.target_ids.index(t) for t in fit.id])
-    k, n = jnp.asarray(fit.k.to_numpy(float)), jnp.asarray(fit.n.to_numpy(float))
+    """One starting point per chain: the design points with the highest emulated log posterior.
+    Rates pinned near 0 or 1 leave flat plateaus where NUTS, started at random, can stall far from
+    the data; the design already holds points near the posterior."""
+    from numpyro.infer.util import log_density
 
     def score(ui):
-        r = jnp.clip(jax.nn.sigmoid(emulator.logits(ui))[col], 1e-6, 1 - 1e-6)
-        return jnp.sum(k * jnp.log(r) + (n - k) * jnp.log1p(-r)) - 0.5 * jnp.sum(ui * ui)
+        params = {prm.site: ui[i] for i, prm in enumerate(problem.parameters)}
+        return log_density(numpyro_model, (problem,), {"emulator": emulator}, params)[0]
 
-    best = jnp.argsort(-jax.vmap(score)(u))[:chains]
-    start = u[best]
+    u = jnp.asarray(emulator.x)
+    start = u[jnp.argsort(-jax.vmap(score)(u))[:chains]]
     if chains == 1:
         start = start[0]
     return {prm.site: start[..., i] for i, prm in enumerate(problem.parameters)}
@@ -426,9 +419,9 @@ def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool) -> tuple[Em
     u = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
     y = simulate_design(problem, u)
     for key_r in jax.random.split(key, rounds - 1):
-        s = _nuts(problem, cfg, key_r, Emulator(ids, u, y), progress, samples=200).get_samples()
+        s = _nuts(problem, cfg, key_r, Emulator(ids, u, y), progress, samples=int(cfg.emulator.round_samples)).get_samples()
         draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
-        u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, 0.3, size=(m, d))
+        u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, float(cfg.emulator.round_jitter), size=(m, d))
         u, y = np.concatenate([u, u_new]), np.concatenate([y, simulate_design(problem, u_new)])
     held = np.zeros(len(u), bool)
     held[len(u) - m::5] = True  # every fifth set of the last round

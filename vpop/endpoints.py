@@ -32,6 +32,28 @@ from jax import Array
 RESPONSES = ("CR", "PR", "SD", "PD")
 RESPONSE_KINDS = ("lymphoma", "leukaemia", "myeloma")
 
+# Response criteria (shared by the 0/1 endpoints here and the smooth rates of `vpop.calibrate`).
+LYMPHOMA_PR_SPD_FRACTION = 0.5  # PR: SPD <= 50% of baseline (Cheson 2007 J Clin Oncol 25:579)
+LYMPHOMA_PD_SPD_FOLD = 1.5  # PD: SPD >= 150% of nadir (Cheson 2007)
+LEUKAEMIA_CR_BLAST_PERCENT = 5.0  # CR/CRh: marrow blasts < 5% (Topp 2015 Lancet Oncol 16:57; Kantarjian 2017 NEJM 376:836)
+LEUKAEMIA_PD_BLAST_FOLD = 1.25  # PD: blasts >= 125% of baseline [G]
+MYELOMA_PR_BURDEN_FRACTION = 0.5  # PR: >= 50% reduction (IMWG, Kumar 2016 Lancet Oncol 17:e328)
+MYELOMA_CR_BURDEN_FRACTION = 0.01  # CR proxy: >= 99% reduction of the malignant pool [G]
+MYELOMA_PD_BURDEN_FOLD = 1.25  # PD: >= 25% increase from nadir (IMWG)
+
+
+def spd_fraction(volume_fraction):
+    """SPD relative to baseline from tumour volume relative to baseline (SPD ~ volume^(2/3))."""
+    return volume_fraction ** (2.0 / 3.0)
+
+
+def marrow_blast_percent(marrow_fraction, baseline_percent, xp=np):
+    """Marrow blasts (%) when the blasts are `marrow_fraction` of their baseline `baseline_percent`
+    (normal marrow cells held at their baseline). `xp` is numpy or jax.numpy."""
+    b0 = baseline_percent / 100.0
+    frac = b0 * marrow_fraction
+    return 100.0 * frac / xp.maximum(frac + 1.0 - b0, 1e-12)
+
 
 class CRSParams(NamedTuple):
     grade1_il6_signalling_pg_ml: Array  # theta_1 at typical susceptibility and baseline IFN-g
@@ -72,24 +94,23 @@ def lymphoma_response(burden_at: np.ndarray, baseline_volume_ml: np.ndarray, cr_
     """Best overall response per patient from burden/baseline at the assessments ([n, A]).
 
     Returns (best response as an index into RESPONSES, day index of first progression or -1)."""
-    spd = np.maximum(burden_at, 0.0) ** (2.0 / 3.0)
+    spd = spd_fraction(np.maximum(burden_at, 0.0))
     nadir = np.minimum.accumulate(np.concatenate([np.ones((len(spd), 1)), spd], axis=1), axis=1)[:, :-1]
     volume = burden_at * baseline_volume_ml[:, None]
     # Progression needs a measurable lesion again (above the CR residual), not just regrowth from nadir.
-    progressed = (spd >= 1.5 * nadir) & (volume > cr_residual_volume_ml)
+    progressed = (spd >= LYMPHOMA_PD_SPD_FOLD * nadir) & (volume > cr_residual_volume_ml)
     first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
-    level = np.where(volume <= cr_residual_volume_ml, 0, np.where(spd <= 0.5, 1, np.where(progressed, 3, 2)))
+    level = np.where(volume <= cr_residual_volume_ml, 0, np.where(spd <= LYMPHOMA_PR_SPD_FRACTION, 1, np.where(progressed, 3, 2)))
     before_pd = np.arange(spd.shape[1])[None, :] < np.where(first_pd < 0, spd.shape[1], first_pd)[:, None]
     best = np.where(before_pd, level, 3).min(axis=1)
     return best, first_pd
 
 
-def leukaemia_response(marrow_fraction_at: np.ndarray, baseline_percent: np.ndarray, cr_blast_percent: float = 5.0):
+def leukaemia_response(marrow_fraction_at: np.ndarray, baseline_percent: np.ndarray):
     """CR/CRh (index 0) when marrow blasts fall below 5%; else SD, or PD if blasts rise by 25%."""
-    frac = baseline_percent[:, None] / 100.0 * marrow_fraction_at
-    blasts = 100.0 * frac / np.maximum(frac + (1.0 - baseline_percent[:, None] / 100.0), 1e-12)
-    cr = (blasts < cr_blast_percent).any(axis=1)
-    progressed = blasts >= np.minimum(baseline_percent[:, None] * 1.25, 100.0)
+    blasts = marrow_blast_percent(marrow_fraction_at, baseline_percent[:, None])
+    cr = (blasts < LEUKAEMIA_CR_BLAST_PERCENT).any(axis=1)
+    progressed = blasts >= np.minimum(baseline_percent[:, None] * LEUKAEMIA_PD_BLAST_FOLD, 100.0)
     first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
     best = np.where(cr, 0, np.where(first_pd >= 0, 3, 2))
     return best, first_pd
@@ -98,8 +119,8 @@ def leukaemia_response(marrow_fraction_at: np.ndarray, baseline_percent: np.ndar
 def myeloma_response(burden_at: np.ndarray):
     """CR at >= 99%, PR at >= 50% reduction of the malignant burden; PD at >= 25% above nadir."""
     nadir = np.minimum.accumulate(np.concatenate([np.ones((len(burden_at), 1)), burden_at], axis=1), axis=1)[:, :-1]
-    progressed = burden_at >= 1.25 * nadir
+    progressed = burden_at >= MYELOMA_PD_BURDEN_FOLD * nadir
     first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
-    level = np.where(burden_at <= 0.01, 0, np.where(burden_at <= 0.5, 1, np.where(progressed, 3, 2)))
+    level = np.where(burden_at <= MYELOMA_CR_BURDEN_FRACTION, 0, np.where(burden_at <= MYELOMA_PR_BURDEN_FRACTION, 1, np.where(progressed, 3, 2)))
     before_pd = np.arange(burden_at.shape[1])[None, :] < np.where(first_pd < 0, burden_at.shape[1], first_pd)[:, None]
     return np.where(before_pd, level, 3).min(axis=1), first_pd

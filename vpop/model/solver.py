@@ -205,7 +205,9 @@ _NO_SEVERITY = -100.0  # below any threshold: log of 1e-44 pg/mL
 
 def init_reductions(schedule: Schedule, dtype) -> Reductions:
     zp = jnp.zeros(schedule.period_start_day.shape, dtype)
-    za = jnp.zeros(schedule.assessment_day.shape, dtype)
+    # NaN until recorded: a slot that is never assessed (padding when arms are stacked) must not
+    # read as zero burden.
+    za = jnp.full(schedule.assessment_day.shape, jnp.nan, dtype)
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
     return Reductions(
         peak_il6_signalling_pg_ml=zp,
