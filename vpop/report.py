@@ -1,7 +1,8 @@
-"""Output files of a trial: patients.parquet, summary.csv, comparisons.csv and figures/*.png.
+"""Output files of a trial: patients.parquet/, summary.csv, comparisons.csv and figures/*.png.
 
 Everything is written into a temporary folder first and moved into place only when complete, so a
-failed run never leaves files that look like results.
+failed run never leaves files that look like results. A streamed trial's patient dataset is moved
+(renamed) in last from its checkpoint folder.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vpop.trial import MAIN_ENDPOINTS, TrialResult  # noqa: E402
+from vpop.store import DATASET, PatientStore  # noqa: E402
+from vpop.trial import MAIN_ENDPOINTS, SAMPLE_PATIENTS, TrialResult  # noqa: E402
 
-OUTPUT_FILES = ("patients.parquet", "summary.csv", "comparisons.csv")
+OUTPUT_FILES = ("summary.csv", "comparisons.csv")
 FIGURES = ("crs_by_dose.png", "time_courses.png", "waterfall.png", "forest.png")
 MAX_DOSES_SHOWN = 8
 
@@ -30,7 +32,10 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".vpop-", dir=out))
     try:
-        result.patients.to_parquet(staging / "patients.parquet", index=False)
+        if result.patients is not None:  # an in-memory trial: the same dataset layout, one part per arm and draw
+            store = PatientStore(staging)
+            for (arm, draw), rows in result.patients.groupby(["arm", "draw"], sort=False):
+                store.write(arm, int(draw), 0, rows)
         result.summary.to_csv(staging / "summary.csv", index=False, float_format="%.3f")
         result.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.3f")
         figs = staging / "figures"
@@ -40,12 +45,14 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
         waterfall(result, figs / "waterfall.png")
         forest(result, figs / "forest.png")
         written = []
-        for item in [*OUTPUT_FILES, "figures"]:
-            target = out / item
+        dataset = staging / DATASET if result.patients is not None else result.dataset
+        for source, target in [*((staging / f, out / f) for f in (*OUTPUT_FILES, "figures")), (dataset, out / DATASET)]:
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
-            shutil.move(str(staging / item), target)
+            shutil.move(str(source), target)
             written.append(target)
+        if result.dataset is not None:  # the checkpoint has become the result
+            shutil.rmtree(result.dataset.parent, ignore_errors=True)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -108,8 +115,9 @@ def time_courses(result: TrialResult, path: Path) -> None:
 
 
 def waterfall(result: TrialResult, path: Path) -> None:
-    """Best change of tumour burden (SPD for lymphoma) per patient, sorted, per arm (first draw)."""
-    p = result.patients[result.patients.draw == 0]
+    """Best change of tumour burden (SPD for lymphoma) per patient, sorted, per arm (draw 0, first
+    SAMPLE_PATIENTS patients)."""
+    p = result.sample
     arms = list(result.arms)
     fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.4), squeeze=False, sharey=True)
     colors = {"CR": "#1b7837", "PR": "#7fbf7b", "SD": "#bababa", "PD": "#d6604d"}
@@ -118,7 +126,7 @@ def waterfall(result: TrialResult, path: Path) -> None:
         ax.bar(np.arange(len(g)), g.best_change_percent.clip(upper=100), color=[colors[r] for r in g.best_response], width=1.0)
         ax.axhline(-50, color="k", lw=0.6, ls="--")
         ax.set_title(arm, fontsize=10)
-        ax.set_xlabel("patients")
+        ax.set_xlabel("patients" if len(g) < SAMPLE_PATIENTS else f"first {SAMPLE_PATIENTS} patients")
         ax.set_xticks([])
     axes[0, 0].set_ylabel("best change from baseline (%)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]

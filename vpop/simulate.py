@@ -131,37 +131,66 @@ class ArmResult:
     assessment_day: np.ndarray
 
 
-def _covariates_for(prepared: PreparedArm, ids: np.ndarray, seed: int, twins=None) -> population.Covariates:
+def _covariates_for(prepared: PreparedArm, ids, seed: int, twins=None) -> population.Covariates:
     if twins is not None:
-        return jax.tree_util.tree_map(lambda x: x[ids], twins)
+        return jax.tree_util.tree_map(lambda x: x[np.asarray(ids)], twins)
     return sample_covariates(prepared.inputs.covariate_params, jnp.asarray(ids), jnp.asarray(seed), prepared.covariate_kinds)
+
+
+def patient_sharding() -> jax.sharding.NamedSharding:
+    """Patients split along their leading axis over every local device (one device: no split)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("patients",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("patients"))
+
+
+def padded_chunk_size(chunk_size: int) -> int:
+    """The chunk size rounded up to a multiple of the device count, so every device gets equal work."""
+    n_dev = jax.local_device_count()
+    return -(-chunk_size // n_dev) * n_dev
+
+
+def simulate_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
+                 twins: population.Covariates | None = None) -> ArmResult:
+    """Simulate the patients `ids` in one device call, split over all local devices.
+
+    The batch is padded (repeating the last id) to `chunk_size` rounded up to a multiple of the device
+    count, so every chunk of a run reuses one compilation; padding rows are dropped.
+    """
+    ids = np.asarray(ids)
+    size = padded_chunk_size(max(chunk_size or len(ids), len(ids)))
+    padded = np.concatenate([ids, np.full(size - len(ids), ids[-1])])
+    sharding = patient_sharding()
+    dev_ids = jax.device_put(jnp.asarray(padded), sharding)
+    cov = jax.device_put(_covariates_for(prepared, padded, seed, twins), sharding)
+    red = simulate_chunk(prepared.inputs, cov, dev_ids, jnp.asarray(seed), prepared.variability_paths)
+    take = len(ids)
+    red, cov = jax.tree_util.tree_map(lambda x: np.asarray(x)[:take], (red, cov))
+    cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(population.Covariates(*cov).bsa_m2))
+    return ArmResult(prepared.arm, ids, cov_dict, red._asdict(),
+                     np.asarray(prepared.inputs.schedule.period_start_day), np.asarray(prepared.inputs.schedule.assessment_day))
+
+
+def check_sizes(n, chunk_size) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+        raise ConfigError(f"population.n must be a positive whole number of patients, got {n!r}")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ConfigError(f"chunk_size must be a positive whole number, got {chunk_size!r}")
 
 
 def simulate_arm(prepared: PreparedArm, n: int, seed: int = 0, chunk_size: int = 10_000,
                  twins: population.Covariates | None = None, progress=None) -> ArmResult:
-    """Simulate patients 0..n-1 in chunks; `progress(k)` is called with the patients done per chunk."""
-    if not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"population.n must be a positive whole number of patients, got {n!r}")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ConfigError(f"chunk_size must be a positive whole number, got {chunk_size!r}")
-    chunks = []
-    covs = []
+    """Simulate patients 0..n-1 in chunks, in memory; `progress(k)` is called with the patients done per chunk."""
+    check_sizes(n, chunk_size)
+    parts = []
     for start in range(0, n, chunk_size):
-        ids = np.arange(start, min(start + chunk_size, n))
-        # Pad the last chunk to the chunk size so every chunk reuses one compilation.
-        padded = np.concatenate([ids, np.full(chunk_size - len(ids), ids[-1])]) if n > chunk_size else ids
-        cov = _covariates_for(prepared, padded, seed, twins)
-        red = simulate_chunk(prepared.inputs, cov, jnp.asarray(padded), jnp.asarray(seed), prepared.variability_paths)
-        take = len(ids)
-        chunks.append(jax.tree_util.tree_map(lambda x: np.asarray(x[:take]), red))
-        covs.append(jax.tree_util.tree_map(lambda x: np.asarray(x[:take]), cov))
+        parts.append(simulate_ids(prepared, np.arange(start, min(start + chunk_size, n)), seed, min(chunk_size, n), twins))
         if progress is not None:
-            progress(take)
-    red = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *chunks)
-    cov = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *covs)
-    cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(population.Covariates(*cov).bsa_m2))
-    return ArmResult(prepared.arm, np.arange(n), cov_dict, red._asdict(),
-                     np.asarray(prepared.inputs.schedule.period_start_day), np.asarray(prepared.inputs.schedule.assessment_day))
+            progress(len(parts[-1].patient_id))
+    def join(field):
+        return {k: np.concatenate([getattr(p, field)[k] for p in parts]) for k in getattr(parts[0], field)}
+
+    return ArmResult(prepared.arm, np.arange(n), join("covariates"), join("reductions"), parts[0].period_start_day,
+                     parts[0].assessment_day)
 
 
 def simulate_trajectories(prepared: PreparedArm, ids, seed: int = 0, twins: population.Covariates | None = None):

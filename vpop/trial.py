@@ -8,7 +8,11 @@ from the posterior (draws pooled).
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -18,12 +22,16 @@ from scipy import stats
 
 from vpop import catalogue, endpoints, population
 from vpop.catalogue import ConfigError
-from vpop.simulate import Arm, PreparedArm, prepare_arm, simulate_arm, simulate_trajectories
+from vpop.simulate import Arm, PreparedArm, check_sizes, prepare_arm, simulate_ids, simulate_trajectories
+from vpop.store import PatientStore, run_key
+
+log = logging.getLogger("vpop")
 
 ARM_KEYS = {"drug", "route", "population", "regimen", "premedication", "prophylaxis", "description"}
 SUMMARY_COLUMNS = ["arm", "endpoint", "estimate", "lower", "upper", "n"]
 COMPARISON_COLUMNS = ["endpoint", "arm", "reference_arm", "difference", "lower", "upper"]
 MAIN_ENDPOINTS = ("orr", "cr", "crs_any", "crs_grade2plus", "crs_grade3plus", "toci_rescue")
+SAMPLE_PATIENTS = 2000  # first patients of draw 0 kept in memory per arm, for per-patient figures
 
 
 @dataclass
@@ -39,12 +47,17 @@ class TrialSettings:
 
 @dataclass
 class TrialResult:
+    """A finished trial. `patients` holds every row when run in memory; a streamed run leaves them in
+    the parquet dataset at `dataset` and keeps only `sample` (draw 0, first SAMPLE_PATIENTS per arm)."""
+
     arms: dict[str, Arm]
     reference_arm: str
-    patients: pd.DataFrame
     summary: pd.DataFrame
     comparisons: pd.DataFrame
     dose_labels: dict[str, list[str]]
+    sample: pd.DataFrame
+    patients: pd.DataFrame | None = None
+    dataset: Path | None = None
     time_courses: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
@@ -81,14 +94,28 @@ def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str
     return arms, str(ref)
 
 
-def patient_table(prepared: PreparedArm, result, draw: int) -> pd.DataFrame:
-    """One row per patient: covariates, per-dose-period CRS and exposure, response and endpoints."""
+def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None = None) -> pd.DataFrame:
+    """One row per patient: covariates, per-dose-period CRS and exposure, response and endpoints.
+
+    n_doses: per-dose columns to write (default: the arm's own); doses the arm does not have are
+    null, so arms with different schedules share one table layout (one parquet schema).
+    """
     red, cov = result.reductions, result.covariates
     n, n_periods = red["crs_grade"].shape
+    n_doses = n_periods if n_doses is None else n_doses
     cols: dict[str, Any] = {"arm": prepared.arm.name, "draw": draw, "patient_id": result.patient_id, **cov}
     grades = red["crs_grade"]
-    for k in range(n_periods):
+    missing = {"int": pd.array([pd.NA] * n, dtype="Int64"), "bool": pd.array([pd.NA] * n, dtype="boolean"),
+               "float": np.full(n, np.nan, np.float32)}
+    for k in range(n_doses):
         d = f"_dose{k + 1}"
+        if k >= n_periods:
+            cols["crs_grade" + d] = missing["int"]
+            cols["crs_onset_day" + d] = cols["crs_duration_day" + d] = missing["float"]
+            cols["toci_rescue" + d] = missing["bool"]
+            for name in ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml"):
+                cols[name + d] = missing["float"]
+            continue
         cols["crs_grade" + d] = grades[:, k].astype(int)
         cols["crs_onset_day" + d] = np.where(red["crs_onset_day"][:, k] >= 0, red["crs_onset_day"][:, k], np.nan)
         cols["crs_duration_day" + d] = red["crs_duration_day"][:, k]
@@ -124,11 +151,10 @@ def patient_table(prepared: PreparedArm, result, draw: int) -> pd.DataFrame:
         progression=first_pd >= 0,
         b_cell_depletion=red["blood_b_min_fraction"] < 0.1,
     )
-    for k in range(n_periods):
-        cols[f"crs_any_dose{k + 1}"] = grades[:, k] >= 1
-        cols[f"crs_grade2plus_dose{k + 1}"] = grades[:, k] >= 2
-    df = pd.DataFrame(cols)
-    return df
+    for k in range(n_doses):
+        cols[f"crs_any_dose{k + 1}"] = grades[:, k] >= 1 if k < n_periods else missing["bool"]
+        cols[f"crs_grade2plus_dose{k + 1}"] = grades[:, k] >= 2 if k < n_periods else missing["bool"]
+    return pd.DataFrame(cols)
 
 
 def endpoint_columns(df: pd.DataFrame) -> list[str]:
@@ -148,52 +174,103 @@ def _pooled_interval(k: np.ndarray, n: int, rng: np.random.Generator, samples: i
     return float(np.mean(k / n)), *np.percentile(draws, [2.5, 97.5])
 
 
-def summarise(patients: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """summary.csv: rate (%) of every binary endpoint per arm with its 95% interval."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    cols = [c for c in endpoint_columns(patients) if c in patients.columns]
-    for arm, g in patients.groupby("arm", sort=False):
-        n = int(g.groupby("draw").size().iloc[0])
-        for col in cols:
-            if g[col].isna().all():
+class EndpointCounts:
+    """Per-draw event counts of every binary endpoint, added chunk by chunk.
+
+    Counts are all that summary.csv and comparisons.csv need, so a trial's tables never have to be
+    in memory at once: per arm and draw, k events among the patients with a value; per arm against
+    the reference arm, the discordant pairs n10 (arm yes, reference no) and n01 and the pairs with
+    both values.
+    """
+
+    def __init__(self, arms: list[str], reference_arm: str):
+        self.arms, self.reference_arm = list(arms), reference_arm
+        self.columns: list[str] | None = None
+        self.rows = defaultdict(lambda: defaultdict(int))  # arm -> draw -> patients
+        self.events = defaultdict(lambda: defaultdict(lambda: np.zeros(2)))  # (arm, col) -> draw -> [k, valued]
+        self.pairs = defaultdict(lambda: defaultdict(lambda: np.zeros(3)))  # (arm, col) -> draw -> [n10, n01, pairs]
+
+    def add(self, draw: int, tables: dict[str, pd.DataFrame]) -> None:
+        """Count one chunk: the same patients (same order) in every arm's table."""
+        if self.columns is None:
+            first = next(iter(tables.values()))
+            self.columns = [c for c in endpoint_columns(first) if c in first.columns]
+        ref = tables.get(self.reference_arm)
+        as_float = {arm: {c: t[c].to_numpy(dtype=float, na_value=np.nan) for c in self.columns} for arm, t in tables.items()}
+        for arm, t in tables.items():
+            self.rows[arm][draw] += len(t)
+            for c, v in as_float[arm].items():
+                valued = ~np.isnan(v)
+                self.events[arm, c][draw] += (np.sum(v[valued]), np.sum(valued))
+            if ref is None or arm == self.reference_arm:
                 continue
-            k = g.groupby("draw")[col].sum().to_numpy()
-            est, lo, hi = _pooled_interval(k, n, rng)
-            rows.append((arm, col, 100 * est, 100 * lo, 100 * hi, n))
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+            if not np.array_equal(t["patient_id"].to_numpy(), ref["patient_id"].to_numpy()):
+                raise ValueError(f"arm {arm} and the reference arm hold different patients in this chunk")
+            for c, v in as_float[arm].items():
+                diff = v - as_float[self.reference_arm][c]
+                diff = diff[~np.isnan(diff)]
+                self.pairs[arm, c][draw] += (np.sum(diff > 0), np.sum(diff < 0), len(diff))
+
+    def summary(self, seed: int = 0) -> pd.DataFrame:
+        """summary.csv: rate (%) of every binary endpoint per arm with its 95% interval."""
+        rng = np.random.default_rng(seed)
+        rows = []
+        for arm in self.arms:
+            draws = sorted(self.rows[arm])
+            n = self.rows[arm][draws[0]]
+            for c in self.columns or []:
+                counts = np.array([self.events[arm, c][d] for d in draws])
+                if counts[:, 1].sum() == 0:  # a dose this arm does not have
+                    continue
+                est, lo, hi = _pooled_interval(counts[:, 0], n, rng)
+                rows.append((arm, c, 100 * est, 100 * lo, 100 * hi, n))
+        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+    def comparisons(self, seed: int = 0) -> pd.DataFrame:
+        """comparisons.csv: paired differences (percentage points) of every arm against the reference."""
+        rng = np.random.default_rng(seed + 1)
+        rows = []
+        for arm in self.arms:
+            if arm == self.reference_arm:
+                continue
+            for c in self.columns or []:
+                per_draw = np.array([self.pairs[arm, c][d] for d in sorted(self.pairs[arm, c])]).reshape(-1, 3)
+                per_draw = per_draw[per_draw[:, 2] > 0]
+                if len(per_draw) == 0:
+                    continue
+                n10, n01, pairs = per_draw.T
+                mean = (n10 - n01) / pairs
+                # Agresti-Min interval for a paired difference of proportions: half a pair added to each
+                # of the four cells (keeps ~95% coverage for rare and strongly paired events).
+                n10, n01, n = n10 + 0.5, n01 + 0.5, pairs + 2.0
+                centre = (n10 - n01) / n
+                se = np.sqrt(np.maximum((n10 + n01) - (n10 - n01) ** 2 / n, 0.0)) / n
+                if len(mean) == 1:
+                    lo, hi = centre[0] - 1.96 * se[0], centre[0] + 1.96 * se[0]
+                else:
+                    sims = rng.normal(np.repeat(centre, 1000), np.repeat(se, 1000))
+                    lo, hi = np.percentile(sims, [2.5, 97.5])
+                rows.append((c, arm, self.reference_arm, 100 * mean.mean(), 100 * lo, 100 * hi))
+        return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def count_endpoints(patients: pd.DataFrame, reference_arm: str | None = None) -> EndpointCounts:
+    """EndpointCounts of a whole in-memory patient table (rows paired across arms by patient_id)."""
+    arms = list(dict.fromkeys(patients["arm"]))
+    counts = EndpointCounts(arms, reference_arm or arms[0])
+    for draw, g in patients.groupby("draw", sort=True):
+        counts.add(int(draw), {arm: t.sort_values("patient_id") for arm, t in g.groupby("arm", sort=False)})
+    return counts
+
+
+def summarise(patients: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """summary.csv of an in-memory patient table."""
+    return count_endpoints(patients).summary(seed)
 
 
 def compare(patients: pd.DataFrame, reference_arm: str, seed: int = 0) -> pd.DataFrame:
-    """comparisons.csv: paired differences (percentage points) of every arm against the reference."""
-    rng = np.random.default_rng(seed + 1)
-    rows = []
-    cols = [c for c in endpoint_columns(patients) if c in patients.columns]
-    ref = patients[patients.arm == reference_arm].set_index(["draw", "patient_id"])
-    for arm, g in patients.groupby("arm", sort=False):
-        if arm == reference_arm:
-            continue
-        g = g.set_index(["draw", "patient_id"])
-        for col in cols:
-            if col not in ref or g[col].isna().all() or ref[col].isna().all():
-                continue
-            diff = (g[col].astype(float) - ref[col].astype(float)).dropna()
-            by_draw = diff.groupby(level="draw")
-            mean = by_draw.mean().to_numpy()
-            # Agresti-Min interval for a paired difference of proportions: half a pair added to each
-            # of the four cells (keeps ~95% coverage for rare and strongly paired events).
-            n10 = (diff > 0).groupby(level="draw").sum().to_numpy() + 0.5
-            n01 = (diff < 0).groupby(level="draw").sum().to_numpy() + 0.5
-            n = by_draw.size().to_numpy() + 2.0
-            centre = (n10 - n01) / n
-            se = np.sqrt(np.maximum((n10 + n01) - (n10 - n01) ** 2 / n, 0.0)) / n
-            if len(mean) == 1:
-                lo, hi = centre[0] - 1.96 * se[0], centre[0] + 1.96 * se[0]
-            else:
-                sims = rng.normal(np.repeat(centre, 1000), np.repeat(se, 1000))
-                lo, hi = np.percentile(sims, [2.5, 97.5])
-            rows.append((col, arm, reference_arm, 100 * mean.mean(), 100 * lo, 100 * hi))
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    """comparisons.csv of an in-memory patient table."""
+    return count_endpoints(patients, reference_arm).comparisons(seed)
 
 
 def _time_course_bands(prepared: PreparedArm, ids, seed: int, twins=None) -> dict[str, np.ndarray]:
@@ -220,29 +297,95 @@ def _time_course_bands(prepared: PreparedArm, ids, seed: int, twins=None) -> dic
     return out
 
 
+def prepare_draws(arms: dict[str, Arm], settings: TrialSettings, model: DictConfig,
+                  draws: list[dict[str, float]]) -> list[dict[str, PreparedArm]]:
+    """Every arm prepared for every posterior draw (host-side work only)."""
+    return [{name: prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days, overrides=overrides)
+             for name, arm in arms.items()} for overrides in draws]
+
+
+def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n: int, twins: pd.DataFrame | None) -> str:
+    """Digest of everything the patient rows depend on: the kernels' inputs of every arm and draw,
+    the population's response rules, n, seed, chunk size, digital twins and the vpop version. A run
+    resumes only into chunks written under the same key."""
+    parts: list[Any] = [version("vpop"), n, settings.seed, settings.chunk_size]
+    for by_arm in prepared:
+        for name, p in by_arm.items():
+            parts += [name, p.variability_paths, p.covariate_kinds, OmegaConf.to_yaml(p.population),
+                      [a.label for a in p.compiled.periods], *jax_leaves(p.inputs)]
+    if twins is not None:
+        parts += [twins.to_csv(index=False)]
+    return run_key(parts)
+
+
+def jax_leaves(tree) -> list[np.ndarray]:
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
 def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings, model: DictConfig | None = None,
               draws: list[dict[str, float]] | None = None, twins: pd.DataFrame | None = None,
-              progress: Callable[[int], None] | None = None) -> TrialResult:
-    """Simulate every arm for every posterior draw on the same virtual patients.
+              progress: Callable[..., None] | None = None, checkpoint_dir: str | Path | None = None,
+              resume: bool = True) -> TrialResult:
+    """Simulate every arm for every posterior draw on the same virtual patients, chunk by chunk.
 
     draws: config overrides per posterior draw (see `vpop.posterior`); None is one draw of the
     nominal parameters. twins: a digital-twin table (one patient per row) instead of sampling.
+    checkpoint_dir: None keeps every patient row in memory (`result.patients`); a folder streams
+    them chunk by chunk to a parquet dataset under checkpoint_dir/<trial key>/ so host memory stays
+    bounded whatever n is, and a rerun of a killed run (same key) skips the chunks already written
+    (`resume=False` starts afresh). progress(k, resumed=False) is called per chunk with its patients.
     """
     model = model if model is not None else catalogue.load("model", "default")
     draws = draws or [{}]
-    tables, dose_labels, courses = [], {}, {}
-    for d, overrides in enumerate(draws):
-        for name, arm in arms.items():
-            prepared = prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days, overrides=overrides)
-            twin_cov = population.twins_covariates(twins, prepared.population) if twins is not None else None
-            n = len(twins) if twins is not None else settings.n
-            result = simulate_arm(prepared, n, settings.seed, settings.chunk_size, twins=twin_cov, progress=progress)
-            tables.append(patient_table(prepared, result, d))
+    prepared = prepare_draws(arms, settings, model, draws)
+    n = len(twins) if twins is not None else settings.n
+    check_sizes(n, settings.chunk_size)
+    chunk = min(settings.chunk_size, n)
+    n_doses = max(len(p.compiled.periods) for p in prepared[0].values())
+    store = None
+    if checkpoint_dir is not None:
+        store = PatientStore(Path(checkpoint_dir) / trial_key(prepared, settings, n, twins))
+        if not resume:
+            store.clear()
+        store.describe({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
+                        "chunk_size": settings.chunk_size, "draws": len(draws)})
+    counts = EndpointCounts(list(arms), reference_arm)
+    kept, sample, resumed = [], {name: [] for name in arms}, 0
+    for d, by_arm in enumerate(prepared):
+        twin_cov = {name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
+        for c, start in enumerate(range(0, n, chunk)):
+            ids = np.arange(start, min(start + chunk, n))
+            tables = {}
+            for name, p in by_arm.items():
+                done = store is not None and store.has(name, d, c)
+                if done:
+                    tables[name] = store.read(name, d, c)
+                    resumed += 1
+                else:
+                    result = simulate_ids(p, ids, settings.seed, chunk, twin_cov.get(name))
+                    tables[name] = patient_table(p, result, d, n_doses)
+                    if store is not None:
+                        store.write(name, d, c, tables[name])
+                    else:
+                        kept.append(tables[name])
+                if progress is not None:
+                    progress(len(ids), resumed=done)
+            counts.add(d, tables)
             if d == 0:
-                dose_labels[name] = [a.label for a in prepared.compiled.periods]
-                if settings.trajectories > 0:
-                    ids = np.arange(min(settings.trajectories, n))
-                    courses[name] = _time_course_bands(prepared, ids, settings.seed, twin_cov)
-    patients = pd.concat(tables, ignore_index=True)
-    return TrialResult(arms, reference_arm, patients, summarise(patients, settings.seed), compare(patients, reference_arm, settings.seed),
-                       dose_labels, courses)
+                for name, t in tables.items():
+                    if sum(map(len, sample[name])) < SAMPLE_PATIENTS:
+                        sample[name].append(t.iloc[:SAMPLE_PATIENTS - sum(map(len, sample[name]))])
+    if resumed:
+        log.info("resumed %d of %d chunks from %s", resumed, len(prepared) * len(arms) * -(-n // chunk), store.root)
+    dose_labels = {name: [a.label for a in p.compiled.periods] for name, p in prepared[0].items()}
+    courses = {}
+    if settings.trajectories > 0:
+        for name, p in prepared[0].items():
+            twin_cov = population.twins_covariates(twins, p.population) if twins is not None else None
+            courses[name] = _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed, twin_cov)
+    return TrialResult(arms, reference_arm, counts.summary(settings.seed), counts.comparisons(settings.seed), dose_labels,
+                       pd.concat([t for parts in sample.values() for t in parts], ignore_index=True),
+                       patients=pd.concat(kept, ignore_index=True) if store is None else None,
+                       dataset=store.dataset if store is not None else None, time_courses=courses)
