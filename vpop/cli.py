@@ -71,12 +71,31 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="trial")
-def trial(cfg: DictConfig) -> None:
-    """vpop-trial +experiment=NAME [population.n=N seed=S posterior=default draws=D chunk_size=C ...]"""
+def trial(cfg: DictConfig) -> float | None:
+    """vpop-trial +experiment=NAME [population.n=N seed=S posterior=default draws=D chunk_size=C ...]
+
+    Returns the objective value (what an Optuna sweep minimises, vpop/sweep.py) when `objective` is
+    set, else None.
+    """
+    import pandas as pd
+
+    from vpop import sweep
+
     _use_user_config_dirs()
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" on CPU
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        spec = None
+        if cfg.get("objective") is not None:  # checked before simulating; a missing experiment is run()'s to report
+            spec = sweep.objective_spec(cfg.objective, None if OmegaConf.is_missing(cfg, "experiment") else cfg.experiment)
+        run(cfg, out_dir)
+        if spec is None:
+            return None
+        # run() returns paths, not results: the objective reads the summary.csv it wrote.
+        value = sweep.objective(pd.read_csv(out_dir / "summary.csv"), spec)
+        log.info("objective (%s of %s, %s no worse than %s - %g pp): %.3f", spec["minimise"], spec["arm"],
+                 spec["no_worse_than"], spec["reference_arm"], spec["margin_pp"], value)
+        return value
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
