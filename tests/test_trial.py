@@ -93,6 +93,8 @@ def test_paired_difference_interval_coverage():
      "experiment.arms.a: unknown key(s) ['dose']"),
     ({"reference_arm": "b", "arms": {"a": {"drug": "mosunetuzumab", "route": "iv", "population": "fl_rr", "regimen": SHORT}}},
      "experiment.reference_arm 'b' is not an arm; allowed: a"),
+    ({"arms": {"a/b": {"drug": "mosunetuzumab", "route": "iv", "population": "fl_rr", "regimen": SHORT}}},
+     "arm names may use letters, digits and _ . + - only"),
     ({"arms": {"a": {"drug": "mosunetuzumab", "population": "fl_rr", "regimen": SHORT}}}, "experiment.arms.a.route is missing"),
 ])
 def test_experiment_errors_name_the_field(experiment, message):
@@ -155,6 +157,9 @@ def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path):
     # By default the shipped posterior is propagated: 20 draws, each a full re-simulation.
     patients = pd.read_parquet(out / "patients.parquet")
     assert patients.draw.nunique() == 20 and len(patients) == 2 * 20 * 40
+    # Off a terminal there is no progress bar, only the closing throughput line.
+    assert "%|" not in run.stderr and "patients/s" in run.stderr + run.stdout
+    assert not list((tmp_path / "outputs" / ".checkpoints").glob("*/patients.parquet"))  # the checkpoint became the result
 
 
 def test_cli_bad_config_exits_with_the_field_named_and_writes_nothing(tmp_path):

@@ -9,6 +9,7 @@ from the posterior (draws pooled).
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -72,6 +73,8 @@ def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str
     arms = {}
     for name, a in exp.arms.items():
         where = f"experiment.arms.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
+            raise ConfigError(f"{where}: arm names may use letters, digits and _ . + - only (they name folders of patients.parquet)")
         extra = set(a.keys()) - ARM_KEYS
         if extra:
             raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(ARM_KEYS)}")
@@ -352,7 +355,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
         store.describe({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
                         "chunk_size": settings.chunk_size, "draws": len(draws)})
     counts = EndpointCounts(list(arms), reference_arm)
-    kept, sample, resumed = [], {name: [] for name in arms}, 0
+    kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
     for d, by_arm in enumerate(prepared):
         twin_cov = {name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
         for c, start in enumerate(range(0, n, chunk)):
@@ -364,19 +367,16 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                     tables[name] = store.read(name, d, c)
                     resumed += 1
                 else:
-                    result = simulate_ids(p, ids, settings.seed, chunk, twin_cov.get(name))
-                    tables[name] = patient_table(p, result, d, n_doses)
-                    if store is not None:
-                        store.write(name, d, c, tables[name])
-                    else:
+                    tables[name] = patient_table(p, simulate_ids(p, ids, settings.seed, chunk, twin_cov.get(name)), d, n_doses)
+                    if store is None:
                         kept.append(tables[name])
+                    else:
+                        store.write(name, d, c, tables[name])
                 if progress is not None:
                     progress(len(ids), resumed=done)
             counts.add(d, tables)
-            if d == 0:
-                for name, t in tables.items():
-                    if sum(map(len, sample[name])) < SAMPLE_PATIENTS:
-                        sample[name].append(t.iloc[:SAMPLE_PATIENTS - sum(map(len, sample[name]))])
+            if d == 0 and start < SAMPLE_PATIENTS:
+                sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
     if resumed:
         log.info("resumed %d of %d chunks from %s", resumed, len(prepared) * len(arms) * -(-n // chunk), store.root)
     dose_labels = {name: [a.label for a in p.compiled.periods] for name, p in prepared[0].items()}
@@ -386,6 +386,6 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
             twin_cov = population.twins_covariates(twins, p.population) if twins is not None else None
             courses[name] = _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed, twin_cov)
     return TrialResult(arms, reference_arm, counts.summary(settings.seed), counts.comparisons(settings.seed), dose_labels,
-                       pd.concat([t for parts in sample.values() for t in parts], ignore_index=True),
+                       pd.concat(sample, ignore_index=True),
                        patients=pd.concat(kept, ignore_index=True) if store is None else None,
                        dataset=store.dataset if store is not None else None, time_courses=courses)
