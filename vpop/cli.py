@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -25,12 +26,30 @@ def _use_user_config_dirs() -> None:
             catalogue.add_search_dir(source.path)
 
 
-def _progress(enabled, total: int):
-    from tqdm import tqdm
+class Progress:
+    """A patients/s bar on stderr (quiet off a terminal with progress=auto) and a closing log line.
+    Chunks resumed from a checkpoint advance the bar without counting towards the rate."""
 
-    show = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
-    bar = tqdm(total=total, unit="patient", disable=not show, smoothing=0.1, dynamic_ncols=True)
-    return bar
+    def __init__(self, enabled, total: int):
+        from tqdm import tqdm
+
+        show = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
+        self.bar = tqdm(total=total, unit="patient", unit_scale=True, disable=not show, smoothing=0.1, dynamic_ncols=True)
+        self.simulated = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, k: int, resumed: bool = False) -> None:
+        if resumed:
+            self.bar.initial += k  # tqdm's rate is (n - initial) / elapsed
+        else:
+            self.simulated += k
+        self.bar.update(k)
+
+    def close(self) -> None:
+        self.bar.close()
+        seconds = time.perf_counter() - self.start
+        log.info("simulated %d patient-arm-draws in %.1f s (%.0f patients/s, compilation included)",
+                 self.simulated, seconds, self.simulated / max(seconds, 1e-9))
 
 
 def _settings(cfg: DictConfig) -> TrialSettings:
@@ -62,8 +81,17 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
 
         twins = read_twins(cfg.twins)
     n = len(twins) if twins is not None else settings.n
-    with _progress(cfg.progress, n * len(arms) * len(draws)) as bar:
-        result = run_trial(arms, reference_arm, settings, draws=draws, twins=twins, progress=bar.update)
+    import jax
+
+    devices = jax.local_devices()
+    log.info("%d arm(s) x %d draw(s) x %d patients on %d %s device(s), chunks of %d", len(arms), len(draws), n,
+             len(devices), devices[0].platform, settings.chunk_size)
+    progress = Progress(cfg.progress, n * len(arms) * len(draws))
+    try:
+        result = run_trial(arms, reference_arm, settings, draws=draws, twins=twins, progress=progress,
+                           checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume)
+    finally:
+        progress.close()
     written = report.write_outputs(result, out_dir)
     log.info("wrote %s", ", ".join(str(p) for p in written))
     log.info("main endpoints:\n%s", report.markdown_table(result.summary))
