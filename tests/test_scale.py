@@ -9,17 +9,15 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import doses
 
 from vpop import posterior, trial
 from vpop.simulate import Arm, prepare_arm, simulate_arm
 from vpop.store import PatientStore
 
-SHORT = {"cycle_days": 21, "cycles": 1, "doses": [
-    {"cycle": 1, "day": 1, "amount": 1, "unit": "mg"},
-    {"cycle": 1, "day": 8, "amount": 2, "unit": "mg"},
-    {"cycle": 1, "day": 15, "amount": 60, "unit": "mg"}]}
 EXPERIMENT = {"reference_arm": "iv", "arms": {
-    "iv": {"drug": "mosunetuzumab", "route": "iv", "population": "fl_rr", "regimen": SHORT},
+    "iv": {"drug": "mosunetuzumab", "route": "iv", "population": "fl_rr",
+           "regimen": doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), cycle_days=21)},
     "sc": {"drug": "mosunetuzumab", "route": "sc", "population": "fl_rr", "regimen": "mosunetuzumab_fl_sc"}}}
 SETTINGS = trial.TrialSettings(n=50, seed=2, chunk_size=20, horizon_days=21, trajectories=0)
 
