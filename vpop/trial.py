@@ -12,7 +12,7 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -311,20 +311,20 @@ def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n
     """Digest of everything the patient rows depend on: the kernels' inputs of every arm and draw,
     the population's response rules, n, seed, chunk size, digital twins and the vpop version. A run
     resumes only into chunks written under the same key."""
-    parts: list[Any] = [version("vpop"), n, settings.seed, settings.chunk_size]
+    import jax
+
+    try:
+        code = version("vpop")
+    except PackageNotFoundError:  # a source tree that was never installed
+        code = "unversioned"
+    parts: list[Any] = [code, n, settings.seed, settings.chunk_size]
     for by_arm in prepared:
         for name, p in by_arm.items():
             parts += [name, p.variability_paths, p.covariate_kinds, OmegaConf.to_yaml(p.population),
-                      [a.label for a in p.compiled.periods], *jax_leaves(p.inputs)]
+                      [a.label for a in p.compiled.periods], *jax.tree_util.tree_leaves(p.inputs)]
     if twins is not None:
         parts += [twins.to_csv(index=False)]
     return run_key(parts)
-
-
-def jax_leaves(tree) -> list[np.ndarray]:
-    import jax
-
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
 def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings, model: DictConfig | None = None,
