@@ -12,6 +12,7 @@ import pytest
 from conftest import doses
 
 from vpop import posterior, trial
+from vpop.cli import Progress
 from vpop.simulate import Arm, prepare_arm, simulate_arm
 from vpop.store import PatientStore
 
@@ -60,15 +61,23 @@ def test_streamed_trial_equals_in_memory_and_resumes_after_a_kill(tmp_path, monk
     parts = list((tmp_path / "b").rglob("*.parquet"))
     assert len([p for p in parts if p.is_file()]) == 3
 
-    simulated, flags = [], []
+    simulated = []
     real = trial.simulate_ids
     monkeypatch.setattr(trial, "simulate_ids", lambda *a, **k: simulated.append(1) or real(*a, **k))
-    again = _run(tmp_path, checkpoint_dir=tmp_path / "b", progress=lambda k, resumed=False: flags.append(resumed))
+    quiet = Progress(False, 2 * 2 * 50)  # the CLI's progress, as off a terminal
+    again = _run(tmp_path, checkpoint_dir=tmp_path / "b", progress=quiet)
+    quiet.close()
     assert len(simulated) == 2 * 2 * 3 - 3  # arms x draws x chunks, less the 3 written before the kill
-    assert sum(flags) == 3 and len(flags) == 12
+    assert quiet.simulated == 200 - 3 * 20  # the 3 parts on disk held 20 patients each
     pd.testing.assert_frame_equal(_dataset(again), rows)
     pd.testing.assert_frame_equal(again.summary, whole.summary)
     pd.testing.assert_frame_equal(again.comparisons, whole.comparisons)
+
+    # Once more with the bar shown: every chunk is resumed and none counts towards patients/s.
+    shown = Progress(True, 2 * 2 * 50)
+    _run(tmp_path, checkpoint_dir=tmp_path / "b", progress=shown)
+    shown.close()
+    assert shown.bar.n == 200 and shown.bar.initial == 200 and shown.simulated == 0
 
 
 def test_resume_false_and_other_inputs_do_not_reuse_chunks(tmp_path, monkeypatch):

@@ -39,10 +39,10 @@ class Progress:
         self.start = time.perf_counter()
 
     def __call__(self, k: int, resumed: bool = False) -> None:
-        if resumed:
-            self.bar.initial += k  # tqdm's rate is (n - initial) / elapsed
-        else:
+        if not resumed:
             self.simulated += k
+        elif not self.bar.disable:  # a disabled tqdm keeps no counters
+            self.bar.initial += k  # tqdm's rate is (n - initial) / elapsed
         self.bar.update(k)
 
     def close(self) -> None:
