@@ -58,8 +58,10 @@ def test_streamed_trial_equals_in_memory_and_resumes_after_a_kill(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, checkpoint_dir=tmp_path / "b")
     monkeypatch.setattr(PatientStore, "write", original)
-    parts = list((tmp_path / "b").rglob("*.parquet"))
-    assert len([p for p in parts if p.is_file()]) == 3
+    parts = [p for p in (tmp_path / "b").rglob("part-*.parquet") if p.is_file()]
+    assert len(parts) == 3
+    stale = parts[0].with_name(".part-000009.parquet.999.tmp")  # as a kill in the middle of a write leaves
+    stale.write_bytes(b"half a parquet file")
 
     simulated = []
     real = trial.simulate_ids
@@ -69,6 +71,7 @@ def test_streamed_trial_equals_in_memory_and_resumes_after_a_kill(tmp_path, monk
     quiet.close()
     assert len(simulated) == 2 * 2 * 3 - 3  # arms x draws x chunks, less the 3 written before the kill
     assert quiet.simulated == 200 - 3 * 20  # the 3 parts on disk held 20 patients each
+    assert not stale.exists()
     pd.testing.assert_frame_equal(_dataset(again), rows)
     pd.testing.assert_frame_equal(again.summary, whole.summary)
     pd.testing.assert_frame_equal(again.comparisons, whole.comparisons)

@@ -52,9 +52,16 @@ class PatientStore:
         t.insert(0, "arm", arm)
         return t
 
-    def describe(self, info: dict) -> None:
+    def open(self, info: dict) -> None:
+        """Start (or resume) writing: record what the run is in run.json."""
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "run.json").write_text(json.dumps(info, indent=1, default=str))
+
+    def finish(self) -> None:
+        """Every part is written: drop temporary files left by a killed run's unfinished writes
+        (readers skip them anyway, as hidden files; this keeps the result folder clean)."""
+        for tmp in self.dataset.rglob(".part-*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

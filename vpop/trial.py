@@ -352,7 +352,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
         store = PatientStore(Path(checkpoint_dir) / trial_key(prepared, settings, n, twins))
         if not resume:
             store.clear()
-        store.describe({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
+        store.open({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
                         "chunk_size": settings.chunk_size, "draws": len(draws)})
     counts = EndpointCounts(list(arms), reference_arm)
     kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
@@ -377,6 +377,8 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
             counts.add(d, tables)
             if d == 0 and start < SAMPLE_PATIENTS:
                 sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
+    if store is not None:
+        store.finish()
     if resumed:
         log.info("resumed %d of %d chunks from %s", resumed, len(prepared) * len(arms) * -(-n // chunk), store.root)
     dose_labels = {name: [a.label for a in p.compiled.periods] for name, p in prepared[0].items()}
