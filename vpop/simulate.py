@@ -149,12 +149,30 @@ def padded_chunk_size(chunk_size: int) -> int:
     return -(-chunk_size // n_dev) * n_dev
 
 
-def simulate_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
-                 twins: population.Covariates | None = None) -> ArmResult:
-    """Simulate the patients `ids` in one device call, split over all local devices.
+class PendingChunk(NamedTuple):
+    """A chunk handed to the device(s). JAX dispatches asynchronously, so the device computes while
+    the host goes on (say, writing the previous chunk); `result()` waits for it and fetches it."""
+
+    prepared: PreparedArm
+    ids: np.ndarray
+    reductions: solver.Reductions  # device arrays, padded to the chunk size
+    covariates: population.Covariates
+
+    def result(self) -> ArmResult:
+        take = len(self.ids)
+        red, cov = jax.tree_util.tree_map(lambda x: np.asarray(x)[:take], (self.reductions, self.covariates))
+        cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(population.Covariates(*cov).bsa_m2))
+        schedule = self.prepared.inputs.schedule
+        return ArmResult(self.prepared.arm, self.ids, cov_dict, red._asdict(),
+                         np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+
+
+def dispatch_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
+                 twins: population.Covariates | None = None) -> PendingChunk:
+    """Start simulating the patients `ids` in one device call, split over all local devices.
 
     The batch is padded (repeating the last id) to `chunk_size` rounded up to a multiple of the device
-    count, so every chunk of a run reuses one compilation; padding rows are dropped.
+    count, so every chunk of a run reuses one compilation; padding rows are dropped by `result()`.
     """
     ids = np.asarray(ids)
     size = padded_chunk_size(max(chunk_size or len(ids), len(ids)))
@@ -163,11 +181,13 @@ def simulate_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_si
     dev_ids = jax.device_put(jnp.asarray(padded), sharding)
     cov = jax.device_put(_covariates_for(prepared, padded, seed, twins), sharding)
     red = simulate_chunk(prepared.inputs, cov, dev_ids, jnp.asarray(seed), prepared.variability_paths)
-    take = len(ids)
-    red, cov = jax.tree_util.tree_map(lambda x: np.asarray(x)[:take], (red, cov))
-    cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(population.Covariates(*cov).bsa_m2))
-    return ArmResult(prepared.arm, ids, cov_dict, red._asdict(),
-                     np.asarray(prepared.inputs.schedule.period_start_day), np.asarray(prepared.inputs.schedule.assessment_day))
+    return PendingChunk(prepared, ids, red, cov)
+
+
+def simulate_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
+                 twins: population.Covariates | None = None) -> ArmResult:
+    """Simulate the patients `ids` in one device call (see `dispatch_ids`) and wait for the result."""
+    return dispatch_ids(prepared, ids, seed, chunk_size, twins).result()
 
 
 def check_sizes(n, chunk_size) -> None:

@@ -23,7 +23,7 @@ from scipy import stats
 
 from vpop import catalogue, endpoints, population
 from vpop.catalogue import ConfigError
-from vpop.simulate import Arm, PreparedArm, check_sizes, prepare_arm, simulate_ids, simulate_trajectories
+from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_ids, prepare_arm, simulate_trajectories
 from vpop.store import PatientStore, run_key
 
 log = logging.getLogger("vpop")
@@ -356,27 +356,36 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                         "chunk_size": settings.chunk_size, "draws": len(draws)})
     counts = EndpointCounts(list(arms), reference_arm)
     kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
-    for d, by_arm in enumerate(prepared):
-        twin_cov = {name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
-        for c, start in enumerate(range(0, n, chunk)):
-            ids = np.arange(start, min(start + chunk, n))
-            tables = {}
-            for name, p in by_arm.items():
-                done = store is not None and store.has(name, d, c)
-                if done:
-                    tables[name] = store.read(name, d, c)
-                    resumed += 1
+    twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
+                for by_arm in prepared]
+    chunks = [(d, c, np.arange(start, min(start + chunk, n))) for d in range(len(prepared)) for c, start in enumerate(range(0, n, chunk))]
+
+    def launch(d, c, ids):
+        """Dispatch the chunk's arms that are not on disk yet (None: resume from disk)."""
+        return {name: None if store is not None and store.has(name, d, c) else
+                dispatch_ids(p, ids, settings.seed, chunk, twin_cov[d].get(name)) for name, p in prepared[d].items()}
+
+    # One chunk ahead: the device simulates chunk i + 1 while the host tabulates and writes chunk i.
+    ahead = launch(*chunks[0])
+    for i, (d, c, ids) in enumerate(chunks):
+        pending, ahead = ahead, launch(*chunks[i + 1]) if i + 1 < len(chunks) else None
+        tables = {}
+        for name, p in prepared[d].items():
+            done = pending[name] is None
+            if done:
+                tables[name] = store.read(name, d, c)
+                resumed += 1
+            else:
+                tables[name] = patient_table(p, pending[name].result(), d, n_doses)
+                if store is None:
+                    kept.append(tables[name])
                 else:
-                    tables[name] = patient_table(p, simulate_ids(p, ids, settings.seed, chunk, twin_cov.get(name)), d, n_doses)
-                    if store is None:
-                        kept.append(tables[name])
-                    else:
-                        store.write(name, d, c, tables[name])
-                if progress is not None:
-                    progress(len(ids), resumed=done)
-            counts.add(d, tables)
-            if d == 0 and start < SAMPLE_PATIENTS:
-                sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
+                    store.write(name, d, c, tables[name])
+            if progress is not None:
+                progress(len(ids), resumed=done)
+        counts.add(d, tables)
+        if d == 0 and ids[0] < SAMPLE_PATIENTS:
+            sample += [t.iloc[:SAMPLE_PATIENTS - ids[0]] for t in tables.values()]
     if store is not None:
         store.finish()
     if resumed:
