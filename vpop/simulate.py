@@ -161,7 +161,7 @@ class PendingChunk(NamedTuple):
     def result(self) -> ArmResult:
         take = len(self.ids)
         red, cov = jax.tree_util.tree_map(lambda x: np.asarray(x)[:take], (self.reductions, self.covariates))
-        cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(population.Covariates(*cov).bsa_m2))
+        cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(cov.bsa_m2))
         schedule = self.prepared.inputs.schedule
         return ArmResult(self.prepared.arm, self.ids, cov_dict, red._asdict(),
                          np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))

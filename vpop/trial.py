@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -278,8 +279,6 @@ def compare(patients: pd.DataFrame, reference_arm: str, seed: int = 0) -> pd.Dat
 
 def _time_course_bands(prepared: PreparedArm, ids, seed: int, twins=None) -> dict[str, np.ndarray]:
     """Median and 5-95% band of the figure time courses over the given patients."""
-    import jax
-
     from vpop.model import system
 
     times, states, params = simulate_trajectories(prepared, ids, seed, twins)
@@ -311,8 +310,6 @@ def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n
     """Digest of everything the patient rows depend on: the kernels' inputs of every arm and draw,
     the population's response rules, n, seed, chunk size, digital twins and the vpop version. A run
     resumes only into chunks written under the same key."""
-    import jax
-
     try:
         code = version("vpop")
     except PackageNotFoundError:  # a source tree that was never installed
@@ -358,17 +355,19 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
     kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
     twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
                 for by_arm in prepared]
-    chunks = [(d, c, np.arange(start, min(start + chunk, n))) for d in range(len(prepared)) for c, start in enumerate(range(0, n, chunk))]
+    chunks = [(d, c, start) for d in range(len(prepared)) for c, start in enumerate(range(0, n, chunk))]
 
-    def launch(d, c, ids):
+    def launch(d, c, start):
         """Dispatch the chunk's arms that are not on disk yet (None: resume from disk)."""
+        ids = np.arange(start, min(start + chunk, n))
         return {name: None if store is not None and store.has(name, d, c) else
                 dispatch_ids(p, ids, settings.seed, chunk, twin_cov[d].get(name)) for name, p in prepared[d].items()}
 
     # One chunk ahead: the device simulates chunk i + 1 while the host tabulates and writes chunk i.
     ahead = launch(*chunks[0])
-    for i, (d, c, ids) in enumerate(chunks):
+    for i, (d, c, start) in enumerate(chunks):
         pending, ahead = ahead, launch(*chunks[i + 1]) if i + 1 < len(chunks) else None
+        size = min(chunk, n - start)
         tables = {}
         for name, p in prepared[d].items():
             done = pending[name] is None
@@ -382,14 +381,14 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                 else:
                     store.write(name, d, c, tables[name])
             if progress is not None:
-                progress(len(ids), resumed=done)
+                progress(size, resumed=done)
         counts.add(d, tables)
-        if d == 0 and ids[0] < SAMPLE_PATIENTS:
-            sample += [t.iloc[:SAMPLE_PATIENTS - ids[0]] for t in tables.values()]
+        if d == 0 and start < SAMPLE_PATIENTS:
+            sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
     if store is not None:
         store.finish()
     if resumed:
-        log.info("resumed %d of %d chunks from %s", resumed, len(prepared) * len(arms) * -(-n // chunk), store.root)
+        log.info("resumed %d of %d chunks from %s", resumed, len(chunks) * len(arms), store.root)
     dose_labels = {name: [a.label for a in p.compiled.periods] for name, p in prepared[0].items()}
     courses = {}
     if settings.trajectories > 0:
