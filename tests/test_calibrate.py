@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from vpop import calibrate, catalogue, parameters, posterior
+from vpop import targets as published
 from vpop.catalogue import ConfigError
 
 
@@ -27,7 +28,7 @@ def problem():
 
 
 def test_targets_file_is_valid_and_keeps_validation_out_of_the_fit():
-    t = calibrate.load_targets("targets")
+    t = published.load("targets")
     assert set(t.role) == {"calibration", "validation", "excluded"}
     assert (t.k <= t.n).all()
     fit = calibrate.build_problem(_cfg(only_targets=None, horizon_days=14, patients_per_cohort=2), roles=("calibration",))
@@ -114,12 +115,25 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path):
     ppc = pd.read_csv(files["ppc"])
     assert list(ppc.columns)[:7] == ["target", "endpoint", "role", "observed", "predicted_mean", "lower", "upper"]
     assert set(ppc.role) == {"calibration", "validation"}
+    # Full NUTS statistics, so ArviZ's energy diagnostics work on the file.
+    assert {"energy", "step_size", "tree_depth", "acceptance_rate", "diverging", "lp"} <= set(idata.sample_stats.data_vars)
+    assert np.all(np.isfinite(az.bfmi(idata)))
     assert ((ppc.lower <= ppc.predicted_mean + 1e-9) & (ppc.predicted_mean <= ppc.upper + 1e-9)).all()
     for fig in ("rank.png", "pairs.png", "ppc.png"):
         assert (tmp_path / "figures" / fig).exists()
     # The trial runner takes it as a posterior: draws become parameter overrides.
     draws = posterior.draws(str(files["posterior"]), 3)
     assert len(draws) == 3 and all(set(d) == set(idata.posterior.data_vars) for d in draws)
+
+
+def test_convergence_problems_are_logged(caplog):
+    diag = pd.DataFrame({"parameter": ["a", "b"], "r_hat": [1.005, 1.14], "ess_bulk": [900, 120], "ess_tail": [800, 90],
+                         "divergences": [3, 3]})
+    with caplog.at_level("WARNING", logger="vpop"):
+        msgs = calibrate.warn_convergence(diag)
+    assert msgs == ["b: R-hat 1.140 > 1.01", "b: ess_bulk ESS 120 < 400", "b: ess_tail ESS 90 < 400", "3 divergent transitions"]
+    assert caplog.text.count("calibration not converged") == 4
+    assert calibrate.warn_convergence(diag.iloc[:1].assign(divergences=0)) == []
 
 
 def test_smooth_rates_agree_with_the_trial_endpoints():

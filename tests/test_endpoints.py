@@ -93,6 +93,19 @@ def test_leukaemia_cr_by_marrow_blasts():
     assert [endpoints.RESPONSES[b] for b in best] == ["CR", "SD"]
 
 
+def test_myeloma_zero_burden_is_complete_response_not_progression():
+    best, first_pd = endpoints.myeloma_response(np.zeros((1, 3)))
+    assert endpoints.RESPONSES[best[0]] == "CR" and first_pd[0] == -1
+    burden = np.array([
+        [0.3, 0.2, 0.6],  # PR, then +0.4 above the nadir: progression at the third assessment
+        [0.002, 0.001, 0.004],  # CR; a 4-fold rise from a near-zero nadir is not measurable progression
+        [0.9, 1.1, 1.2],  # SD then progression from baseline (>= 25% and >= 5% of baseline above nadir)
+    ])
+    best, first_pd = endpoints.myeloma_response(burden)
+    assert [endpoints.RESPONSES[b] for b in best] == ["PR", "CR", "SD"]
+    np.testing.assert_array_equal(first_pd, [2, -1, 2])
+
+
 def test_reductions_are_jittable_and_vmappable():
     reg = doses((1, 1, 1, "mg"), cycle_days=7)
     p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg)

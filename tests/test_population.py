@@ -50,16 +50,41 @@ def test_covariates_follow_their_distributions(prepared):
     assert np.all((cov["bsa_m2"] > 1.2) & (cov["bsa_m2"] < 2.8))
 
 
-def test_digital_twins_one_patient_per_row(tmp_path, prepared):
+def test_digital_twins_one_patient_per_row(tmp_path, prepared, caplog):
     rows = pd.DataFrame({"weight_kg": [50.0, 120.0], "tumour_volume_ml": [10.0, 400.0], "cd8_t_cells_per_ul": [100.0, 600.0]})
     path = tmp_path / "twins.csv"
     rows.to_csv(path, index=False)
-    twins = population.twins_covariates(population.read_twins(path), prepared.population)
+    # A missing covariate column is an error naming it, unless filling was asked for ...
+    with pytest.raises(ConfigError, match=r"lacks column\(s\) \['age_years', 'female', 'height_cm'"):
+        population.read_twins(path)
+    with caplog.at_level("INFO", logger="vpop"):
+        table = population.read_twins(path, fill="median")
+    assert "age_years" in caplog.text and "filled" in caplog.text  # ... and then the log says which
+    twins = population.twins_covariates(table, prepared.population)
     res = simulate_arm(prepared, 2, seed=0, chunk_size=2, twins=twins)
     np.testing.assert_allclose(res.covariates["weight_kg"], [50.0, 120.0])
     np.testing.assert_allclose(res.covariates["tumour_volume_ml"], [10.0, 400.0])
-    # Columns the CSV lacks take the population's typical value.
-    np.testing.assert_allclose(res.covariates["age_years"], [60.0, 60.0])
+    np.testing.assert_allclose(res.covariates["age_years"], [60.0, 60.0])  # the population median
+
+
+def test_digital_twins_keep_the_users_patient_ids(tmp_path):
+    from vpop import trial
+
+    cols = {c: [1.0, 1.0, 1.0] for c in population.COVARIATES}
+    cols.update(weight_kg=[60.0, 70.0, 80.0], height_cm=[170.0] * 3, age_years=[50.0] * 3, tumour_volume_ml=[50.0] * 3,
+                cd8_t_cells_per_ul=[300.0] * 3, b_cells_per_ul=[5.0] * 3, female=[0.0] * 3, marrow_malignant_percent=[0.0] * 3,
+                prior_car_t=[0.0] * 3)
+    path = tmp_path / "twins.csv"
+    pd.DataFrame({"patient_id": ["UK-017", "UK-002", "DE-311"], **cols}).to_csv(path, index=False)
+    arms, ref = trial.arms_from_config({"arms": {"a": {"drug": "mosunetuzumab", "route": "iv", "population": "fl_rr",
+                                                       "regimen": "mosunetuzumab_fl_iv"}}})
+    result = trial.run_trial(arms, ref, trial.TrialSettings(horizon_days=7, trajectories=0), twins=population.read_twins(path))
+    assert list(result.patients.patient_id) == ["UK-017", "UK-002", "DE-311"]
+    np.testing.assert_allclose(result.patients.weight_kg, [60.0, 70.0, 80.0])
+    dup = tmp_path / "dup.csv"
+    pd.DataFrame({"patient_id": ["A", "A", "B"], **cols}).to_csv(dup, index=False)
+    with pytest.raises(ConfigError, match="patient_id must be unique"):
+        population.read_twins(dup)
 
 
 @pytest.mark.parametrize(
@@ -75,5 +100,5 @@ def test_malformed_twin_csv_is_rejected_with_the_column_named(tmp_path, content,
     path = tmp_path / "twins.csv"
     path.write_text(content)
     with pytest.raises(ConfigError) as err:
-        population.read_twins(path)
+        population.read_twins(path, fill="median")
     assert message in str(err.value)

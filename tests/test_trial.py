@@ -41,8 +41,10 @@ def test_contract_columns_and_endpoint_names(small_trial, tmp_path):
     summary = pd.read_csv(tmp_path / "summary.csv")
     comparisons = pd.read_csv(tmp_path / "comparisons.csv")
     patients = pd.read_parquet(tmp_path / "patients.parquet")
-    assert list(summary.columns) == ["arm", "endpoint", "estimate", "lower", "upper", "n"]
-    assert list(comparisons.columns) == ["endpoint", "arm", "reference_arm", "difference", "lower", "upper"]
+    assert list(summary.columns) == ["arm", "endpoint", "estimate", "lower", "upper", "n", "support", "cycle", "day", "hour",
+                                     "amount", "unit"]
+    assert list(comparisons.columns) == ["endpoint", "arm", "reference_arm", "difference", "lower", "upper",
+                                         "reference_endpoint", "dose", "reference_dose"]
     names = set(summary.endpoint)
     assert {"orr", "cr", "crs_any", "crs_grade2plus", "crs_grade3plus", "crs_any_dose1", "crs_any_dose2", "toci_rescue"} <= names
     assert len(patients) == 2 * 120 and {"arm", "draw", "patient_id"} <= set(patients.columns)
@@ -51,6 +53,51 @@ def test_contract_columns_and_endpoint_names(small_trial, tmp_path):
     assert set(comparisons.arm) == {"sc"} and set(comparisons.reference_arm) == {"iv"}
     for fig in report.FIGURES:
         assert (tmp_path / "figures" / fig).stat().st_size > 10_000
+    # Every per-dose endpoint carries its calendar; the patient rows name each dose.
+    per_dose = summary[summary.endpoint.str.contains("_dose")].set_index(["arm", "endpoint"])
+    assert per_dose.loc[("iv", "crs_any_dose3"), ["cycle", "day", "amount", "unit"]].tolist() == [1, 15, 60, "mg"]
+    assert per_dose.loc[("sc", "crs_any_dose2"), ["cycle", "day", "amount", "unit"]].tolist() == [1, 8, 45, "mg"]
+    assert set(patients[patients.arm == "iv"].dose3) == {"C1D15 60 mg"}
+    doses = pd.read_csv(tmp_path / "doses.csv")
+    assert list(doses[(doses.arm == "iv") & (doses.role == "bispecific")].amount) == [1, 2, 60, 60]
+
+
+def test_support_says_which_rates_rest_on_published_targets(small_trial):
+    support = small_trial.summary.set_index(["arm", "endpoint"]).support
+    assert support[("iv", "crs_any")] == "calibrated"  # T03: mosunetuzumab IV in R/R FL
+    assert support[("iv", "orr")] == "calibrated"  # T01
+    assert support[("sc", "crs_any")] == "validated"  # V01: the SC cohort is predicted, never fitted
+    assert support[("sc", "orr")] == "extrapolated"  # no SC response target
+    assert support[("iv", "b_cell_depletion")] == "extrapolated"
+
+
+def test_per_dose_comparisons_pair_the_same_calendar_day():
+    """Arm doses on days 1, 8, 15 against a reference dosed on days 1, 15: C1D8 has no counterpart,
+    and C1D15 (the arm's dose 3) is compared with the reference's dose 2, as the row says."""
+    from vpop.regimen import Administration
+
+    def periods(days, amounts):
+        return [Administration(d - 1.0, "bispecific", "iv", a, "mg", 1, label=f"C1D{d} {a} mg", cycle_day=d)
+                for d, a in zip(days, amounts)]
+
+    cal = {"ref": periods([1, 15], [60, 60]), "step": periods([1, 8, 15], [1, 2, 60])}
+    counts = trial.EndpointCounts(["ref", "step"], "ref", cal)
+    n = 40
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"patient_id": np.arange(n), "crs_any_dose1": rng.random(n) < 0.6, "crs_any_dose2": rng.random(n) < 0.1,
+                        "crs_any_dose3": pd.array([pd.NA] * n, dtype="boolean")})  # tables share columns; absent doses are null
+    step = pd.DataFrame({"patient_id": np.arange(n), "crs_any_dose1": rng.random(n) < 0.05, "crs_any_dose2": rng.random(n) < 0.05,
+                         "crs_any_dose3": rng.random(n) < 0.3})
+    for t in (ref, step):
+        for c in trial.MAIN_ENDPOINTS + ("progression", "b_cell_depletion"):
+            t[c] = False
+    counts.add(0, {"ref": ref, "step": step})
+    c = counts.comparisons().set_index("endpoint")
+    assert "crs_any_dose2" not in c.index  # C1D8: the reference has no dose that day
+    row = c.loc["crs_any_dose3"]
+    assert (row.reference_endpoint, row.dose, row.reference_dose) == ("crs_any_dose2", "C1D15 60 mg", "C1D15 60 mg")
+    expected = 100 * (step.crs_any_dose3.mean() - ref.crs_any_dose2.mean())
+    assert row.difference == pytest.approx(expected)
 
 
 def test_paired_difference_matches_the_arm_rates(small_trial):
@@ -162,18 +209,78 @@ def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path):
     assert not list((tmp_path / "outputs" / ".checkpoints").glob("*/patients.parquet"))  # the checkpoint became the result
 
 
-def test_cli_bad_config_exits_with_the_field_named_and_writes_nothing(tmp_path):
-    out = tmp_path / "out"
-    run = _cli("+experiment=mosunetuzumab_iv_vs_sc", "experiment.arms.iv.drug=rituximab", f"hydra.run.dir={out}", cwd=tmp_path)
+@pytest.mark.parametrize("args, message", [
+    (["+experiment=mosunetuzumab_iv_vs_sc", "experiment.arms.iv.drug=rituximab"], "unknown drug 'rituximab'"),
+    (["+experiment=mosunetuzumab_iv_vs_sc", "seed=-1"], "seed must be a whole number 0-4294967295, got -1"),
+    ([], "no experiment: add +experiment=NAME; available: blinatumomab_ramp"),
+])
+def test_cli_bad_input_says_one_line_on_stderr_and_leaves_no_folder(tmp_path, args, message):
+    run = _cli(*args, cwd=tmp_path)
     assert run.returncode == 2
-    assert "unknown drug 'rituximab'" in run.stderr + run.stdout
-    assert not (out / "summary.csv").exists()
+    assert run.stderr.strip().splitlines() == [f"vpop-trial: error: {run.stderr.strip().split('error: ', 1)[1]}"]
+    assert message in run.stderr and run.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no outputs/<experiment>/<time>/, not even Hydra's .hydra/ and log
 
 
-def test_cli_without_experiment_lists_them(tmp_path):
-    run = _cli(f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert run.returncode == 2
-    assert "mosunetuzumab_iv_vs_sc" in run.stderr + run.stdout
+def test_cli_dry_run_prints_the_dose_calendar_and_simulates_nothing(tmp_path):
+    run = _cli("+experiment=teclistamab_tocilizumab_prophylaxis", "dry_run=true", "draws=1", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    arm = lines.index(next(x for x in lines if x.startswith("arm before_dose1:")))
+    toci = next(x for x in lines[arm:] if x.split()[:2] == ["prophylaxis", "tocilizumab"])
+    assert toci.split()[2:7] == ["1", "1", "-4", "8", "mg/kg"]  # C1D1, 4 h before step-up dose 1
+    assert "552" in toci  # mg for the typical 69 kg patient
+    first = next(x for x in lines[arm:] if x.split()[:2] == ["bispecific", "teclistamab"])
+    assert first.split()[2:7] == ["1", "1", "0", "0.06", "mg/kg"]
+    assert "simulated" not in run.stderr + run.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_override():
+    from vpop import cli
+
+    text = cli.trial_help()
+    for key in cli.OVERRIDES:
+        assert f"  {key}=" in text
+    assert "mosunetuzumab_iv_vs_sc" in text
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from vpop import catalogue
+
+    with initialize_config_dir(config_dir=str(catalogue.shipped_configs()), version_base="1.3"):
+        return compose(config_name="trial", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=abc"], "seed must be a whole number 0-4294967295, got 'abc'"),
+    (["seed=4294967296"], "seed must be a whole number 0-4294967295"),
+    (["+populaton.n=20"], "unknown key 'populaton': did you mean 'population'?"),
+    (["+population.nn=20"], "population: unknown key(s) ['nn']; allowed: n"),
+    (["draws=100000"], "draws=100000: posterior 'default' holds"),
+    (["twins_fill=mean"], "twins_fill must be one of none, median, got 'mean'"),
+    (["+objective={minimise: crs_gradetwo, arm: sc, no_worse_than: orr, margin_pp: 5}"],
+     "objective.minimise 'crs_gradetwo' is not an endpoint of arm sc; allowed: orr, cr,"),
+    (["+objective={minimise: crs_any_dose11, arm: sc, no_worse_than: orr, margin_pp: 5}"], "crs_any_dose10, crs_grade2plus_dose1"),
+])
+def test_bad_overrides_are_refused_before_any_simulation(overrides, message):
+    from vpop import cli
+
+    cfg = _compose("+experiment=mosunetuzumab_iv_vs_sc", "draws=2", *overrides)
+    with pytest.raises(ConfigError) as err:
+        cli.plan(cfg)
+    assert message in str(err.value)
+
+
+def test_experiment_files_may_add_their_own_top_level_keys():
+    from vpop import cli
+
+    cfg = _compose("+experiment=stepup_grid", "posterior=none", "step_up.dose1_mg=0.5")
+    p = cli.plan(cfg, experiment_keys=["experiment", "step_up"])
+    assert p.prepared[0]["candidate"].compiled.periods[0].amount == 0.5
+    with pytest.raises(ConfigError, match="unknown key 'step_up'"):
+        cli.plan(cfg)  # a key no experiment file defines is a typo
 
 
 def test_shipped_experiments_are_valid():

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from vpop import calibrate, posterior
+from vpop import targets as published
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "validation" / "run.py"
 
@@ -41,7 +42,7 @@ def test_report_on_a_tiny_population(validation, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     table = pd.read_csv(out / "validation.csv")
     assert list(table.columns[:9]) == validation.COLUMNS
-    targets = calibrate.load_targets("targets")
+    targets = published.load("targets")
     assert set(targets.id[targets.role == "validation"]) <= set(table.target)
     assert {"validation", "calibration", "comparison", "prediction"} <= set(table.role)
     inside = table.dropna(subset=["predicted"])

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import jax
@@ -41,40 +40,17 @@ import pandas as pd
 from jax.scipy.stats import norm
 from omegaconf import DictConfig
 
-from vpop import catalogue, parameters, population
+from vpop import catalogue, parameters, population, targets as published
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, prepare_arm, sample_covariates, simulate_stacked, stack_arms
 
 log = logging.getLogger("vpop")
-ROLES = ("calibration", "validation", "excluded")
-TARGET_COLUMNS = ("id", "drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days",
-                  "endpoint", "n", "k", "role", "trial", "citation", "note")
 EMULATED_RATE_FLOOR = 1e-3
-SMOOTH_ENDPOINTS = ("crs_any", "crs_grade2plus", "crs_grade3plus", "orr", "cr")
-
-
-def load_targets(name_or_path: str = "targets") -> pd.DataFrame:
-    """Published targets: `vpop/data/<name>.csv` or a CSV path (columns as in `TARGET_COLUMNS`)."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = resources.files("vpop.data") / f"{name_or_path}.csv"
-    try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except FileNotFoundError:
-        raise ConfigError(f"calibration.targets: no such targets file '{name_or_path}'") from None
-    missing = [c for c in TARGET_COLUMNS if c not in df.columns]
-    if missing:
-        raise ConfigError(f"targets {path}: missing column(s) {missing}; needed: {', '.join(TARGET_COLUMNS)}")
-    bad = df[~df.role.isin(ROLES)]
-    if len(bad):
-        raise ConfigError(f"targets {path}: role of {bad.id.iloc[0]} is {bad.role.iloc[0]!r}; allowed: {', '.join(ROLES)}")
-    used = df[df.role != "excluded"]
-    bad = used[~used.endpoint.isin(SMOOTH_ENDPOINTS)]
-    if len(bad):
-        raise ConfigError(f"targets {path}: endpoint of {bad.id.iloc[0]} is {bad.endpoint.iloc[0]!r}; allowed: {', '.join(SMOOTH_ENDPOINTS)}")
-    if ((used.k < 0) | (used.k > used.n)).any():
-        raise ConfigError(f"targets {path}: every k must lie in 0..n")
-    return df
+NUTS_STATS = ("potential_energy", "energy", "num_steps", "adapt_state.step_size", "accept_prob", "diverging")
+# Convergence the diagnostics must meet, else a warning (Vehtari et al. 2021 Bayesian Anal 16:667: R-hat < 1.01,
+# bulk and tail ESS > 400 for four chains).
+RHAT_MAX = 1.01
+ESS_MIN = 400
 
 
 @dataclass(frozen=True)
@@ -198,7 +174,7 @@ class Problem:
 
 def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "validation")) -> Problem:
     """Cohorts for the targets of the given roles (rescue off, see the module docstring)."""
-    targets = load_targets(cfg.targets)
+    targets = published.load(cfg.targets)
     if cfg.get("only_targets"):
         unknown = sorted(set(cfg.only_targets) - set(targets.id))
         if unknown:
@@ -400,7 +376,8 @@ def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, pro
     mcmc = MCMC(kernel, num_warmup=int(cfg.warmup), num_samples=int(samples or cfg.samples), num_chains=int(cfg.chains),
                 chain_method=str(cfg.chain_method), progress_bar=progress)
     init = _starting_points(problem, emulator, int(cfg.chains)) if emulator is not None else None
-    mcmc.run(key, problem, emulator=emulator, init_params=init)
+    # Kept for ArviZ's sample_stats: energy (az.bfmi, az.plot_energy), step size, tree depth, acceptance.
+    mcmc.run(key, problem, emulator=emulator, init_params=init, extra_fields=NUTS_STATS)
     return mcmc
 
 
@@ -485,6 +462,7 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
     summary = az.summary(idata, var_names=names, kind="all", round_to="none")
     summary.insert(0, "parameter", summary.index)
     summary["divergences"] = int(np.asarray(idata.sample_stats.diverging).sum())
+    warn_convergence(summary)
     ppc = ppc_table(full_problem.targets, post_rates, int(cfg.seed))
     if emulator is not None:  # how far the emulator was from the simulator at the posterior draws
         u = np.stack([np.asarray(thinned[p.site]) for p in fit_problem.parameters], axis=1)
@@ -506,6 +484,19 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
         emulator_error.to_csv(files["emulator"], index=False, float_format="%.4f")
     figures(idata, names, ppc, prior_ppc, out_dir / "figures")
     return files
+
+
+def warn_convergence(summary: pd.DataFrame) -> list[str]:
+    """Log a warning for every convergence diagnostic outside its bound (R-hat, bulk/tail ESS,
+    divergences); returns the messages."""
+    msgs = [f"{r.parameter}: R-hat {r.r_hat:.3f} > {RHAT_MAX}" for r in summary.itertuples() if r.r_hat > RHAT_MAX]
+    msgs += [f"{r.parameter}: {kind} ESS {getattr(r, kind):.0f} < {ESS_MIN}" for r in summary.itertuples()
+             for kind in ("ess_bulk", "ess_tail") if getattr(r, kind) < ESS_MIN]
+    if len(summary) and summary.divergences.iloc[0] > 0:
+        msgs.append(f"{int(summary.divergences.iloc[0])} divergent transitions")
+    for m in msgs:
+        log.warning("calibration not converged: %s (more warmup, samples or chains; see diagnostics.csv)", m)
+    return msgs
 
 
 def figures(idata, names: list[str], ppc: pd.DataFrame, prior_ppc: pd.DataFrame, folder: Path) -> None:

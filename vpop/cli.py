@@ -1,22 +1,54 @@
-"""Command-line apps (Hydra): `vpop-trial` runs an in-silico trial."""
+"""Command-line apps (Hydra): `vpop-trial` runs an in-silico trial, `vpop-calibrate` a calibration.
+
+A trial is planned before anything is simulated or written: every override, arm, dose, posterior
+draw, digital twin and objective is checked first (`plan`), so bad input stops the run with one line
+on stderr (exit status 2) and the output folder Hydra made for it is removed again.
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vpop import catalogue, posterior, report
 from vpop.catalogue import ConfigError
-from vpop.trial import TrialSettings, arms_from_config, run_trial
+from vpop.population import TWIN_FILL
+from vpop.simulate import Arm, PreparedArm, check_sizes
+from vpop.trial import MAIN_ENDPOINTS, TrialSettings, arms_from_config, prepare_draws, run_trial
 
 log = logging.getLogger("vpop")
+
+# vpop-trial's own overrides, one line each (`vpop-trial --help`); the keys of configs/trial.yaml.
+OVERRIDES = {
+    "+experiment": ("NAME", "the trial to run (configs/experiment/NAME.yaml, or your own with --config-dir DIR)"),
+    "population.n": ("1000", "virtual patients per arm (the same patients in every arm)"),
+    "seed": ("0", "whole number 0-4294967295: patient p of seed s is the same in every run, chunking and device count"),
+    "posterior": ("default", "default (the shipped calibration), a path to a posterior.nc, or none (nominal values, one draw)"),
+    "draws": ("20", "posterior draws propagated into the intervals, at most as many as the posterior holds"),
+    "chunk_size": ("10000", "patients per device call; host memory grows with it, not with population.n"),
+    "checkpoint_dir": ("outputs/.checkpoints", "where chunks stream while a run is in progress"),
+    "resume": ("true", "a rerun with the same inputs skips the chunks already written; false starts afresh"),
+    "horizon_days": ("null", "simulated days (null: the regimen's length)"),
+    "assessment_every_days": ("null", "days between response assessments (null: the regimen's, else 42)"),
+    "trajectories": ("100", "patients per arm whose time courses feed figures/time_courses.png (0: none)"),
+    "twins": ("null", "CSV of real patients' covariates, one virtual patient per row (optional patient_id column)"),
+    "twins_fill": ("none", "none: every covariate column is required; median: missing columns take each population's median"),
+    "progress": ("auto", "auto (a patients/s bar on a terminal), true or false"),
+    "objective": ("null", "{minimise, arm, no_worse_than, margin_pp}: the value an Optuna sweep minimises"),
+    "dry_run": ("false", "true: check everything and print each arm's dose calendar, simulate nothing"),
+}
+SEED_MAX = 2**32 - 1  # JAX keys are 32-bit: seed 2**32 would give seed 0's patients
 
 
 def _use_user_config_dirs() -> None:
@@ -24,6 +56,10 @@ def _use_user_config_dirs() -> None:
     for source in HydraConfig.get().runtime.config_sources:
         if source.provider == "command-line" and source.schema == "file":
             catalogue.add_search_dir(source.path)
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 class Progress:
@@ -48,63 +84,197 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
         seconds = time.perf_counter() - self.start
-        log.info("simulated %d patient-arm-draws in %.1f s (%.0f patients/s, compilation included)",
-                 self.simulated, seconds, self.simulated / max(seconds, 1e-9))
+        log.info("simulated %d patient-arm-draws in %.1f s (%s patients/s, compilation included)",
+                 self.simulated, seconds, _rate(self.simulated / max(seconds, 1e-9)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: every check before any work
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A checked trial: what `run_trial` needs, with every arm compiled for every draw."""
+
+    arms: dict[str, Arm]
+    reference_arm: str
+    settings: TrialSettings
+    draws: list[dict[str, float]]
+    twins: object  # a twin DataFrame or None
+    prepared: list[dict[str, PreparedArm]]
+    objective: dict | None
+
+
+def check_keys(cfg: DictConfig, experiment_keys=()) -> None:
+    """Reject top-level keys vpop does not know (a typo like `+populaton.n=20` would else be
+    ignored), naming the nearest valid key. `experiment_keys`: top-level keys the experiment file
+    itself defines (e.g. `step_up` of the step-up grid)."""
+    allowed = {k.lstrip("+").split(".")[0] for k in OVERRIDES} | set(experiment_keys) | {"hydra"}
+    for key in cfg:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(f"unknown key '{key}': {hint}allowed: {', '.join(sorted(allowed - {'hydra'}))}")
+    extra = set(cfg.get("population") or {}) - {"n"}
+    if extra:
+        raise ConfigError(f"population: unknown key(s) {sorted(extra)}; allowed: n (arms name their population)")
 
 
 def _settings(cfg: DictConfig) -> TrialSettings:
-    return TrialSettings(
-        n=cfg.population.n,
-        seed=cfg.seed,
-        draws=cfg.draws,
-        chunk_size=cfg.chunk_size,
-        horizon_days=cfg.horizon_days,
-        assessment_every_days=cfg.assessment_every_days,
-        trajectories=cfg.trajectories,
-    )
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed must be a whole number 0-{SEED_MAX}, got {seed!r}")
+    trajectories = cfg.trajectories
+    if isinstance(trajectories, bool) or not isinstance(trajectories, int) or trajectories < 0:
+        raise ConfigError(f"trajectories must be a whole number >= 0, got {trajectories!r}")
+    if cfg.progress not in ("auto", True, False):
+        raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
+    if not isinstance(cfg.resume, bool):
+        raise ConfigError(f"resume must be true or false, got {cfg.resume!r}")
+    if cfg.twins_fill not in TWIN_FILL:
+        raise ConfigError(f"twins_fill must be one of {', '.join(TWIN_FILL)}, got {cfg.twins_fill!r}")
+    for key in ("horizon_days", "assessment_every_days"):
+        v = cfg[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ConfigError(f"{key} must be a positive number of days or null, got {v!r}")
+    settings = TrialSettings(n=cfg.population.n, seed=seed, chunk_size=cfg.chunk_size, horizon_days=cfg.horizon_days,
+                             assessment_every_days=cfg.assessment_every_days, trajectories=trajectories)
+    check_sizes(settings.n, settings.chunk_size)
+    return settings
 
 
-def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
-    """The trial app without Hydra's wrapping (used by tests)."""
+def trial_endpoints(prepared: PreparedArm) -> list[str]:
+    """Every endpoint of summary.csv for one arm (what an objective may name)."""
+    doses = range(1, len(prepared.compiled.periods) + 1)
+    return [*MAIN_ENDPOINTS, "progression", "b_cell_depletion", *(f"crs_any_dose{k}" for k in doses),
+            *(f"crs_grade2plus_dose{k}" for k in doses)]
+
+
+def plan(cfg: DictConfig, experiment_keys=()) -> Plan:
+    """Check every input and compile every arm for every posterior draw; nothing is simulated or written."""
+    from vpop import sweep
+
+    check_keys(cfg, experiment_keys)
     try:
         experiment = cfg.experiment
     except MissingMandatoryValue:
         raise ConfigError(f"no experiment: add +experiment=NAME; available: {', '.join(catalogue.available('experiment'))}") from None
     arms, reference_arm = arms_from_config(experiment)
     settings = _settings(cfg)
-    if not isinstance(settings.n, int) or settings.n <= 0:
-        raise ConfigError(f"population.n must be a positive whole number of patients, got {settings.n!r}")
+    objective = sweep.objective_spec(cfg.objective, experiment) if cfg.get("objective") is not None else None
+    if cfg.posterior in (None, "none") and cfg.draws != 1:
+        log.info("posterior=none: one draw of the nominal parameters (draws=%s does not apply)", cfg.draws)
     draws = posterior.draws(cfg.posterior, cfg.draws, cfg.seed)
     twins = None
     if cfg.twins:
         from vpop.population import read_twins
 
-        twins = read_twins(cfg.twins)
-    n = len(twins) if twins is not None else settings.n
+        twins = read_twins(cfg.twins, cfg.twins_fill)
+        check_sizes(len(twins), settings.chunk_size)
+    prepared = prepare_draws(arms, settings, catalogue.load("model", "default"), draws)
+    if objective is not None:
+        for field, arm in (("minimise", objective["arm"]), ("no_worse_than", objective["arm"]),
+                           ("no_worse_than", objective["reference_arm"])):
+            allowed = trial_endpoints(prepared[0][arm])
+            if objective[field] not in allowed:
+                raise ConfigError(f"objective.{field} '{objective[field]}' is not an endpoint of arm {arm}; allowed: {', '.join(allowed)}")
+    return Plan(arms, reference_arm, settings, draws, twins, prepared, objective)
+
+
+def dose_calendar(p: Plan) -> str:
+    """Each arm's compiled administrations, as a dry run prints them."""
+    lines = []
+    for name, prepared in p.prepared[0].items():
+        pop = prepared.population.covariates
+        weight, height = _typical(pop.weight_kg), _typical(pop.height_cm)
+        bsa = (weight * height / 3600.0) ** 0.5
+        arm = p.arms[name]
+        lines.append(f"arm {name}: {arm.drug} {arm.route} in {arm.population} (mg for the population's typical "
+                     f"{weight:g} kg, {bsa:.2f} m2)")
+        lines.append(f"  {'role':<14}{'drug':<15}{'cycle':>5}{'day':>5}{'hour':>6}{'amount':>10} {'unit':<10}{'mg':>9} route")
+        for a in prepared.compiled.administrations:
+            mg = a.mg_for(weight, bsa)
+            unit = a.unit + (f" x {a.duration_days:g} d" if a.continuous else "")
+            lines.append(f"  {a.role:<14}{a.drug:<15}{a.cycle:>5}{a.cycle_day:>5g}{a.hour:>6g}{a.amount:>10g} {unit:<10}"
+                         f"{mg:>9.4g} {a.route}")
+        lines.append(f"  {len(prepared.compiled.periods)} administrations of {arm.drug} (dose periods); horizon "
+                     f"{prepared.compiled.horizon_day:g} days; assessments on days "
+                     f"{', '.join(f'{d:g}' for d in prepared.compiled.assessment_days)}")
+    return "\n".join(lines)
+
+
+def _typical(spec) -> float:
+    from vpop.population import typical_covariate
+
+    return typical_covariate(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# vpop-trial
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]:
+    """The trial app without Hydra's wrapping (used by tests): plan, simulate, write."""
+    p = plan(cfg, experiment_keys)
+    if cfg.dry_run:
+        print(dose_calendar(p))
+        return []
     import jax
 
     devices = jax.local_devices()
-    log.info("%d arm(s) x %d draw(s) x %d patients on %d %s device(s), chunks of %d", len(arms), len(draws), n,
-             len(devices), devices[0].platform, settings.chunk_size)
-    progress = Progress(cfg.progress, n * len(arms) * len(draws))
+    n = len(p.twins) if p.twins is not None else p.settings.n
+    log.info("%d arm(s) x %d draw(s) x %d patients on %d %s device(s), chunks of %d", len(p.arms), len(p.draws), n,
+             len(devices), devices[0].platform, p.settings.chunk_size)
+    progress = Progress(cfg.progress, n * len(p.arms) * len(p.draws))
     try:
-        result = run_trial(arms, reference_arm, settings, draws=draws, twins=twins, progress=progress,
-                           checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume)
+        result = run_trial(p.arms, p.reference_arm, p.settings, draws=p.draws, twins=p.twins, progress=progress,
+                           checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume, prepared=p.prepared)
     finally:
         progress.close()
     written = report.write_outputs(result, out_dir)
-    log.info("wrote %s", ", ".join(str(p) for p in written))
+    log.info("wrote %s", ", ".join(str(f) for f in written))
     log.info("main endpoints:\n%s", report.markdown_table(result.summary))
+    extrapolated = result.summary[(result.summary.support == "extrapolated") & result.summary.endpoint.isin(MAIN_ENDPOINTS)]
+    if len(extrapolated):
+        log.warning("no published target behind these rates (extrapolated; see summary.csv support): %s",
+                    ", ".join(f"{r.arm}/{r.endpoint}" for r in extrapolated.itertuples()))
     return written
 
 
-@hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="trial")
-def trial(cfg: DictConfig) -> float | None:
-    """vpop-trial +experiment=NAME [population.n=N seed=S posterior=default draws=D chunk_size=C ...]
+def _discard_run_dir(out_dir: Path) -> None:
+    """Remove what Hydra wrote for a run that stopped before producing anything (.hydra/ and the job
+    log), then the run folder and its parents below the working directory while they are empty."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep's job folders stay, so the gather sees the failure
+        return
+    shutil.rmtree(out_dir / ".hydra", ignore_errors=True)
+    (out_dir / f"{HydraConfig.get().job.name}.log").unlink(missing_ok=True)
+    cwd = Path.cwd().resolve()
+    folder = out_dir.resolve()
+    while True:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
+        folder = folder.parent
+        if folder == cwd or cwd not in folder.parents:
+            break
 
-    Returns the objective value (what an Optuna sweep minimises, vpop/sweep.py) when `objective` is
-    set, else None.
-    """
+
+def _experiment_keys() -> list[str]:
+    """Top-level keys of the chosen experiment file (an `# @package _global_` file may add its own)."""
+    name = HydraConfig.get().runtime.choices.get("experiment")
+    if not name:
+        return []
+    try:
+        return [str(k) for k in catalogue.load("experiment", name)]
+    except ConfigError:
+        return []
+
+
+@hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="trial")
+def _trial_app(cfg: DictConfig) -> float | None:
     import pandas as pd
 
     from vpop import sweep
@@ -113,20 +283,57 @@ def trial(cfg: DictConfig) -> float | None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" on CPU
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        spec = None
-        if cfg.get("objective") is not None:  # checked before simulating; a missing experiment is run()'s to report
-            spec = sweep.objective_spec(cfg.objective, None if OmegaConf.is_missing(cfg, "experiment") else cfg.experiment)
-        run(cfg, out_dir)
-        if spec is None:
-            return None
-        # run() returns paths, not results: the objective reads the summary.csv it wrote.
-        value = sweep.objective(pd.read_csv(out_dir / "summary.csv"), spec)
-        log.info("objective (%s of %s, %s no worse than %s - %g pp): %.3f", spec["minimise"], spec["arm"],
-                 spec["no_worse_than"], spec["reference_arm"], spec["margin_pp"], value)
-        return value
+        written = run(cfg, out_dir, _experiment_keys())
     except ConfigError as err:
-        log.error("%s", err)
+        _discard_run_dir(out_dir)
+        print(f"vpop-trial: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if not written:  # a dry run
+        _discard_run_dir(out_dir)
+        return None
+    if cfg.get("objective") is None:
+        return None
+    spec = sweep.objective_spec(cfg.objective, cfg.experiment)
+    # run() returns paths, not results: the objective reads the summary.csv it wrote.
+    value = sweep.objective(pd.read_csv(out_dir / "summary.csv"), spec)
+    log.info("objective (%s of %s, %s no worse than %s - %g pp): %.3f", spec["minimise"], spec["arm"],
+             spec["no_worse_than"], spec["reference_arm"], spec["margin_pp"], value)
+    return value
+
+
+def trial_help() -> str:
+    width = max(len(k) + len(v[0]) + 1 for k, v in OVERRIDES.items())
+    lines = ["vpop-trial: an in-silico trial of T-cell-engaging bispecific antibodies",
+             "",
+             "  vpop-trial +experiment=NAME [KEY=VALUE ...]",
+             "  vpop-trial +experiment=NAME dry_run=true          check it and print the dose calendar",
+             "  vpop-trial -m +experiment=NAME KEY=A,B ...        a sweep: one trial per combination",
+             "  vpop-trial --config-dir DIR +experiment=MINE      experiments, drugs, regimens, populations of your own",
+             "",
+             "Overrides (default):"]
+    lines += [f"  {f'{k}={v[0]}':<{width}}  {v[1]}" for k, v in OVERRIDES.items()]
+    lines += ["",
+              f"Experiments: {', '.join(catalogue.available('experiment'))}",
+              "Outputs: outputs/<experiment>/<date_time>/ (patients.parquet/, summary.csv, comparisons.csv, doses.csv, figures/)",
+              "Hydra's own options: vpop-trial --hydra-help"]
+    return "\n".join(lines)
+
+
+def trial() -> float | None:
+    """vpop-trial +experiment=NAME [population.n=N seed=S posterior=default draws=D chunk_size=C ...]
+
+    Returns the objective value (what an Optuna sweep minimises, vpop/sweep.py) when `objective` is
+    set, else None.
+    """
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(trial_help())
+        return None
+    return _trial_app()
+
+
+# ---------------------------------------------------------------------------------------------
+# vpop-calibrate
+# ---------------------------------------------------------------------------------------------
 
 
 @hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="calibrate")
@@ -136,11 +343,13 @@ def calibrate(cfg: DictConfig) -> None:
 
     _use_user_config_dirs()
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         show = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
-        files = cal.run(cfg.calibration, Path(HydraConfig.get().runtime.output_dir), progress=show)
+        files = cal.run(cfg.calibration, out_dir, progress=show)
     except ConfigError as err:
-        log.error("%s", err)
+        _discard_run_dir(out_dir)
+        print(f"vpop-calibrate: error: {err}", file=sys.stderr)
         sys.exit(2)
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
 

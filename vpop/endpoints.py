@@ -40,6 +40,9 @@ LEUKAEMIA_PD_BLAST_FOLD = 1.25  # PD: blasts >= 125% of baseline [G]
 MYELOMA_PR_BURDEN_FRACTION = 0.5  # PR: >= 50% reduction (IMWG, Kumar 2016 Lancet Oncol 17:e328)
 MYELOMA_CR_BURDEN_FRACTION = 0.01  # CR proxy: >= 99% reduction of the malignant pool [G]
 MYELOMA_PD_BURDEN_FOLD = 1.25  # PD: >= 25% increase from nadir (IMWG)
+# PD also needs an absolute rise (IMWG asks >= 0.5 g/dL of M-protein besides the 25%): here a rise of at
+# least 5% of the baseline burden [G], so that regrowth from a (near-)zero nadir is not progression.
+MYELOMA_PD_MIN_RISE_FRACTION = 0.05
 
 
 def spd_fraction(volume_fraction):
@@ -117,9 +120,11 @@ def leukaemia_response(marrow_fraction_at: np.ndarray, baseline_percent: np.ndar
 
 
 def myeloma_response(burden_at: np.ndarray):
-    """CR at >= 99%, PR at >= 50% reduction of the malignant burden; PD at >= 25% above nadir."""
+    """CR at >= 99%, PR at >= 50% reduction of the malignant burden; PD at >= 25% above nadir and a
+    rise of at least `MYELOMA_PD_MIN_RISE_FRACTION` of baseline (a patient at zero burden is in CR,
+    not progressing)."""
     nadir = np.minimum.accumulate(np.concatenate([np.ones((len(burden_at), 1)), burden_at], axis=1), axis=1)[:, :-1]
-    progressed = burden_at >= MYELOMA_PD_BURDEN_FOLD * nadir
+    progressed = (burden_at >= MYELOMA_PD_BURDEN_FOLD * nadir) & (burden_at - nadir >= MYELOMA_PD_MIN_RISE_FRACTION)
     first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
     level = np.where(burden_at <= MYELOMA_CR_BURDEN_FRACTION, 0, np.where(burden_at <= MYELOMA_PR_BURDEN_FRACTION, 1, np.where(progressed, 3, 2)))
     before_pd = np.arange(burden_at.shape[1])[None, :] < np.where(first_pd < 0, burden_at.shape[1], first_pd)[:, None]

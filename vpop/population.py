@@ -15,6 +15,7 @@ distributions live in `configs/population/<name>.yaml`:
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +32,7 @@ from vpop.model import cells
 from vpop.model.compartments import ByCompartment
 from vpop.model.system import Params, PatientCovariates
 
+log = logging.getLogger("vpop")
 DISTRIBUTIONS = ("normal", "lognormal", "lognormal_mixture", "bernoulli", "constant")
 LOCATIONS = ("tumour", "marrow")
 
@@ -146,9 +148,18 @@ def patient_key(seed: int, patient_id) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), patient_id)
 
 
-def read_twins(path: str | Path) -> pd.DataFrame:
-    """Digital twins: one virtual patient per CSV row. Columns must be covariate names; missing
-    covariates are filled from the population's distribution medians by the caller."""
+TWIN_FILL = ("none", "median")
+
+
+def read_twins(path: str | Path, fill: str = "none") -> pd.DataFrame:
+    """Digital twins: one virtual patient per CSV row, covariate columns named as in `COVARIATES`,
+    plus an optional `patient_id` column whose values label the output rows (default: 0..n-1).
+
+    Every covariate column is required unless `fill="median"`: then a missing column takes each
+    arm's population median (its typical value), and the columns filled are logged.
+    """
+    if fill not in TWIN_FILL:
+        raise ConfigError(f"twins_fill must be one of {', '.join(TWIN_FILL)}, got {fill!r}")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"twins: no such file {path}")
@@ -161,6 +172,17 @@ def read_twins(path: str | Path) -> pd.DataFrame:
     unknown = [c for c in df.columns if c not in COVARIATES and c != "patient_id"]
     if unknown:
         raise ConfigError(f"twins: {path}: unknown column(s) {unknown}; allowed: patient_id, {', '.join(COVARIATES)}")
+    missing = [c for c in COVARIATES if c not in df.columns]
+    if missing and fill == "none":
+        raise ConfigError(f"twins: {path} lacks column(s) {missing}; every covariate is needed ({', '.join(COVARIATES)}), "
+                          "or pass twins_fill=median to take each population's median for the missing ones")
+    if missing:
+        log.info("twins: columns %s filled with each arm's population median (twins_fill=median)", ", ".join(missing))
+    if "patient_id" in df.columns:
+        ids = df["patient_id"]
+        if ids.isna().any() or ids.duplicated().any():
+            bad = ids[ids.isna() | ids.duplicated()].iloc[0]
+            raise ConfigError(f"twins: {path}: patient_id must be unique and present in every row; {bad!r} is not")
     for col in df.columns:
         if col == "patient_id":
             continue
@@ -174,8 +196,14 @@ def read_twins(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def twin_ids(df: pd.DataFrame) -> np.ndarray:
+    """The ids written for the twins' rows: their `patient_id` column, else 0..n-1."""
+    return df["patient_id"].to_numpy() if "patient_id" in df.columns else np.arange(len(df))
+
+
 def twins_covariates(df: pd.DataFrame, pop: DictConfig) -> Covariates:
-    """Batched covariates from a twin table; covariates it lacks take the population's typical value."""
+    """Batched covariates from a twin table; covariates it lacks (only with twins_fill=median) take
+    the population's typical value."""
     n = len(df)
     cols = {}
     for c in COVARIATES:

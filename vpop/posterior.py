@@ -23,7 +23,14 @@ def default_path() -> Path:
 
 def load(posterior: str):
     """The InferenceData of `default` (the shipped calibration) or of a path."""
-    import arviz as az
+    import warnings
+
+    import logging
+
+    logging.getLogger("arviz.preview").setLevel(logging.WARNING)  # "arviz_base not installed" notices
+    with warnings.catch_warnings():  # arviz announces its coming refactor on import
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
 
     path = default_path() if posterior == DEFAULT else Path(posterior)
     if not path.is_file():
@@ -39,8 +46,9 @@ def load(posterior: str):
 
 
 def draws(posterior: str | None, n_draws: int, seed: int = 0) -> list[dict[str, float]]:
-    """`n_draws` override dicts picked evenly from the posterior; `none` gives the nominal values."""
-    if not isinstance(n_draws, int) or n_draws <= 0:
+    """`n_draws` override dicts, distinct draws of the posterior picked at random (without
+    replacement); `none` gives the nominal values (one draw, whatever `n_draws`)."""
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws <= 0:
         raise ConfigError(f"draws must be a positive whole number, got {n_draws!r}")
     if posterior in (None, "none"):
         return [{}]
@@ -48,6 +56,7 @@ def draws(posterior: str | None, n_draws: int, seed: int = 0) -> list[dict[str, 
     names = [v for v in post.data_vars if "." in v]
     flat = {v: np.asarray(post[v]).reshape(-1) for v in names}
     total = len(next(iter(flat.values())))
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(total)[:n_draws] if n_draws <= total else rng.integers(0, total, n_draws)
+    if n_draws > total:
+        raise ConfigError(f"draws={n_draws}: posterior '{posterior}' holds {total} draws; allowed: 1-{total}")
+    idx = np.random.default_rng(seed).permutation(total)[:n_draws]
     return [{v: float(flat[v][i]) for v in names} for i in idx]

@@ -63,11 +63,14 @@ _CHANNEL = {
 }
 
 
+ROLES = ("bispecific", "pretreatment", "premedication", "prophylaxis")
+
+
 @dataclass(frozen=True)
 class Administration:
     """One concrete dose of one drug."""
 
-    day: float  # days from cycle 1 day 1
+    day: float  # days from cycle 1 day 1 (hour included)
     drug_kind: str  # bispecific | tocilizumab | dexamethasone | anti_cd20
     route: str
     amount: float
@@ -76,10 +79,19 @@ class Administration:
     duration_days: float = 0.0  # 0: bolus; > 0: infusion over this time
     max_mg: float = math.inf
     label: str = ""
+    drug: str = ""  # the drug's config name
+    cycle_day: float = 1.0  # 1-based day within the cycle, as written in the regimen
+    hour: float = 0.0  # hour of that day
+    role: str = "bispecific"  # one of ROLES
 
     @property
     def continuous(self) -> bool:
         return self.unit in RATE_UNITS
+
+    def mg_for(self, weight_kg: float, bsa_m2: float) -> float:
+        """The amount in mg (mg/day for infusions) for a patient of this weight and BSA, capped at max_mg."""
+        flat, per_kg, per_m2 = (RATE_UNITS if self.continuous else BOLUS_UNITS)[self.unit]
+        return min(self.amount * (flat + per_kg * weight_kg + per_m2 * bsa_m2), self.max_mg)
 
 
 @dataclass
@@ -227,7 +239,11 @@ def _expand_block(regimen: DictConfig, cycles_before: int, days_before: float, b
                     cycle=c,
                     duration_days=duration,
                     max_mg=float(dose.get("max_mg", math.inf)),
-                    label=f"C{c}D{day} {amount:g} {unit}" + ("" if kind == "bispecific" else f" {drug.name}"),
+                    label=f"C{c}D{day:g} {amount:g} {unit}" + ("" if kind == "bispecific" else f" {drug.name}"),
+                    drug=str(drug.name),
+                    cycle_day=float(day),
+                    hour=hour,
+                    role="bispecific" if kind == "bispecific" else "pretreatment",
                 )
             )
     return out
@@ -259,7 +275,9 @@ def _premedication(spec, periods: list[Administration], where: str) -> list[Admi
     for k in sorted(chosen):
         a = periods[k - 1]
         for offset in [-float(cfg.get("hours_before", 1.0)) / 24.0, *[float(d) for d in cfg.get("days_after", [])]]:
-            out.append(Administration(a.day + offset, drug.kind, route, float(cfg.amount), cfg.unit, a.cycle, label=f"{cfg.drug} {cfg.amount:g} {cfg.unit}"))
+            out.append(Administration(a.day + offset, drug.kind, route, float(cfg.amount), cfg.unit, a.cycle,
+                                      label=f"{cfg.drug} {cfg.amount:g} {cfg.unit}", drug=str(cfg.drug), role="premedication",
+                                      **_calendar(a, offset)))
     return out
 
 
@@ -280,7 +298,15 @@ def _prophylaxis(spec, periods: list[Administration], where: str) -> list[Admini
     a = periods[k - 1]
     t = a.day - float(cfg.get("hours_before", 4.0)) / 24.0
     return [Administration(t, drug.kind, "iv", float(cfg.amount), cfg.unit, a.cycle, max_mg=float(cfg.get("max_mg", math.inf)),
-                           label=f"{cfg.drug} prophylaxis {cfg.amount:g} {cfg.unit}")]
+                           label=f"{cfg.drug} prophylaxis {cfg.amount:g} {cfg.unit}", drug=str(cfg.drug), role="prophylaxis",
+                           **_calendar(a, t - a.day))]
+
+
+def _calendar(anchor: Administration, offset_days: float) -> dict:
+    """Day within the cycle and hour of a dose `offset_days` from the anchor administration: whole
+    days move the day, the rest the hour (1 h before a C1D1 dose is C1D1 at hour -1)."""
+    days = math.trunc(offset_days + math.copysign(1e-9, offset_days))
+    return dict(cycle_day=anchor.cycle_day + days, hour=round(anchor.hour + (offset_days - days) * 24.0, 6))
 
 
 def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophylaxis=None,

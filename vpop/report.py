@@ -18,12 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from vpop import endpoints  # noqa: E402
 from vpop.store import DATASET, PatientStore  # noqa: E402
 from vpop.trial import MAIN_ENDPOINTS, SAMPLE_PATIENTS, TrialResult  # noqa: E402
 
-OUTPUT_FILES = ("summary.csv", "comparisons.csv")
+OUTPUT_FILES = ("summary.csv", "comparisons.csv", "doses.csv")
 FIGURES = ("crs_by_dose.png", "time_courses.png", "waterfall.png", "forest.png")
-MAX_DOSES_SHOWN = 8
+DOSE_COLUMNS = ["arm", "role", "drug", "dose", "cycle", "day", "hour", "day_from_start", "amount", "unit", "route",
+                "duration_days", "label"]
 
 
 def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
@@ -38,6 +40,7 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
                 store.write(arm, int(draw), 0, rows)
         result.summary.to_csv(staging / "summary.csv", index=False, float_format="%.3f")
         result.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.3f")
+        dose_table(result).to_csv(staging / "doses.csv", index=False)
         figs = staging / "figures"
         figs.mkdir()
         crs_by_dose(result, figs / "crs_by_dose.png")
@@ -62,32 +65,57 @@ def _colors(n):
     return plt.get_cmap("tab10")(np.arange(n) % 10)
 
 
+def dose_table(result: TrialResult) -> pd.DataFrame:
+    """doses.csv: every administration of every arm (bispecific doses numbered as in the per-dose
+    endpoints, pretreatment, premedication and prophylaxis), with its calendar."""
+    rows = []
+    for arm, admins in result.administrations.items():
+        number = {id(a): k + 1 for k, a in enumerate(result.periods[arm])}
+        for a in admins:
+            rows.append((arm, a.role, a.drug, number.get(id(a), pd.NA), a.cycle, a.cycle_day, a.hour, a.day, a.amount, a.unit,
+                         a.route, a.duration_days, a.label))
+    table = pd.DataFrame(rows, columns=DOSE_COLUMNS)
+    table["dose"] = table["dose"].astype("Int64")
+    return table
+
+
 def crs_by_dose(result: TrialResult, path: Path) -> None:
-    """CRS incidence (any grade, and grade >= 2) starting after each administration, per arm."""
-    s = result.summary.set_index(["arm", "endpoint"])["estimate"]
+    """CRS incidence (any grade, and grade >= 2) starting after each administration, per arm, with
+    95% intervals; every administration of the arm is shown."""
+    s = result.summary.set_index(["arm", "endpoint"])
     arms = list(result.arms)
-    fig, axes = plt.subplots(len(arms), 1, figsize=(9, 2.6 * len(arms)), squeeze=False)
+    widest = max(len(result.periods[a]) for a in arms)
+    fig, axes = plt.subplots(len(arms), 1, figsize=(max(9.0, 0.42 * widest + 2), 2.8 * len(arms)), squeeze=False)
     for ax, arm, color in zip(axes[:, 0], arms, _colors(len(arms))):
-        labels = result.dose_labels[arm][:MAX_DOSES_SHOWN]
+        labels = [a.label for a in result.periods[arm]]
         x = np.arange(len(labels))
-        any_ = [s.get((arm, f"crs_any_dose{k + 1}"), 0.0) for k in x]
-        g2 = [s.get((arm, f"crs_grade2plus_dose{k + 1}"), 0.0) for k in x]
-        ax.bar(x, any_, color=color, alpha=0.45, label="any grade")
-        ax.bar(x, g2, color=color, label="grade ≥ 2")
-        for xi, v in zip(x, any_):
-            ax.text(xi, v + 0.5, f"{v:.0f}%", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(x, labels, fontsize=8)
+        for name, offset, alpha, text in (("crs_any", -0.2, 0.45, "any grade"), ("crs_grade2plus", 0.2, 1.0, "grade ≥ 2")):
+            rows = [s.loc[(arm, f"{name}_dose{k + 1}")] if (arm, f"{name}_dose{k + 1}") in s.index else None for k in x]
+            est = np.array([r.estimate if r is not None else 0.0 for r in rows])
+            lo = np.array([r.lower if r is not None else 0.0 for r in rows])
+            hi = np.array([r.upper if r is not None else 0.0 for r in rows])
+            ax.bar(x + offset, est, width=0.4, color=color, alpha=alpha, label=f"{text} (95% interval)")
+            # With posterior draws the estimate (mean of the draws' rates) can sit just outside the pooled interval.
+            yerr = [np.maximum(est - lo, 0.0), np.maximum(hi - est, 0.0)]
+            ax.errorbar(x + offset, est, yerr=yerr, fmt="none", ecolor="k", elinewidth=0.7, capsize=1.5)
+            if name == "crs_any":
+                for xi, v, h in zip(x, est, hi):
+                    ax.text(xi + offset, h + 0.8, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(x, labels, fontsize=7, rotation=45 if len(labels) > 10 else 0, ha="right" if len(labels) > 10 else "center")
         ax.set_ylabel("patients with CRS (%)")
-        ax.set_title(f"{arm}: CRS starting after each administration", fontsize=10)
-        ax.set_ylim(0, max(10.0, 1.2 * max(any_, default=0.0)))
-        ax.legend(fontsize=8, frameon=False)
+        ax.set_title(f"{arm}: CRS starting after each administration (all {len(labels)})", fontsize=10)
+        ax.set_ylim(0, max(10.0, 1.15 * max(s.loc[arm].upper.max() if arm in s.index.get_level_values(0) else 0.0, 1.0)))
+        ax.set_xlim(-0.7, len(labels) - 0.3)
+        ax.legend(fontsize=7, frameon=False, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def time_courses(result: TrialResult, path: Path) -> None:
-    """Median and 90% band over patients of drug, IL-6 signalling, activated T cells and tumour."""
+    """Median and 90% band over patients of drug, IL-6 signalling, activated T cells and tumour.
+    On log axes a curve starts where its values become positive (no drug is drawn before the first
+    dose); the axis shows four decades below the highest band."""
     panels = [
         ("drug_ng_ml", "bispecific in plasma (ng/mL)", True),
         ("il6_signalling_pg_ml", "IL-6 signalling (pg/mL)", True),
@@ -97,14 +125,17 @@ def time_courses(result: TrialResult, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (key, label, log) in zip(axes.ravel(), panels):
         top = max((np.max(c[key]) for c in result.time_courses.values() if c), default=1.0)
-        floor = top * 1e-4 if log else -np.inf  # log axes show four decades below the highest band
         for (arm, course), color in zip(result.time_courses.items(), _colors(len(result.time_courses))):
             if not course:
                 continue
-            lo, med, hi = (np.maximum(x, floor) for x in course[key])
+            lo, med, hi = (np.where(x > 0, x, np.nan) if log else x for x in course[key])
+            if log:  # the band's floor: where the 5th percentile is still zero, draw from the axis' bottom
+                lo = np.where(np.isnan(lo) & ~np.isnan(hi), top * 1e-4, lo)
             ax.fill_between(course["day"], lo, hi, color=color, alpha=0.2, lw=0)
             ax.plot(course["day"], med, color=color, label=arm, lw=1.4)
-        ax.set_yscale("log" if log else "linear")
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=top * 1e-4, top=top * 2)
         ax.set_xlabel("day")
         ax.set_title(label, fontsize=10)
     axes[0, 0].legend(fontsize=8, frameon=False)
@@ -114,51 +145,75 @@ def time_courses(result: TrialResult, path: Path) -> None:
     plt.close(fig)
 
 
+# Per response kind: (column, y label, reference lines as (value, label)).
+_WATERFALL = {
+    "lymphoma": ("best_change_percent", "best change of SPD from baseline (%)", [(-50, "PR: -50% SPD")]),
+    "myeloma": ("best_change_percent", "best change of malignant burden (%)", [(-50, "PR: -50%"), (-99, "CR: -99%")]),
+    "leukaemia": ("best_marrow_blast_percent", "lowest marrow blasts (%)", [(endpoints.LEUKAEMIA_CR_BLAST_PERCENT, "CR/CRh: blasts < 5%")]),
+}
+
+
 def waterfall(result: TrialResult, path: Path) -> None:
-    """Best change of tumour burden (SPD for lymphoma) per patient, sorted, per arm (draw 0, first
-    SAMPLE_PATIENTS patients)."""
+    """Best response per patient, sorted, per arm (draw 0, first SAMPLE_PATIENTS patients): change of
+    SPD (lymphoma) or malignant burden (myeloma), or the lowest marrow blast percentage (leukaemia),
+    with the response criterion drawn."""
     p = result.sample
     arms = list(result.arms)
-    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.8), squeeze=False)
     colors = {"CR": "#1b7837", "PR": "#7fbf7b", "SD": "#bababa", "PD": "#d6604d"}
     for ax, arm in zip(axes[0], arms):
-        g = p[p.arm == arm].sort_values("best_change_percent", ascending=False)
-        ax.bar(np.arange(len(g)), g.best_change_percent.clip(upper=100), color=[colors[r] for r in g.best_response], width=1.0)
-        ax.axhline(-50, color="k", lw=0.6, ls="--")
+        column, ylabel, lines = _WATERFALL[result.response_kinds[arm]]
+        g = p[p.arm == arm].sort_values(column, ascending=False)
+        ax.bar(np.arange(len(g)), g[column].clip(upper=100), color=[colors[r] for r in g.best_response], width=1.0)
+        for value, text in lines:
+            ax.axhline(value, color="k", lw=0.6, ls="--")
+            ax.text(len(g) * 0.99, value, text, fontsize=7, ha="right", va="bottom")
         ax.set_title(arm, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_xlabel("patients" if len(g) < SAMPLE_PATIENTS else f"first {SAMPLE_PATIENTS} patients")
         ax.set_xticks([])
-    axes[0, 0].set_ylabel("best change from baseline (%)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    axes[0, -1].legend(handles, list(colors), fontsize=8, frameon=False, loc="lower left")
-    fig.tight_layout()
+    fig.legend(handles, list(colors), fontsize=8, frameon=False, loc="upper center", ncol=4, title="best response",
+               title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def forest(result: TrialResult, path: Path) -> None:
-    """Paired differences of the main endpoints against the reference arm, with 95% intervals."""
-    c = result.comparisons[result.comparisons.endpoint.isin(MAIN_ENDPOINTS)]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(c), 1) + 1.2))
+    """Paired differences of the main endpoints against the reference arm, with 95% intervals;
+    differences resting on an extrapolated rate (no published target, see summary.csv `support`)
+    are drawn hollow and marked."""
+    c = result.comparisons[result.comparisons.endpoint.isin(MAIN_ENDPOINTS)].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * max(len(c), 1) + 1.4))
     if c.empty:
         ax.text(0.5, 0.5, "single arm: no comparison", ha="center", va="center")
         ax.set_axis_off()
     else:
-        labels = [f"{r.endpoint}: {r.arm} vs {r.reference_arm}" for r in c.itertuples()]
+        support = result.summary.set_index(["arm", "endpoint"])["support"]
+        extrapolated = np.array([support.get((r.arm, r.endpoint)) == "extrapolated" or support.get((r.reference_arm, r.endpoint)) == "extrapolated"
+                                 for r in c.itertuples()])
+        labels = [f"{r.endpoint}: {r.arm} vs {r.reference_arm}" + (" (extrapolated)" if e else "") for r, e in zip(c.itertuples(), extrapolated)]
         y = np.arange(len(c))[::-1]
-        ax.errorbar(c.difference, y, xerr=[c.difference - c.lower, c.upper - c.difference], fmt="o", color="k", capsize=3)
+        for mask, face in ((~extrapolated, "k"), (extrapolated, "white")):
+            if mask.any():
+                d = c[mask]
+                xerr = [np.maximum(d.difference - d.lower, 0.0), np.maximum(d.upper - d.difference, 0.0)]
+                ax.errorbar(d.difference, y[mask], xerr=xerr, fmt="o", color="k", mfc=face, capsize=3)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_xlabel("difference (percentage points, 95% interval)")
+        if extrapolated.any():
+            ax.set_title("hollow: no published target for this drug, route, population and endpoint", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def markdown_table(summary: pd.DataFrame, endpoints=MAIN_ENDPOINTS) -> str:
+def markdown_table(summary: pd.DataFrame, shown=MAIN_ENDPOINTS) -> str:
     """The main endpoints of summary.csv as a markdown table (for READMEs and reports)."""
-    s = summary[summary.endpoint.isin(endpoints)]
-    lines = ["| arm | endpoint | estimate % | 95% interval | n |", "|---|---|---|---|---|"]
+    s = summary[summary.endpoint.isin(shown)]
+    lines = ["| arm | endpoint | estimate % | 95% interval | n | support |", "|---|---|---|---|---|---|"]
     for r in s.itertuples():
-        lines.append(f"| {r.arm} | {r.endpoint} | {r.estimate:.1f} | {r.lower:.1f}-{r.upper:.1f} | {r.n} |")
+        lines.append(f"| {r.arm} | {r.endpoint} | {r.estimate:.1f} | {r.lower:.1f}-{r.upper:.1f} | {r.n} | {getattr(r, 'support', '')} |")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 from vpop import catalogue, endpoints, population
+from vpop import targets as published
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_ids, prepare_arm, simulate_trajectories
 from vpop.store import PatientStore, run_key
@@ -31,9 +32,10 @@ log = logging.getLogger("vpop")
 
 ARM_KEYS = {"drug", "route", "population", "regimen", "premedication", "prophylaxis", "description"}
 SUMMARY_COLUMNS = ["arm", "endpoint", "estimate", "lower", "upper", "n"]
-COMPARISON_COLUMNS = ["endpoint", "arm", "reference_arm", "difference", "lower", "upper"]
+COMPARISON_COLUMNS = ["endpoint", "arm", "reference_arm", "difference", "lower", "upper", "reference_endpoint", "dose", "reference_dose"]
 MAIN_ENDPOINTS = ("orr", "cr", "crs_any", "crs_grade2plus", "crs_grade3plus", "toci_rescue")
 SAMPLE_PATIENTS = 2000  # first patients of draw 0 kept in memory per arm, for per-patient figures
+B_CELL_DEPLETION_FRACTION = 0.1  # blood B cells below 10% of baseline at any time [G]
 
 
 @dataclass
@@ -56,7 +58,9 @@ class TrialResult:
     reference_arm: str
     summary: pd.DataFrame
     comparisons: pd.DataFrame
-    dose_labels: dict[str, list[str]]
+    periods: dict[str, list]  # per arm, its administrations of the bispecific (regimen.Administration), in order
+    administrations: dict[str, list]  # per arm, every administration (co-medications too)
+    response_kinds: dict[str, str]  # per arm: lymphoma | leukaemia | myeloma
     sample: pd.DataFrame
     patients: pd.DataFrame | None = None
     dataset: Path | None = None
@@ -98,37 +102,54 @@ def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str
     return arms, str(ref)
 
 
-def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None = None) -> pd.DataFrame:
+def response_kind(prepared: PreparedArm) -> str:
+    """How the arm's population responds: lymphoma (SPD), leukaemia (marrow blasts) or myeloma."""
+    kind = prepared.population.get("response", {}).get("kind", "lymphoma")
+    if kind not in endpoints.RESPONSE_KINDS:
+        raise ConfigError(f"population/{prepared.arm.population}.response.kind must be one of {endpoints.RESPONSE_KINDS}")
+    return str(kind)
+
+
+PER_DOSE_VALUES = ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml")
+
+
+def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None = None,
+                  patient_labels: np.ndarray | None = None) -> pd.DataFrame:
     """One row per patient: covariates, per-dose-period CRS and exposure, response and endpoints.
 
     n_doses: per-dose columns to write (default: the arm's own); doses the arm does not have are
     null, so arms with different schedules share one table layout (one parquet schema).
+    `dose<k>` names the k-th administration by its calendar ("C1D15 60 mg").
+    patient_labels: the ids written for internal ids 0..n-1 (digital twins keep the user's ids).
     """
     red, cov = result.reductions, result.covariates
     n, n_periods = red["crs_grade"].shape
     n_doses = n_periods if n_doses is None else n_doses
-    cols: dict[str, Any] = {"arm": prepared.arm.name, "draw": draw, "patient_id": result.patient_id, **cov}
+    ids = result.patient_id if patient_labels is None else np.asarray(patient_labels)[result.patient_id]
+    cols: dict[str, Any] = {"arm": prepared.arm.name, "draw": draw, "patient_id": ids, **cov}
     grades = red["crs_grade"]
     missing = {"int": pd.array([pd.NA] * n, dtype="Int64"), "bool": pd.array([pd.NA] * n, dtype="boolean"),
-               "float": np.full(n, np.nan, np.float32)}
+               "float": np.full(n, np.nan, np.float32), "str": pd.array([pd.NA] * n, dtype="string")}
+    periods = prepared.compiled.periods
     for k in range(n_doses):
         d = f"_dose{k + 1}"
         if k >= n_periods:
+            cols[f"dose{k + 1}"] = missing["str"]
             cols["crs_grade" + d] = missing["int"]
             cols["crs_onset_day" + d] = cols["crs_duration_day" + d] = missing["float"]
             cols["toci_rescue" + d] = missing["bool"]
-            for name in ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml"):
+            for name in PER_DOSE_VALUES:
                 cols[name + d] = missing["float"]
             continue
+        cols[f"dose{k + 1}"] = pd.array([periods[k].label] * n, dtype="string")
         cols["crs_grade" + d] = grades[:, k].astype(int)
         cols["crs_onset_day" + d] = np.where(red["crs_onset_day"][:, k] >= 0, red["crs_onset_day"][:, k], np.nan)
         cols["crs_duration_day" + d] = red["crs_duration_day"][:, k]
         cols["toci_rescue" + d] = red["toci_rescue"][:, k] > 0
-        for name in ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml"):
+        for name in PER_DOSE_VALUES:
             cols[name + d] = red[name][:, k]
-    kind = prepared.population.get("response", {}).get("kind", "lymphoma")
-    if kind not in endpoints.RESPONSE_KINDS:
-        raise ConfigError(f"population/{prepared.arm.population}.response.kind must be one of {endpoints.RESPONSE_KINDS}")
+    kind = response_kind(prepared)
+    blasts = np.full(n, np.nan)
     if kind == "lymphoma":
         residual = float(prepared.population.response.cr_residual_volume_ml)
         best, first_pd = endpoints.lymphoma_response(red["malignant_fraction_at"], cov["tumour_volume_ml"], residual)
@@ -136,6 +157,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
     elif kind == "leukaemia":
         best, first_pd = endpoints.leukaemia_response(red["marrow_malignant_fraction_at"], cov["marrow_malignant_percent"])
         best_change = red["marrow_malignant_fraction_at"].min(axis=1) - 1.0
+        blasts = endpoints.marrow_blast_percent(red["marrow_malignant_fraction_at"].min(axis=1), cov["marrow_malignant_percent"])
     else:
         best, first_pd = endpoints.myeloma_response(red["malignant_fraction_at"])
         best_change = red["malignant_fraction_at"].min(axis=1) - 1.0
@@ -144,6 +166,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
     cols.update(
         best_response=np.asarray(endpoints.RESPONSES)[best],
         best_change_percent=100.0 * best_change,
+        best_marrow_blast_percent=blasts,  # leukaemia only (CR/CRh below 5%)
         progression_day=np.where(first_pd >= 0, days[np.maximum(first_pd, 0)], np.nan),
         crs_max_grade=worst.astype(int),
         orr=best <= 1,
@@ -153,7 +176,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         crs_grade3plus=worst >= 3,
         toci_rescue=red["toci_rescue"].max(axis=1) > 0,
         progression=first_pd >= 0,
-        b_cell_depletion=red["blood_b_min_fraction"] < 0.1,
+        b_cell_depletion=red["blood_b_min_fraction"] < B_CELL_DEPLETION_FRACTION,
     )
     for k in range(n_doses):
         cols[f"crs_any_dose{k + 1}"] = grades[:, k] >= 1 if k < n_periods else missing["bool"]
@@ -178,21 +201,39 @@ def _pooled_interval(k: np.ndarray, n: int, rng: np.random.Generator, samples: i
     return float(np.mean(k / n)), *np.percentile(draws, [2.5, 97.5])
 
 
+def paired_doses(periods: list, reference_periods: list) -> dict[int, int]:
+    """Dose k of an arm -> dose j of the reference arm given at the same time (day and hour from
+    cycle 1 day 1); doses with no counterpart are left out, so per-dose comparisons never pair
+    different days of the calendar."""
+    at = {round(a.day, 6): j for j, a in enumerate(reference_periods)}
+    return {k: at[round(a.day, 6)] for k, a in enumerate(periods) if round(a.day, 6) in at}
+
+
 class EndpointCounts:
     """Per-draw event counts of every binary endpoint, added chunk by chunk.
 
     Counts are all that summary.csv and comparisons.csv need, so a trial's tables never have to be
     in memory at once: per arm and draw, k events among the patients with a value; per arm against
     the reference arm, the discordant pairs n10 (arm yes, reference no) and n01 and the pairs with
-    both values.
+    both values. Per-dose endpoints are paired with the reference arm's dose on the same calendar
+    day (`paired_doses`); `periods` gives each arm's administrations (None: pair dose k with dose k).
     """
 
-    def __init__(self, arms: list[str], reference_arm: str):
+    def __init__(self, arms: list[str], reference_arm: str, periods: dict[str, list] | None = None):
         self.arms, self.reference_arm = list(arms), reference_arm
+        self.periods = periods
         self.columns: list[str] | None = None
         self.rows = defaultdict(lambda: defaultdict(int))  # arm -> draw -> patients
         self.events = defaultdict(lambda: defaultdict(lambda: np.zeros(2)))  # (arm, col) -> draw -> [k, valued]
         self.pairs = defaultdict(lambda: defaultdict(lambda: np.zeros(3)))  # (arm, col) -> draw -> [n10, n01, pairs]
+
+    def reference_column(self, arm: str, column: str) -> str | None:
+        """The reference arm's column a column of `arm` is compared with (None: no counterpart)."""
+        if self.periods is None or "_dose" not in column:
+            return column
+        kind, k = column.rsplit("_dose", 1)
+        j = paired_doses(self.periods[arm], self.periods[self.reference_arm]).get(int(k) - 1)
+        return None if j is None else f"{kind}_dose{j + 1}"
 
     def add(self, draw: int, tables: dict[str, pd.DataFrame]) -> None:
         """Count one chunk: the same patients (same order) in every arm's table."""
@@ -211,7 +252,10 @@ class EndpointCounts:
             if not np.array_equal(t["patient_id"].to_numpy(), ref["patient_id"].to_numpy()):
                 raise ValueError(f"arm {arm} and the reference arm hold different patients in this chunk")
             for c, v in as_float[arm].items():
-                diff = v - as_float[self.reference_arm][c]
+                r = self.reference_column(arm, c)
+                if r is None:
+                    continue
+                diff = v - as_float[self.reference_arm][r]
                 diff = diff[~np.isnan(diff)]
                 self.pairs[arm, c][draw] += (np.sum(diff > 0), np.sum(diff < 0), len(diff))
 
@@ -254,8 +298,35 @@ class EndpointCounts:
                 else:
                     sims = rng.normal(np.repeat(centre, 1000), np.repeat(se, 1000))
                     lo, hi = np.percentile(sims, [2.5, 97.5])
-                rows.append((c, arm, self.reference_arm, 100 * mean.mean(), 100 * lo, 100 * hi))
+                rows.append((c, arm, self.reference_arm, 100 * mean.mean(), 100 * lo, 100 * hi, self.reference_column(arm, c),
+                             *self._dose_labels(arm, c)))
         return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+    def _dose_labels(self, arm: str, column: str) -> tuple[str, str]:
+        """Calendar labels of the two doses a per-dose comparison pairs ('' for overall endpoints)."""
+        if self.periods is None or "_dose" not in column:
+            return "", ""
+        k = int(column.rsplit("_dose", 1)[1]) - 1
+        j = int(self.reference_column(arm, column).rsplit("_dose", 1)[1]) - 1
+        return self.periods[arm][k].label, self.periods[self.reference_arm][j].label
+
+
+def annotate_summary(summary: pd.DataFrame, arms: dict[str, Arm], periods: dict[str, list], targets: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv's evidence and calendar columns: `support` (calibrated | validated | extrapolated,
+    from the published targets), and for per-dose endpoints the dose's cycle, day, hour, amount and unit."""
+    out = summary.copy()
+    out["support"] = [published.support(targets, arms[r.arm].drug, arms[r.arm].route, arms[r.arm].population, r.endpoint)
+                      for r in summary.itertuples()]
+    cal = []
+    for r in summary.itertuples():
+        if "_dose" in r.endpoint:
+            a = periods[r.arm][int(r.endpoint.rsplit("_dose", 1)[1]) - 1]
+            cal.append((a.cycle, a.cycle_day, a.hour, a.amount, a.unit))
+        else:
+            cal.append((pd.NA, np.nan, np.nan, np.nan, ""))
+    calendar = pd.DataFrame(cal, columns=["cycle", "day", "hour", "amount", "unit"], index=out.index)
+    calendar["cycle"] = calendar["cycle"].astype("Int64")
+    return pd.concat([out, calendar], axis=1)
 
 
 def count_endpoints(patients: pd.DataFrame, reference_arm: str | None = None) -> EndpointCounts:
@@ -265,11 +336,6 @@ def count_endpoints(patients: pd.DataFrame, reference_arm: str | None = None) ->
     for draw, g in patients.groupby("draw", sort=True):
         counts.add(int(draw), {arm: t.sort_values("patient_id") for arm, t in g.groupby("arm", sort=False)})
     return counts
-
-
-def summarise(patients: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """summary.csv of an in-memory patient table."""
-    return count_endpoints(patients).summary(seed)
 
 
 def compare(patients: pd.DataFrame, reference_arm: str, seed: int = 0) -> pd.DataFrame:
@@ -327,20 +393,23 @@ def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n
 def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings, model: DictConfig | None = None,
               draws: list[dict[str, float]] | None = None, twins: pd.DataFrame | None = None,
               progress: Callable[..., None] | None = None, checkpoint_dir: str | Path | None = None,
-              resume: bool = True) -> TrialResult:
+              resume: bool = True, prepared: list[dict[str, PreparedArm]] | None = None) -> TrialResult:
     """Simulate every arm for every posterior draw on the same virtual patients, chunk by chunk.
 
     draws: config overrides per posterior draw (see `vpop.posterior`); None is one draw of the
-    nominal parameters. twins: a digital-twin table (one patient per row) instead of sampling.
-    checkpoint_dir: None keeps every patient row in memory (`result.patients`); a folder streams
-    them chunk by chunk to a parquet dataset under checkpoint_dir/<trial key>/ so host memory stays
-    bounded whatever n is, and a rerun of a killed run (same key) skips the chunks already written
+    nominal parameters. twins: a digital-twin table (one patient per row, covariate columns complete
+    or filled, see `population.read_twins`; a `patient_id` column labels the output rows) instead of
+    sampling. checkpoint_dir: None keeps every patient row in memory (`result.patients`); a folder
+    streams them chunk by chunk to a parquet dataset under checkpoint_dir/<trial key>/ so host memory
+    stays bounded whatever n is, and a rerun of a killed run (same key) skips the chunks already written
     (`resume=False` starts afresh). progress(k, resumed=False) is called per chunk with its patients.
+    prepared: the arms already prepared for every draw (`prepare_draws`), e.g. by a validation pass.
     """
     model = model if model is not None else catalogue.load("model", "default")
     draws = draws or [{}]
-    prepared = prepare_draws(arms, settings, model, draws)
+    prepared = prepared if prepared is not None else prepare_draws(arms, settings, model, draws)
     n = len(twins) if twins is not None else settings.n
+    labels = population.twin_ids(twins) if twins is not None else None
     check_sizes(n, settings.chunk_size)
     chunk = min(settings.chunk_size, n)
     n_doses = max(len(p.compiled.periods) for p in prepared[0].values())
@@ -351,7 +420,8 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
             store.clear()
         store.open({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
                         "chunk_size": settings.chunk_size, "draws": len(draws)})
-    counts = EndpointCounts(list(arms), reference_arm)
+    periods = {name: p.compiled.periods for name, p in prepared[0].items()}
+    counts = EndpointCounts(list(arms), reference_arm, periods)
     kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
     twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
                 for by_arm in prepared]
@@ -375,7 +445,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                 tables[name] = store.read(name, d, c)
                 resumed += 1
             else:
-                tables[name] = patient_table(p, pending[name].result(), d, n_doses)
+                tables[name] = patient_table(p, pending[name].result(), d, n_doses, labels)
                 if store is None:
                     kept.append(tables[name])
                 else:
@@ -389,13 +459,15 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
         store.finish()
     if resumed:
         log.info("resumed %d of %d chunks from %s", resumed, len(chunks) * len(arms), store.root)
-    dose_labels = {name: [a.label for a in p.compiled.periods] for name, p in prepared[0].items()}
     courses = {}
     if settings.trajectories > 0:
         for name, p in prepared[0].items():
             twin_cov = population.twins_covariates(twins, p.population) if twins is not None else None
             courses[name] = _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed, twin_cov)
-    return TrialResult(arms, reference_arm, counts.summary(settings.seed), counts.comparisons(settings.seed), dose_labels,
+    summary = annotate_summary(counts.summary(settings.seed), arms, periods, published.load())
+    return TrialResult(arms, reference_arm, summary, counts.comparisons(settings.seed), periods,
+                       {name: p.compiled.administrations for name, p in prepared[0].items()},
+                       {name: response_kind(p) for name, p in prepared[0].items()},
                        pd.concat(sample, ignore_index=True),
                        patients=pd.concat(kept, ignore_index=True) if store is None else None,
                        dataset=store.dataset if store is not None else None, time_courses=courses)

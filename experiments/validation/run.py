@@ -25,6 +25,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from vpop import calibrate, catalogue, posterior
+from vpop import targets as published
 from vpop.simulate import Arm, prepare_arm
 from vpop.trial import TrialSettings, arms_from_config, run_trial
 
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = OmegaConf.load(HERE / "comparisons.yaml")
     draws = posterior.draws(args.posterior, args.draws, args.seed)
     rng = np.random.default_rng(args.seed)
-    targets = calibrate.load_targets("targets")
+    targets = published.load("targets")
     targets = targets[targets.role.isin(["calibration", "validation"])]
     n_arms = targets.groupby(["drug", "route", "population", "regimen", "premedication", "prophylaxis", "horizon_days"], dropna=False).ngroups
     n_arms += 2 * len(spec.experiments) + len(spec.approved_regimens) + 1

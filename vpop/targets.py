@@ -1,0 +1,68 @@
+"""Published targets (`vpop/data/targets.csv`) and how much evidence stands behind a simulated rate.
+
+Each row of targets.csv is one published result: a drug by a route on a regimen in a population, an
+endpoint, k of n patients, its role and its citation. Roles: `calibration` (in the likelihood),
+`validation` (predicted, never fitted), `excluded` (kept with the reason it cannot be simulated).
+
+`support` grades a trial's rate by the targets behind it: `calibrated` when a calibration target
+exists for the same drug, route, population and endpoint (per-dose endpoints match any per-dose target
+of that kind), `validated` when only a validation target does, else `extrapolated`.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from vpop.catalogue import ConfigError
+
+ROLES = ("calibration", "validation", "excluded")
+COLUMNS = ("id", "drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days",
+           "endpoint", "n", "k", "role", "trial", "citation", "note")
+SUPPORT = ("calibrated", "validated", "extrapolated")
+# Endpoints a target may name: the overall rates, and CRS starting after the k-th administration.
+ENDPOINT_PATTERN = re.compile(r"(orr|cr|crs_any|crs_grade2plus|crs_grade3plus)|(crs_any|crs_grade2plus)_dose[1-9][0-9]*")
+
+
+def load(name_or_path: str = "targets") -> pd.DataFrame:
+    """Published targets: `vpop/data/<name>.csv` or a CSV path (columns as in `COLUMNS`)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = resources.files("vpop.data") / f"{name_or_path}.csv"
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except FileNotFoundError:
+        raise ConfigError(f"calibration.targets: no such targets file '{name_or_path}'") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"targets {path}: missing column(s) {missing}; needed: {', '.join(COLUMNS)}")
+    bad = df[~df.role.isin(ROLES)]
+    if len(bad):
+        raise ConfigError(f"targets {path}: role of {bad.id.iloc[0]} is {bad.role.iloc[0]!r}; allowed: {', '.join(ROLES)}")
+    used = df[df.role != "excluded"]
+    bad = used[~used.endpoint.map(lambda e: bool(ENDPOINT_PATTERN.fullmatch(str(e))))]
+    if len(bad):
+        raise ConfigError(f"targets {path}: endpoint of {bad.id.iloc[0]} is {bad.endpoint.iloc[0]!r}; allowed: orr, cr, "
+                          "crs_any, crs_grade2plus, crs_grade3plus, crs_any_dose<k>, crs_grade2plus_dose<k>")
+    if ((used.k < 0) | (used.k > used.n)).any():
+        raise ConfigError(f"targets {path}: every k must lie in 0..n")
+    if df.id.duplicated().any():
+        raise ConfigError(f"targets {path}: duplicate id {df.id[df.id.duplicated()].iloc[0]}")
+    return df
+
+
+def endpoint_family(endpoint: str) -> str:
+    """'crs_any_dose3' -> 'crs_any_dose'; overall endpoints are their own family."""
+    return re.sub(r"_dose[0-9]+$", "_dose", endpoint)
+
+
+def support(targets: pd.DataFrame, drug: str, route: str, population: str, endpoint: str) -> str:
+    """`calibrated`, `validated` or `extrapolated`: the published evidence behind one simulated rate."""
+    family = endpoint_family(endpoint)
+    rows = targets[(targets.drug == drug) & (targets.route == route) & (targets.population == population)
+                   & (targets.endpoint.map(endpoint_family) == family)]
+    roles = set(rows.role)
+    return "calibrated" if "calibration" in roles else "validated" if "validation" in roles else "extrapolated"
