@@ -1,8 +1,10 @@
-"""CRS grading, in-simulation rescue, tumour response criteria."""
+"""CRS grading and onset periods, in-simulation rescue, tumour response, and the identity the
+calibration rests on: its smooth rates are the expectation of the trial runner's 0/1 endpoints."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import doses, patient
 
 from vpop import endpoints
@@ -10,9 +12,9 @@ from vpop.model import solver, system
 
 
 def _crs_params(**kw):
-    base = dict(grade1_il6_signalling_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, ifng_weight=0.5,
-                susceptibility=1.0, rescue=1.0, rescue_tocilizumab_mg_per_kg=8.0, rescue_tocilizumab_max_mg=800.0,
-                rescue_dexamethasone_mg=10.0)
+    base = dict(grade1_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, fever_other_weight=0.5,
+                vascular_other_weight=0.02, susceptibility=1.0, rescue=1.0, rescue_tocilizumab_mg_per_kg=8.0,
+                rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0)
     base.update(kw)
     return endpoints.CRSParams(**{k: jnp.asarray(v) for k, v in base.items()})
 
@@ -20,26 +22,84 @@ def _crs_params(**kw):
 def test_grade_follows_astct_order_of_thresholds():
     p = _crs_params()
     il6 = jnp.asarray([1.0, 49.0, 51.0, 149.0, 151.0, 599.0, 601.0, 1199.0, 1201.0, 1e5])
-    z = endpoints.severity(il6, jnp.full_like(il6, 2.0), jnp.asarray(2.0), p)
-    g = np.asarray(endpoints.grade(z, p))
+    z = endpoints.crs_index(il6, jnp.zeros_like(il6), p)
+    g = np.asarray(endpoints.grade_now(z, jnp.zeros(len(il6))))
     np.testing.assert_array_equal(g, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     assert np.all(np.diff(np.asarray(endpoints.log_thresholds(p))) > 0)
+    # Susceptibility shifts every threshold alike: 40 pg/mL in a patient with e^epsilon = 4 reads as 160.
+    assert int(endpoints.grade_now(endpoints.crs_index(jnp.asarray(40.0), jnp.asarray(0.0), p), jnp.log(jnp.asarray(4.0)))) == 2
 
 
-def test_severity_rises_with_ifng_and_susceptibility():
+def test_fever_without_il6_signalling_is_grade_1_not_2():
+    """Under tocilizumab IL-6 signalling is ~0, but the myeloid pyrogens (IL-1b, TNF-a) still cause
+    fever; hypotension and hypoxia (grade >= 2) rest mostly on IL-6."""
     p = _crs_params()
-    z0 = endpoints.severity(jnp.asarray(40.0), jnp.asarray(2.0), jnp.asarray(2.0), p)
-    z_ifn = endpoints.severity(jnp.asarray(40.0), jnp.asarray(50.0), jnp.asarray(2.0), p)
-    z_sus = endpoints.severity(jnp.asarray(40.0), jnp.asarray(2.0), jnp.asarray(2.0), p._replace(susceptibility=jnp.asarray(4.0)))  # 160 pg/mL-equivalent
-    assert z_ifn > z0 and z_sus > z0
-    assert endpoints.grade(z0, p) == 0 and endpoints.grade(z_sus, p) == 2
+    myeloid = jnp.asarray([0.0, 150.0, 400.0])  # pg/mL on the IL-6 scale
+    g = np.asarray(endpoints.grade_now(endpoints.crs_index(jnp.full(3, 0.5), myeloid, p), jnp.zeros(3)))
+    np.testing.assert_array_equal(g, [0, 1, 1])
+    g_il6 = np.asarray(endpoints.grade_now(endpoints.crs_index(0.5 + myeloid, jnp.zeros(3), p), jnp.zeros(3)))
+    assert g_il6[2] >= 2  # the same amount as IL-6 signalling does reach grade 2
+
+
+def test_crs_still_running_at_the_next_dose_is_not_counted_again():
+    # Indices relative to the grade thresholds at epsilon = 0, [periods, 4]: CRS starts after dose 1,
+    # still runs at dose 2 (index 0.3 >= 0 at the administration) and peaks higher there; after dose 3
+    # a new episode starts.
+    peak = jnp.asarray([[0.5, -1.0, -2, -3], [0.9, 0.1, -1, -2], [0.4, -0.5, -2, -3]])
+    at_dose = jnp.asarray([[-5.0, -6, -7, -8], [0.3, -0.8, -2, -3], [-0.2, -1.2, -2, -3]])
+    eps = jnp.asarray(0.0)
+    np.testing.assert_array_equal(np.asarray(endpoints.started(peak, at_dose, eps)), [True, False, True])
+    np.testing.assert_array_equal(np.asarray(endpoints.period_grades(peak, at_dose, eps)), [1, 0, 1])
+    # A less susceptible patient (epsilon = -0.35) is below grade 1 at dose 2: the second dose starts an episode.
+    np.testing.assert_array_equal(np.asarray(endpoints.period_grades(peak, at_dose, jnp.asarray(-0.35))), [1, 1, 1])
+
+
+def test_smooth_crs_probabilities_are_the_expectation_of_the_0_1_endpoints():
+    rng = np.random.default_rng(0)
+    n, periods, omega = 40, 5, 0.8
+    peak = np.sort(rng.normal(0.0, 1.5, (n, periods, 4)), axis=-1)[..., ::-1]  # nested: z_1 >= z_2 >= ...
+    at_dose = peak - rng.gamma(2.0, 0.8, (n, periods, 1))
+    # As in a trajectory: the index at a dose is the last value of the previous period, so never above
+    # that period's peak, and before the first dose the patient is at rest.
+    at_dose[:, 1:] = np.minimum(at_dose[:, 1:], peak[:, :-1])
+    at_dose[:, 0] = -10.0
+    eps = rng.normal(0.0, omega, (4000, 1))
+    lo, hi = jnp.full(n, -jnp.inf), jnp.full(n, jnp.inf)
+    p = endpoints.crs_probabilities(jnp.asarray(peak), jnp.asarray(at_dose), omega, lo, hi)
+    grades = np.asarray(jax.vmap(lambda e: endpoints.period_grades(jnp.asarray(peak), jnp.asarray(at_dose), e))(jnp.asarray(eps)))
+    worst = np.asarray(jax.vmap(lambda e: endpoints.grade_now(jnp.asarray(peak.max(axis=1)), e))(jnp.asarray(eps)))
+    np.testing.assert_allclose(np.asarray(p["crs_any_dose"]), (grades >= 1).mean(0), atol=0.03)
+    np.testing.assert_allclose(np.asarray(p["crs_grade2plus_dose"]), (grades >= 2).mean(0), atol=0.03)
+    for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus")):
+        np.testing.assert_allclose(np.asarray(p[name]), (worst >= g + 1).mean(0), atol=0.03)
+    first = endpoints.first_crs_dose(grades.reshape(-1, periods)).reshape(len(eps), n)
+    for k in (2, 4):
+        late = endpoints.first_crs_probability(jnp.asarray(peak), k, omega, lo, hi)
+        np.testing.assert_allclose(np.asarray(late), (first >= k).mean(0), atol=0.03)
+
+
+def test_rescue_history_bounds_the_susceptibility_and_truncated_probabilities_match():
+    """A patient given tocilizumab in period 1 but not in periods 2 and 3 must have z_2 + eps >= 0 in
+    period 1 and < 0 afterwards; the expectation is then over those eps only."""
+    peak = np.asarray([[1.0, 0.2, -1.0, -2.0], [1.2, 0.05, -0.5, -1.5], [0.8, -0.1, -1.0, -2.0]])
+    at_dose = np.asarray([[-4.0, -5, -6, -7], [-0.4, -1.0, -2, -3], [-0.5, -1.5, -2, -3]])
+    toci, dex = jnp.asarray([1.0, 0.0, 0.0]), jnp.zeros(3)
+    lo, hi = endpoints.rescue_interval(jnp.asarray(peak), toci, dex, jnp.asarray(-0.1), jnp.asarray(1.0))
+    assert (float(lo), float(hi)) == pytest.approx((-0.2, -0.05))
+    no_rescue = endpoints.rescue_interval(jnp.asarray(peak), toci, dex, jnp.asarray(-0.1), jnp.asarray(0.0))
+    assert np.all(np.isinf(np.asarray(no_rescue)))  # rescue off: the history says nothing
+    omega = 0.8
+    eps = np.random.default_rng(1).normal(0.0, omega, 2_000_000)
+    eps = eps[(eps >= float(lo)) & (eps < float(hi))]
+    mc = np.mean((peak[1, 0] + eps >= 0) & (at_dose[1, 0] + eps < 0))
+    smooth = endpoints.interval_probability(-peak[1, 0], -at_dose[1, 0], omega, lo, hi)
+    assert float(smooth) == pytest.approx(mc, abs=0.01)
 
 
 def test_rescue_lowers_later_il6_signalling_in_the_same_patient():
     reg = doses((1, 1, 60, "mg"), (1, 8, 60, "mg"), cycle_days=21)
     p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg, patient_id=6)
-    # A susceptible patient (tumour-rich, peak IL-6 signalling ~30 pg/mL), so that grade 2 is reached.
-    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(10.0)))
+    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(30.0)))  # so that grade 2 is reached
     red_on, traj_on = solver.simulate_patient(p, schedule, trajectory=True)
     p_off = p._replace(crs=p.crs._replace(rescue=jnp.asarray(0.0)))
     red_off, traj_off = solver.simulate_patient(p_off, schedule, trajectory=True)
@@ -48,8 +108,7 @@ def test_rescue_lowers_later_il6_signalling_in_the_same_patient():
     obs_on = system.observe(traj_on, p)
     obs_off = system.observe(traj_off, p_off)
     t = np.asarray(schedule.steps.t_start + schedule.steps.dt)
-    rescued_at = float(red_on.crs_onset_day[0])  # tocilizumab follows grade 2, after onset
-    later = t > rescued_at + 1.0
+    later = t > float(red_on.crs_onset_day[0]) + 1.0  # tocilizumab follows grade 2, after onset
     assert np.all(np.asarray(obs_on.il6_signalling_pg_ml)[later] <= np.asarray(obs_off.il6_signalling_pg_ml)[later] + 1e-6)
     assert float(red_on.peak_il6_signalling_pg_ml[1]) < 0.5 * float(red_off.peak_il6_signalling_pg_ml[1])
     # Tocilizumab stays on board for the second dose: serum IL-6 rises, signalling is blunted.
@@ -59,9 +118,16 @@ def test_rescue_lowers_later_il6_signalling_in_the_same_patient():
 def test_grade3_adds_dexamethasone():
     reg = doses((1, 1, 60, "mg"), cycle_days=7)
     p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg, patient_id=6)
-    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(1e3)))
+    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(1e4)))
     red = solver.simulate_patient(p, schedule)
     assert red.crs_grade[0] >= 3 and red.dex_rescue[0] == 1 and red.toci_rescue[0] == 1
+
+
+def _best(kind, burden, volume=None, blasts=None, residual=2.0, delta=0.0):
+    n = len(burden)
+    m = endpoints.response_margins(kind, burden, burden, np.full(n, 100.0) if volume is None else volume,
+                                   np.full(n, 80.0) if blasts is None else blasts, residual)
+    return [endpoints.RESPONSES[b] for b in endpoints.best_response(m, np.full(n, delta))], np.where(m.progressed, m.first_pd, -1)
 
 
 def test_lymphoma_response_criteria():
@@ -72,43 +138,47 @@ def test_lymphoma_response_criteria():
         [1.9, 2.2, 2.5],  # PD at the first assessment: SPD up >= 50% from baseline
         [0.2, 0.1, 0.4],  # PR then PD from nadir
     ])
-    volume = np.full(5, 100.0)
-    best, first_pd = endpoints.lymphoma_response(burden, volume, cr_residual_volume_ml=2.0)
-    assert [endpoints.RESPONSES[b] for b in best] == ["CR", "PR", "SD", "PD", "PR"]
+    best, first_pd = _best("lymphoma", burden)
+    assert best == ["CR", "PR", "SD", "PD", "PR"]
     np.testing.assert_array_equal(first_pd, [-1, -1, -1, 0, 2])
     # SD at the first assessment and PD later: best overall response SD (Cheson 2007).
-    best, first_pd = endpoints.lymphoma_response(np.array([[1.2, 1.9]]), np.array([100.0]), 2.0)
-    assert endpoints.RESPONSES[best[0]] == "SD" and first_pd[0] == 1
+    best, first_pd = _best("lymphoma", np.array([[1.2, 1.9]]))
+    assert best == ["SD"] and first_pd[0] == 1
+    # The assessment effect moves the reading, not the progression: +0.3 on the log scale turns the PR
+    # patient (0.3 of baseline volume) into SD.
+    assert _best("lymphoma", burden[1:2], delta=0.4)[0] == ["SD"]
 
 
 def test_regrowth_from_complete_response_is_not_progression_until_measurable():
-    burden = np.array([[0.001, 0.005, 0.01]])  # 0.1 -> 1 mL: +50% from nadir but below the CR residual
-    best, first_pd = endpoints.lymphoma_response(burden, np.array([100.0]), 2.0)
-    assert endpoints.RESPONSES[best[0]] == "CR" and first_pd[0] == -1
+    best, first_pd = _best("lymphoma", np.array([[0.001, 0.005, 0.01]]))  # 0.1 -> 1 mL: +50% but below the CR residual
+    assert best == ["CR"] and first_pd[0] == -1
 
 
 def test_leukaemia_cr_by_marrow_blasts():
-    frac = np.array([[0.5, 0.01], [0.9, 0.8]])
-    best, _ = endpoints.leukaemia_response(frac, np.array([80.0, 80.0]))
-    assert [endpoints.RESPONSES[b] for b in best] == ["CR", "SD"]
+    best, _ = _best("leukaemia", np.array([[0.5, 0.01], [0.9, 0.8]]), blasts=np.array([80.0, 80.0]))
+    assert best == ["CR", "SD"]
 
 
 def test_myeloma_zero_burden_is_complete_response_not_progression():
-    best, first_pd = endpoints.myeloma_response(np.zeros((1, 3)))
-    assert endpoints.RESPONSES[best[0]] == "CR" and first_pd[0] == -1
+    best, first_pd = _best("myeloma", np.zeros((1, 3)))
+    assert best == ["CR"] and first_pd[0] == -1
     burden = np.array([
         [0.3, 0.2, 0.6],  # PR, then +0.4 above the nadir: progression at the third assessment
         [0.002, 0.001, 0.004],  # CR; a 4-fold rise from a near-zero nadir is not measurable progression
         [0.9, 1.1, 1.2],  # SD then progression from baseline (>= 25% and >= 5% of baseline above nadir)
     ])
-    best, first_pd = endpoints.myeloma_response(burden)
-    assert [endpoints.RESPONSES[b] for b in best] == ["PR", "CR", "SD"]
+    best, first_pd = _best("myeloma", burden)
+    assert best == ["PR", "CR", "SD"]
     np.testing.assert_array_equal(first_pd, [2, -1, 2])
 
 
-def test_reductions_are_jittable_and_vmappable():
-    reg = doses((1, 1, 1, "mg"), cycle_days=7)
-    p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg)
-    batch = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), p)
-    red = jax.jit(jax.vmap(solver.simulate_patient, in_axes=(0, None)))(batch, schedule)
-    assert red.crs_grade.shape == (2, 1)
+def test_smooth_response_probabilities_are_the_expectation_over_the_assessment_effect():
+    rng = np.random.default_rng(2)
+    burden = np.exp(rng.normal(-1.5, 1.5, (200, 4)))
+    volume = np.exp(rng.normal(4.0, 1.0, 200))
+    m = endpoints.response_margins("lymphoma", burden, burden, volume, volume, 2.0)
+    p = endpoints.response_probabilities(endpoints.ResponseMargins(*(jnp.asarray(x) for x in m)), 0.3)
+    delta = rng.normal(0.0, 0.3, (2000, 1))
+    best = np.stack([endpoints.best_response(m, d) for d in np.broadcast_to(delta, (2000, 200))])
+    np.testing.assert_allclose(np.asarray(p["orr"]), (best <= 1).mean(0), atol=0.05)
+    np.testing.assert_allclose(np.asarray(p["cr"]), (best == 0).mean(0), atol=0.05)

@@ -1,17 +1,85 @@
-"""Mechanistic behaviour the model must show, on paired virtual patients."""
+"""Mechanistic behaviour the model must show, on paired virtual patients (nominal parameters, which
+configs/ sets to the shipped calibration's posterior medians)."""
 
+import jax
 import numpy as np
 import pytest
 from conftest import doses
 
-from vpop.model import pk, solver
+from vpop.model import pk, solver, system
 from vpop.simulate import Arm, prepare_arm, simulate_arm, simulate_trajectories
 
 N = 300
+MOSUNETUZUMAB_C1_C2 = doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), (2, 1, 60, "mg"), cycle_days=21, cycles=2)
 
 
 def _run(arm, n=N, horizon=None, seed=3):
     return simulate_arm(prepare_arm(arm, horizon_days=horizon), n, seed=seed, chunk_size=n).reductions
+
+
+def _starts(red, k):
+    """Share of patients whose CRS starts after administration k (0-based)."""
+    return float(np.mean(red["crs_grade"][:, k] >= 1))
+
+
+def test_a_repeated_full_dose_gives_little_new_crs():
+    """60 mg on C1D15 and again on C2D1: the second finds the release capacity used up (labels: < 3%
+    new CRS per repeated full dose), although drug, targets and T cells are all still there."""
+    red = _run(Arm("mosun", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2))
+    assert _starts(red, 2) > 0.1
+    assert _starts(red, 3) < 0.05
+    first, repeat = red["peak_il6_signalling_pg_ml"][:, 2], red["peak_il6_signalling_pg_ml"][:, 3]
+    responders = first > 3 * 1.47  # an IL-6 response to the first 60 mg at all (baseline 1.47 pg/mL)
+    assert responders.sum() > 30 and np.median(repeat[responders] / first[responders]) < 0.5
+    assert np.median(red["cmax_ng_ml"][:, 3] / red["cmax_ng_ml"][:, 2]) > 1.0  # not for want of drug
+
+
+def test_a_restart_after_a_long_gap_primes_again():
+    """The same 60 mg again after 3 weeks or after ~6 months off drug: the capacity has recovered
+    (tau_Q ~ months), so CRS returns at the late restart."""
+    soon = doses((1, 1, 60, "mg"), (1, 22, 60, "mg"), cycle_days=30, cycles=7)
+    late = doses((1, 1, 60, "mg"), (7, 1, 60, "mg"), cycle_days=30, cycles=7)
+    r_soon = _run(Arm("soon", "mosunetuzumab", "iv", "fl_rr", soon), n=200, horizon=190)
+    r_late = _run(Arm("late", "mosunetuzumab", "iv", "fl_rr", late), n=200, horizon=190)
+    assert _starts(r_soon, 0) == pytest.approx(_starts(r_late, 0))  # the same patients, the same first dose
+    assert _starts(r_late, 1) > 2 * _starts(r_soon, 1) + 0.02
+    assert _starts(r_late, 1) > 0.3 * _starts(r_late, 0)
+
+
+def test_cytokines_follow_new_engagement_not_the_activated_pool():
+    """A week after the second 60 mg dose activated T cells are still far above baseline and drug is
+    on board, but few are newly engaged: IL-6 signalling is back near baseline."""
+    prepared = prepare_arm(Arm("mosun", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2), horizon_days=42)
+    times, states, params = simulate_trajectories(prepared, np.arange(40), seed=3)
+    expand = jax.tree_util.tree_map(lambda x: np.asarray(x)[:, None], params)
+    obs = system.observe(states, expand)
+    day = np.searchsorted(times, 28.0)  # C2D1 is day 21
+    active = np.asarray(states.host.cells.t_active.total())
+    assert np.median(active[:, day] / np.maximum(active[:, 1], 1e-9)) > 10
+    assert np.median(np.asarray(obs.bispecific_ng_ml)[:, day]) > 1000
+    assert np.median(np.asarray(obs.il6_signalling_pg_ml)[:, day]) < 2 * 1.47
+
+
+def test_tocilizumab_prophylaxis_removes_most_grade_2_but_leaves_some_grade_1():
+    base = _run(Arm("none", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"), horizon=21)
+    toci = _run(Arm("toci", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up",
+                    "tocilizumab_before_dose1"), horizon=21)
+    any_base, any_toci = np.mean(base["crs_max_grade"] >= 1), np.mean(toci["crs_max_grade"] >= 1)
+    g2_base, g2_toci = np.mean(base["crs_max_grade"] >= 2), np.mean(toci["crs_max_grade"] >= 2)
+    assert g2_base > 0.08 and g2_toci < 0.25 * g2_base
+    assert any_toci > 0.25 * any_base  # fever from IL-1b/TNF-a remains
+    assert np.mean(toci["crs_max_grade"][toci["crs_max_grade"] >= 1] == 1) > 0.8
+
+
+def test_dexamethasone_acts_longer_than_its_plasma_half_life():
+    reg = doses((1, 1, 1, "mg"), cycle_days=7)
+    prepared = prepare_arm(Arm("dex", "mosunetuzumab", "iv", "fl_rr", reg, premedication="dexamethasone_20mg"))
+    times, states, params = simulate_trajectories(prepared, np.arange(2))
+    plasma = np.asarray(states.drugs.dexamethasone.central)[0]
+    effect = np.asarray(states.host.supportive.dexamethasone_effect_nm)[0]
+    day1 = np.searchsorted(times, 1.0)  # ~25 h after the dose (given 1 h before day 0)
+    assert plasma[day1] < 0.05 * plasma.max()  # plasma t1/2 ~4 h: gone
+    assert effect[day1] > 0.6 * effect.max()  # effect site t1/2 ~45 h: mostly still there
 
 
 def test_step_up_lowers_il6_signalling_peak_at_first_60_mg():

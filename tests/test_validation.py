@@ -52,7 +52,12 @@ def test_report_on_a_tiny_population(validation, tmp_path):
     sens = pd.read_csv(out / "sensitivity.csv")
     assert set(sens.endpoint) == {"crs_grade2plus", "orr"}
     report = (out / "report.md").read_text()
-    assert "Mean absolute error over the 3 validation rates" in report
+    n_val = int((targets.role == "validation").sum())
+    assert f"Mean absolute error over the {n_val} validation rates" in report
+    per = pd.read_csv(out / "per_dose.csv")
+    assert {"regimen", "period", "dose", "predicted", "lower", "upper", "observed", "target", "role", "recalled"} <= set(per.columns)
+    assert {"T09", "T10", "T11"} <= set(per.target.dropna())  # teclistamab's published step-up doses
+    assert (out / "figures" / "per_dose.png").stat().st_size > 0
     for fig in ("validation.png", "crs_by_dose_period.png", "sensitivity.png"):
         assert (out / "figures" / fig).stat().st_size > 0
     assert not (tmp_path / "report.partial").exists()

@@ -1,22 +1,41 @@
-r"""Clinical endpoints from simulated patients: CRS grades per dose period, rescue, tumour response.
+r"""Clinical endpoints: CRS grades per dose period, rescue, tumour response. One definition of each,
+used by the solver (rescue), the trial runner (0/1 endpoints) and the calibration (their expectation).
 
-CRS (on device, inside the simulation). A latent severity
+CRS. Two drives on the IL-6 scale (pg/mL), from IL-6 signalling $S = \mathrm{IL6}\cdot\theta$ and the
+myeloid output $O$ that tocilizumab does not block (IL-1b and TNF-a, see `vpop.model.cytokines`):
 
-$$ z(t) = \log \mathrm{IL6sig}(t) + w_{IFN} \log\frac{\mathrm{IFN}(t)}{\mathrm{IFN}_0} + \log s_i $$
+$$ F = S + \phi_F\, O \quad\text{(fever: several mediators)}, \qquad
+   V = S + \phi_V\, O \quad\text{(vascular: mostly IL-6)}. $$
 
-combines IL-6 signalling (pg/mL), IFN-g above its baseline and the patient's susceptibility $s_i$
-(log-normal between patients). ASTCT grade $g$ is reached when $z$ crosses $\log \theta_g$ with
-$\theta_1 < \theta_2 = f_2\theta_1 < \theta_3 = f_3\theta_2 < \theta_4 = f_4\theta_3$; the grade of a
-dose period is that of its largest $z$ (CRS starting after the k-th administration). Onset is the
-first crossing of $\theta_1$ after the administration, duration the time spent above it. Rescue
-happens in the simulation, so it changes the rest of the trajectory: reaching grade 2 gives
-tocilizumab 8 mg/kg (at most 800 mg), grade 3 adds dexamethasone, once each per dose period.
+ASTCT grade $\ge 1$ (fever) when $\log F + \varepsilon \ge \log\theta_1$ (or grade $\ge 2$ is reached),
+grade $\ge g$ for $g = 2, 3, 4$ when $\log V + \varepsilon \ge \log\theta_g$, with
+$\theta_g = f_g\theta_{g-1}$ and $\varepsilon = \log s_i \sim N(0, \omega^2)$ the patient's CRS
+susceptibility. In terms of the indices $z_1 = \max(\log F/\theta_1, \log V/\theta_2)$ and
+$z_g = \log V/\theta_g$, a patient is at grade $\ge g$ when $z_g + \varepsilon \ge 0$.
 
-Response (on the host, from the burden recorded at the assessment days):
-- lymphoma: SPD ~ volume^(2/3); PR at >= 50% decrease from baseline, CR when the residual volume is
-  below a threshold, PD at >= 50% increase from nadir (Cheson 2007, as in the pivotal trials; Lugano
-  2014 judges progression lesion by lesion, which one tumour compartment cannot); best overall
-  response is the best before progression;
+CRS *starting* in dose period $k$ (the labels' "CRS following dose $k$"): with $m_{gk}$ the largest
+$z_g$ in the period and $s_{gk}$ its value at the administration, CRS starts in period $k$ when
+$m_{1k} + \varepsilon \ge 0 > s_{1k} + \varepsilon$, and its grade is the highest reached in the
+period: grade $\ge g$ for $\varepsilon \in [-m_{gk}, -s_{1k})$. An episode still running at the next
+dose is not counted again. Overall, a patient has CRS of grade $\ge g$ when
+$\max_k m_{gk} + \varepsilon \ge 0$. The trial runner evaluates these at the patient's own
+$\varepsilon$; the calibration integrates $\varepsilon$ out ($P = \Phi(b/\omega) - \Phi(a/\omega)$ for
+the interval $[a, b)$), so its smooth rate is the expectation of the trial's 0/1 endpoint. Rescue happens in the simulation (tocilizumab 8 mg/kg, at most 800 mg, at grade $\ge 2$;
+dexamethasone too at grade $\ge 3$; once each per period), so the trajectory depends on $\varepsilon$
+through the rescue history; the expectation is then taken over the $\varepsilon$ consistent with the
+patient's rescue history (`rescue_interval`), which leaves only the timing of a rescue within its
+period unaccounted for.
+
+Response (from the burden recorded at the assessment days). Progression (PD) is judged on the
+modelled burden; the response level on the *assessed* burden $b\,e^{\delta}$, with $\delta$ the
+patient's assessment effect ($\delta \sim N(0, \omega_b^2)$: how a modelled burden reads as measured
+response). Best overall response is the best before progression, so with $b^*$ the smallest burden
+at the assessments before the first PD, a response needs $\delta \le \log(c / b^*)$ for the
+criterion's threshold $c$: the trial counts it at the patient's $\delta$, the calibration takes
+$\Phi(\log(c/b^*)/\omega_b)$.
+- lymphoma: SPD ~ volume^(2/3); PR at SPD <= 50% of baseline, CR when the residual volume is below a
+  threshold, PD at >= 50% increase of SPD from nadir with a measurable lesion (Cheson 2007, as in the
+  pivotal trials; Lugano 2014 judges lesion by lesion, which one tumour compartment cannot);
 - leukaemia: CR/CRh when marrow blasts fall below 5% (counts are not modelled, so CR and CRh are one);
 - myeloma: PR at >= 50% and CR at >= 99% reduction of the malignant burden (an M-protein proxy).
 """
@@ -26,13 +45,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import jax.scipy.stats as jstats
 import numpy as np
 from jax import Array
 
 RESPONSES = ("CR", "PR", "SD", "PD")
 RESPONSE_KINDS = ("lymphoma", "leukaemia", "myeloma")
+GRADES = 4  # ASTCT grades 1-4
 
-# Response criteria (shared by the 0/1 endpoints here and the smooth rates of `vpop.calibrate`).
+# Response criteria (shared by the trial's 0/1 endpoints and the calibration's expectations).
 LYMPHOMA_PR_SPD_FRACTION = 0.5  # PR: SPD <= 50% of baseline (Cheson 2007 J Clin Oncol 25:579)
 LYMPHOMA_PD_SPD_FOLD = 1.5  # PD: SPD >= 150% of nadir (Cheson 2007)
 LEUKAEMIA_CR_BLAST_PERCENT = 5.0  # CR/CRh: marrow blasts < 5% (Topp 2015 Lancet Oncol 16:57; Kantarjian 2017 NEJM 376:836)
@@ -58,74 +79,194 @@ def marrow_blast_percent(marrow_fraction, baseline_percent, xp=np):
     return 100.0 * frac / xp.maximum(frac + 1.0 - b0, 1e-12)
 
 
+# ---------------------------------------------------------------------------------------------
+# CRS
+# ---------------------------------------------------------------------------------------------
+
+
 class CRSParams(NamedTuple):
-    grade1_il6_signalling_pg_ml: Array  # theta_1 at typical susceptibility and baseline IFN-g
-    grade2_fold: Array  # theta_2 / theta_1
+    grade1_pg_ml: Array  # theta_1: fever drive F of grade 1 at typical susceptibility (IL-6 scale, pg/mL)
+    grade2_fold: Array  # theta_2 / theta_1 (theta_2 on the vascular drive V)
     grade3_fold: Array
     grade4_fold: Array
-    ifng_weight: Array  # w_IFN
-    susceptibility: Array  # s_i, 1 for the typical patient (log-normal variability)
+    fever_other_weight: Array  # phi_F: weight of the myeloid output O in the fever drive
+    vascular_other_weight: Array  # phi_V: its weight in the vascular drive
+    susceptibility: Array  # s_i = e^epsilon, 1 for the typical patient (log-normal variability)
     rescue: Array  # 1: treat CRS in the simulation (tocilizumab at grade 2, dexamethasone at grade 3)
     rescue_tocilizumab_mg_per_kg: Array
     rescue_tocilizumab_max_mg: Array
     rescue_dexamethasone_mg: Array
 
 
+class ResponseParams(NamedTuple):
+    assessment_bias: Array  # e^delta: how the patient's modelled burden reads as assessed (1 typical; log-normal)
+
+
 def log_thresholds(p: CRSParams) -> Array:
     """[4] log theta_g for grades 1-4."""
-    steps = jnp.stack([jnp.log(p.grade1_il6_signalling_pg_ml), jnp.log(p.grade2_fold), jnp.log(p.grade3_fold), jnp.log(p.grade4_fold)])
+    steps = jnp.stack([jnp.log(p.grade1_pg_ml), jnp.log(p.grade2_fold), jnp.log(p.grade3_fold), jnp.log(p.grade4_fold)])
     return jnp.cumsum(steps)
 
 
-def severity(il6_signalling_pg_ml: Array, ifng_pg_ml: Array, ifng_baseline_pg_ml: Array, p: CRSParams) -> Array:
-    """Latent CRS severity z (log pg/mL scale)."""
-    return (jnp.log(jnp.maximum(il6_signalling_pg_ml, 1e-6)) + p.ifng_weight * jnp.log(jnp.maximum(ifng_pg_ml / ifng_baseline_pg_ml, 1.0))
-            + jnp.log(p.susceptibility))
+def crs_index(il6_signalling_pg_ml: Array, myeloid_output_pg_ml: Array, p: CRSParams) -> Array:
+    """[..., 4] indices z_g (susceptibility not included): grade >= g when z_g + epsilon >= 0."""
+    fever = il6_signalling_pg_ml + p.fever_other_weight * myeloid_output_pg_ml
+    vascular = il6_signalling_pg_ml + p.vascular_other_weight * myeloid_output_pg_ml
+    log_theta = log_thresholds(p)
+    log_v = jnp.log(jnp.maximum(vascular, 1e-12))
+    z_vascular = log_v[..., None] - log_theta[1:]
+    z_fever = jnp.log(jnp.maximum(fever, 1e-12)) - log_theta[0]
+    return jnp.concatenate([jnp.maximum(z_fever, z_vascular[..., 0])[..., None], z_vascular], axis=-1)
 
 
-def grade(z: Array, p: CRSParams) -> Array:
-    """ASTCT grade 0-4 for severity z (works on any shape of z)."""
-    return jnp.sum(z[..., None] >= log_thresholds(p), axis=-1)
+def grade_now(z: Array, epsilon: Array) -> Array:
+    """ASTCT grade 0-4 at indices z [..., 4] and susceptibility epsilon (the indices are nested)."""
+    return jnp.sum(z + epsilon[..., None] >= 0.0, axis=-1)
+
+
+def started(peak: Array, at_dose: Array, epsilon: Array) -> Array:
+    """[..., P]: CRS starts in period k (peak indices m and indices at the dose s, [..., P, 4])."""
+    e = epsilon[..., None]
+    return (peak[..., 0] + e >= 0.0) & (at_dose[..., 0] + e < 0.0)
+
+
+def period_grades(peak: Array, at_dose: Array, epsilon: Array) -> Array:
+    """[..., P] grade of the CRS starting in each period: the highest grade it reaches in the period
+    (0 when no CRS starts there)."""
+    return jnp.where(started(peak, at_dose, epsilon), grade_now(peak, epsilon[..., None]), 0)
+
+
+def rescue_interval(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue_on: Array) -> tuple[Array, Array]:
+    """The susceptibilities epsilon that give this patient's rescue history ([P] peaks [P, 4] and
+    rescue flags): tocilizumab in a period iff z_2 + epsilon >= 0 there, dexamethasone iff z_3 + epsilon
+    >= 0. Returns (lo, hi); the patient's own epsilon always lies inside."""
+    inf = jnp.asarray(jnp.inf, peak.dtype)
+    lo, hi = -inf, inf
+    for g, given in ((1, toci), (2, dex)):
+        bound = -peak[..., g]
+        lo = jnp.maximum(lo, jnp.max(jnp.where(given > 0, bound, -inf), axis=-1))
+        hi = jnp.minimum(hi, jnp.min(jnp.where(given > 0, inf, bound), axis=-1))
+    lo = jnp.where(rescue_on > 0, jnp.minimum(lo, epsilon), -inf)
+    hi = jnp.where(rescue_on > 0, jnp.maximum(hi, epsilon + 1e-6), inf)
+    return lo, hi
+
+
+def interval_probability(a: Array, b: Array, omega: Array, lo: Array, hi: Array) -> Array:
+    """P(a <= epsilon < b | lo <= epsilon < hi) for epsilon ~ N(0, omega^2)."""
+    cdf = jstats.norm.cdf
+    top, bottom = jnp.minimum(b, hi), jnp.maximum(a, lo)
+    mass = jnp.maximum(cdf(top / omega) - cdf(bottom / omega), 0.0)
+    return mass / jnp.maximum(cdf(hi / omega) - cdf(lo / omega), 1e-12)
+
+
+def first_crs_probability(peak: Array, k: int, omega: Array, lo: Array, hi: Array) -> Array:
+    """Expectation over epsilon of "the patient's first CRS starts at administration k (1-based) or
+    later": no CRS through period k - 1 (epsilon < -max m_1), some after (epsilon >= -max m_1 later)."""
+    inf = jnp.asarray(jnp.inf, peak.dtype)
+    before = jnp.max(peak[..., : k - 1, 0], axis=-1) if k > 1 else -inf
+    after = jnp.max(peak[..., k - 1:, 0], axis=-1)
+    return interval_probability(-after, -before, omega, lo, hi)
+
+
+def first_crs_dose(grades: np.ndarray) -> np.ndarray:
+    """1-based administration after which each patient's first CRS starts (0: none), from [n, P] grades."""
+    started = grades >= 1
+    return np.where(started.any(axis=-1), started.argmax(axis=-1) + 1, 0)
+
+
+def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: Array) -> dict[str, Array]:
+    """Expectation over epsilon of the trial's CRS endpoints (per patient): overall any / grade >= 2 /
+    grade >= 3, and per period any and grade >= 2 ([P] arrays)."""
+    inf = jnp.asarray(jnp.inf, peak.dtype)
+    worst = jnp.max(peak, axis=-2)  # [4]: the largest index over all periods
+    out = {name: interval_probability(-worst[..., g], inf, omega, lo, hi)
+           for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus"))}
+    e = lambda x: jnp.asarray(x)[..., None]  # noqa: E731 - per-period broadcast of patient scalars
+    for g, name in ((0, "crs_any_dose"), (1, "crs_grade2plus_dose")):
+        out[name] = interval_probability(-peak[..., g], -at_dose[..., 0], e(omega), e(lo), e(hi))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: response and the endpoint table
+# Response
 # ---------------------------------------------------------------------------------------------
 
 
-def lymphoma_response(burden_at: np.ndarray, baseline_volume_ml: np.ndarray, cr_residual_volume_ml: float):
-    """Best overall response per patient from burden/baseline at the assessments ([n, A]).
-
-    Returns (best response as an index into RESPONSES, day index of first progression or -1)."""
-    spd = spd_fraction(np.maximum(burden_at, 0.0))
-    nadir = np.minimum.accumulate(np.concatenate([np.ones((len(spd), 1)), spd], axis=1), axis=1)[:, :-1]
-    volume = burden_at * baseline_volume_ml[:, None]
-    # Progression needs a measurable lesion again (above the CR residual), not just regrowth from nadir.
-    progressed = (spd >= LYMPHOMA_PD_SPD_FOLD * nadir) & (volume > cr_residual_volume_ml)
-    first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
-    level = np.where(volume <= cr_residual_volume_ml, 0, np.where(spd <= LYMPHOMA_PR_SPD_FRACTION, 1, np.where(progressed, 3, 2)))
-    before_pd = np.arange(spd.shape[1])[None, :] < np.where(first_pd < 0, spd.shape[1], first_pd)[:, None]
-    best = np.where(before_pd, level, 3).min(axis=1)
-    return best, first_pd
+def _first_true(flags, xp):
+    """Index of the first True along the last axis, or the axis length."""
+    n = flags.shape[-1]
+    return xp.where(xp.any(flags, axis=-1), xp.argmax(flags, axis=-1), n)
 
 
-def leukaemia_response(marrow_fraction_at: np.ndarray, baseline_percent: np.ndarray):
-    """CR/CRh (index 0) when marrow blasts fall below 5%; else SD, or PD if blasts rise by 25%."""
-    blasts = marrow_blast_percent(marrow_fraction_at, baseline_percent[:, None])
-    cr = (blasts < LEUKAEMIA_CR_BLAST_PERCENT).any(axis=1)
-    progressed = blasts >= np.minimum(baseline_percent[:, None] * LEUKAEMIA_PD_BLAST_FOLD, 100.0)
-    first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
-    best = np.where(cr, 0, np.where(first_pd >= 0, 3, 2))
-    return best, first_pd
+def _best_log(values, first, xp):
+    """log of the smallest value at the assessments before index `first` (the first assessment's when
+    progression came first; unassessed slots are inf)."""
+    idx = xp.arange(values.shape[-1])
+    best = xp.min(xp.where(idx < xp.maximum(first, 1)[..., None], values, xp.inf), axis=-1)
+    return xp.log(xp.maximum(best, 1e-30))
 
 
-def myeloma_response(burden_at: np.ndarray):
-    """CR at >= 99%, PR at >= 50% reduction of the malignant burden; PD at >= 25% above nadir and a
-    rise of at least `MYELOMA_PD_MIN_RISE_FRACTION` of baseline (a patient at zero burden is in CR,
-    not progressing)."""
-    nadir = np.minimum.accumulate(np.concatenate([np.ones((len(burden_at), 1)), burden_at], axis=1), axis=1)[:, :-1]
-    progressed = (burden_at >= MYELOMA_PD_BURDEN_FOLD * nadir) & (burden_at - nadir >= MYELOMA_PD_MIN_RISE_FRACTION)
-    first_pd = np.where(progressed.any(axis=1), progressed.argmax(axis=1), -1)
-    level = np.where(burden_at <= MYELOMA_CR_BURDEN_FRACTION, 0, np.where(burden_at <= MYELOMA_PR_BURDEN_FRACTION, 1, np.where(progressed, 3, 2)))
-    before_pd = np.arange(burden_at.shape[1])[None, :] < np.where(first_pd < 0, burden_at.shape[1], first_pd)[:, None]
-    return np.where(before_pd, level, 3).min(axis=1), first_pd
+class ResponseMargins(NamedTuple):
+    """Per patient: log margins r of each criterion (a response when delta <= r), the log of the best
+    modelled burden b* (before progression; the first assessment's if progression came first), and the
+    index of the first progression (the number of assessments when none)."""
+
+    orr: object
+    cr: object
+    best_log: object
+    first_pd: object
+    progressed: object
+
+
+def response_margins(kind: str, burden_at, marrow_fraction_at, baseline_volume_ml, baseline_blast_percent,
+                     cr_residual_volume_ml: float, xp=np) -> ResponseMargins:
+    """Response margins from the burden relative to baseline at the assessments ([..., A]; NaN where a
+    slot was never assessed). `xp` is numpy (trial runner) or jax.numpy (calibration)."""
+    if kind == "leukaemia":
+        frac = xp.where(xp.isnan(marrow_fraction_at), 1.0, marrow_fraction_at)
+        blasts = marrow_blast_percent(frac, baseline_blast_percent[..., None], xp)
+        progressed = ~xp.isnan(marrow_fraction_at) & (blasts >= xp.minimum(baseline_blast_percent[..., None] * LEUKAEMIA_PD_BLAST_FOLD, 100.0))
+        first = _first_true(progressed, xp)
+        best = _best_log(xp.where(xp.isnan(marrow_fraction_at), xp.inf, marrow_fraction_at), first, xp)
+        b0 = baseline_blast_percent / 100.0
+        cr_fraction = LEUKAEMIA_CR_BLAST_PERCENT / 100.0 * (1.0 - b0) / xp.maximum(b0 * (1.0 - LEUKAEMIA_CR_BLAST_PERCENT / 100.0), 1e-12)
+        r = xp.log(cr_fraction) - best
+        return ResponseMargins(r, r, best, first, first < burden_at.shape[-1])
+    assessed = ~xp.isnan(burden_at)
+    b = xp.where(assessed, xp.maximum(burden_at, 0.0), 1.0)
+    if kind == "lymphoma":
+        spd = spd_fraction(b)
+        nadir = xp.concatenate([xp.ones_like(spd[..., :1]), spd[..., :-1]], axis=-1)
+        nadir = _cummin(nadir, xp)
+        measurable = b * baseline_volume_ml[..., None] > cr_residual_volume_ml
+        progressed = assessed & (spd >= LYMPHOMA_PD_SPD_FOLD * nadir) & measurable
+        pr, cr = LYMPHOMA_PR_SPD_FRACTION ** 1.5, cr_residual_volume_ml / xp.maximum(baseline_volume_ml, 1e-12)
+    else:
+        nadir = _cummin(xp.concatenate([xp.ones_like(b[..., :1]), b[..., :-1]], axis=-1), xp)
+        progressed = assessed & (b >= MYELOMA_PD_BURDEN_FOLD * nadir) & (b - nadir >= MYELOMA_PD_MIN_RISE_FRACTION)
+        pr, cr = MYELOMA_PR_BURDEN_FRACTION, MYELOMA_CR_BURDEN_FRACTION
+    first = _first_true(progressed, xp)
+    best = _best_log(xp.where(assessed, b, xp.inf), first, xp)
+    return ResponseMargins(xp.log(pr) - best, xp.log(cr) - best, best, first, first < burden_at.shape[-1])
+
+
+def _cummin(x, xp):
+    if xp is np:
+        return np.minimum.accumulate(x, axis=-1)
+    import jax
+
+    return jax.lax.cummin(x, axis=x.ndim - 1)
+
+
+def best_response(m: ResponseMargins, delta) -> np.ndarray:
+    """Index into RESPONSES per patient at assessment effects delta (host side): the best response at
+    the assessments before progression, PD when progression came at the first assessment."""
+    before_pd = m.first_pd > 0
+    return np.where(before_pd & (m.cr >= delta), 0, np.where(before_pd & (m.orr >= delta), 1, np.where(before_pd, 2, 3)))
+
+
+def response_probabilities(m: ResponseMargins, omega) -> dict[str, Array]:
+    """Expectation over delta ~ N(0, omega^2) of the trial's ORR and CR (calibration)."""
+    before_pd = m.first_pd > 0
+    return {"orr": jnp.where(before_pd, jstats.norm.cdf(m.orr / omega), 0.0),
+            "cr": jnp.where(before_pd, jstats.norm.cdf(m.cr / omega), 0.0)}

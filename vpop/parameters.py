@@ -2,7 +2,8 @@
 
 Config numbers are plain numbers (known, with their source beside them in the YAML) or
 `{nominal: x, prior: [low, high], unknown: true}` (not published: `nominal` is used with
-`posterior=none`, and calibration samples log-uniformly over `prior`). `typical_params` assembles the
+`posterior=none`; calibration gives it a normal prior on the log scale, or the logit scale for
+fractions, whose central 95% is `prior`). `typical_params` assembles the
 population-typical `Params` of one arm (drug + route + population) as scalar leaves;
 `individual_params` turns them into one patient's `Params` from covariates and random effects.
 Everything after `typical_params` is pure JAX, so it runs inside the vmapped simulation.
@@ -10,9 +11,7 @@ Everything after `typical_params` is pure JAX, so it runs inside the vmapped sim
 
 from __future__ import annotations
 
-import math
 import zlib
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -30,15 +29,6 @@ TARGETS = ("CD20", "CD19", "BCMA")
 DRUG_KINDS = ("bispecific", "tocilizumab", "dexamethasone", "anti_cd20")
 
 
-@dataclass(frozen=True)
-class Unknown:
-    """A parameter without a published value: its nominal value and calibration prior range."""
-
-    nominal: float
-    low: float
-    high: float
-
-
 def value(node: Any, field: str = "") -> float:
     """The number a config entry stands for (the nominal value of an unknown)."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
@@ -46,18 +36,6 @@ def value(node: Any, field: str = "") -> float:
     if isinstance(node, (dict, DictConfig)) and "nominal" in node:
         return float(node["nominal"])
     raise ConfigError(f"{field}: expected a number or {{nominal, prior, unknown}}, got {node!r}")
-
-
-def unknowns(cfg: Any, prefix: str = "") -> dict[str, Unknown]:
-    """Every `{nominal, prior, unknown: true}` entry below cfg, by dotted path."""
-    out: dict[str, Unknown] = {}
-    if isinstance(cfg, (dict, DictConfig)):
-        if cfg.get("unknown", False):
-            low, high = cfg["prior"]
-            return {prefix: Unknown(float(cfg["nominal"]), float(low), float(high))}
-        for k, v in cfg.items():
-            out.update(unknowns(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _get(cfg: DictConfig, key: str, where: str, default: Any = None) -> float:
@@ -134,10 +112,6 @@ def pk_params(drug: DictConfig, route: str) -> pk.PKParams:
     return pk.PKParams(**{k: jnp.asarray(v, _float()) for k, v in {**vals, "ka_per_day": ka, "bioavailability": f}.items()})
 
 
-def _first_route(drug: DictConfig) -> str:
-    return next(iter(drug.routes.keys()))
-
-
 # ---------------------------------------------------------------------------------------------
 # Typical parameters of an arm
 # ---------------------------------------------------------------------------------------------
@@ -209,13 +183,8 @@ def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dic
     bcells = _fill(cells.BCellParams, bc, "model.bcells", partition=_by_compartment(1.0, value(bc.partition_lymphoid), value(bc.partition_marrow), 0.0))
     malignant = _fill(cells.MalignantParams, dis, f"population/{arm.population}.malignant")
 
-    cc = model.cytokines
-    cyto = _fill(
-        cytokines.CytokineParams,
-        cc,
-        "model.cytokines",
-        tissue_reach=_by_compartment(1.0, value(cc.tissue_reach_lymphoid), value(cc.tissue_reach_marrow), value(cc.tissue_reach_tumour)),
-    )
+    # A population may set its own values of cytokine parameters (e.g. a smaller myeloid pool).
+    cyto = _fill(cytokines.CytokineParams, OmegaConf.merge(model.cytokines, pop.get("cytokines") or {}), "model.cytokines")
 
     toci = load_drug("tocilizumab")
     dex = load_drug("dexamethasone")
@@ -252,6 +221,7 @@ def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dic
         cytokines=cyto,
         body=body,
         crs=_fill(endpoints.CRSParams, model.crs, "model.crs"),
+        response=_fill(endpoints.ResponseParams, model.response, "model.response"),
         patient=PatientCovariates(weight_kg=zero, bsa_m2=zero),
         first_dose_day=zero,
     )
@@ -356,17 +326,9 @@ def apply_variability(p: Params, paths: tuple[str, ...], omegas, key: jax.Array)
     return p
 
 
-def log_uniform_prior(u: Unknown) -> tuple[float, float]:
-    """(loc, scale) of log-space uniform bounds used by calibration."""
-    return math.log(u.low), math.log(u.high)
-
-
 # ---------------------------------------------------------------------------------------------
 # Calibrated parameters: config paths <-> parameter-pytree paths
 # ---------------------------------------------------------------------------------------------
-
-_BY_COMPARTMENT_SUFFIX = {"_lymphoid": "lymphoid", "_marrow": "marrow", "_tumour": "tumour"}
-
 
 def params_path(config_path: str, arm: ArmSpec) -> str | None:
     """Where a config value lives in an arm's `Params` ('model.crs.grade2_fold' -> 'crs.grade2_fold');
@@ -374,16 +336,14 @@ def params_path(config_path: str, arm: ArmSpec) -> str | None:
     scope, *rest = config_path.split(".")
     if scope == "model":
         group, name = rest[0], ".".join(rest[1:])
-        if group == "cytokines" and name.startswith("tissue_reach_"):
-            return f"cytokines.tissue_reach.{name.removeprefix('tissue_reach_')}"
-        if group in ("crs", "cytokines", "tcells", "bcells", "engagement"):
+        if group in ("crs", "cytokines", "tcells", "bcells", "engagement", "supportive", "response"):
             return f"{group}.{name}"
     elif scope == "population":
         name, group, field = rest[0], rest[1], ".".join(rest[2:])
         if name != arm.population:
             return None
-        if group == "malignant":
-            return f"malignant.{field}"
+        if group in ("malignant", "cytokines"):
+            return f"{group}.{field}"
     elif scope == "drug":
         name, group, field = rest[0], rest[1], rest[2:]
         if name != arm.drug:
@@ -394,8 +354,8 @@ def params_path(config_path: str, arm: ArmSpec) -> str | None:
             return f"bispecific_pk.{'.'.join(field)}"
         if group == "routes":
             return f"bispecific_pk.{field[1]}" if field[0] == arm.route else None
-    raise ConfigError(f"'{config_path}' cannot be calibrated: only model.(crs|cytokines|tcells|bcells|engagement).*, "
-                      "population.<name>.malignant.* and drug.<name>.(engagement|pk|routes.<route>).* map to parameters")
+    raise ConfigError(f"'{config_path}' cannot be calibrated: only model.(crs|cytokines|tcells|bcells|engagement|supportive|response).*, "
+                      "population.<name>.(malignant|cytokines).* and drug.<name>.(engagement|pk|routes.<route>).* map to parameters")
 
 
 def config_entry(config_path: str) -> Any:

@@ -21,16 +21,21 @@ def default_path() -> Path:
     return Path(str(resources.files("vpop.data") / "posterior_default.nc"))
 
 
-def load(posterior: str):
-    """The InferenceData of `default` (the shipped calibration) or of a path."""
+def arviz():
+    """The arviz module, imported without its notices about a coming refactor."""
+    import logging
     import warnings
 
-    import logging
-
     logging.getLogger("arviz.preview").setLevel(logging.WARNING)  # "arviz_base not installed" notices
-    with warnings.catch_warnings():  # arviz announces its coming refactor on import
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz as az
+    return az
+
+
+def load(posterior: str):
+    """The InferenceData of `default` (the shipped calibration) or of a path."""
+    az = arviz()
 
     path = default_path() if posterior == DEFAULT else Path(posterior)
     if not path.is_file():

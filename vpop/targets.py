@@ -24,7 +24,9 @@ COLUMNS = ("id", "drug", "population", "regimen", "route", "premedication", "pro
            "endpoint", "n", "k", "role", "trial", "citation", "note")
 SUPPORT = ("calibrated", "validated", "extrapolated")
 # Endpoints a target may name: the overall rates, and CRS starting after the k-th administration.
-ENDPOINT_PATTERN = re.compile(r"(orr|cr|crs_any|crs_grade2plus|crs_grade3plus)|(crs_any|crs_grade2plus)_dose[1-9][0-9]*")
+# And the share of patients whose first CRS starts at dose k or later (the labels' "first CRS at a later dose").
+ENDPOINT_PATTERN = re.compile(r"(orr|cr|crs_any|crs_grade2plus|crs_grade3plus)|(crs_any|crs_grade2plus)_dose[1-9][0-9]*"
+                              r"|crs_first_at_dose[1-9][0-9]*plus")
 
 
 def load(name_or_path: str = "targets") -> pd.DataFrame:
@@ -46,7 +48,7 @@ def load(name_or_path: str = "targets") -> pd.DataFrame:
     bad = used[~used.endpoint.map(lambda e: bool(ENDPOINT_PATTERN.fullmatch(str(e))))]
     if len(bad):
         raise ConfigError(f"targets {path}: endpoint of {bad.id.iloc[0]} is {bad.endpoint.iloc[0]!r}; allowed: orr, cr, "
-                          "crs_any, crs_grade2plus, crs_grade3plus, crs_any_dose<k>, crs_grade2plus_dose<k>")
+                          "crs_any, crs_grade2plus, crs_grade3plus, crs_any_dose<k>, crs_grade2plus_dose<k>, crs_first_at_dose<k>plus")
     if ((used.k < 0) | (used.k > used.n)).any():
         raise ConfigError(f"targets {path}: every k must lie in 0..n")
     if df.id.duplicated().any():
@@ -55,8 +57,9 @@ def load(name_or_path: str = "targets") -> pd.DataFrame:
 
 
 def endpoint_family(endpoint: str) -> str:
-    """'crs_any_dose3' -> 'crs_any_dose'; overall endpoints are their own family."""
-    return re.sub(r"_dose[0-9]+$", "_dose", endpoint)
+    """'crs_any_dose3' -> 'crs_any_dose', 'crs_first_at_dose4plus' -> 'crs_first_at_dose'; overall
+    endpoints are their own family."""
+    return re.sub(r"_dose[0-9]+(plus)?$", "_dose", endpoint)
 
 
 def support(targets: pd.DataFrame, drug: str, route: str, population: str, endpoint: str) -> str:

@@ -102,6 +102,13 @@ def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str
     return arms, str(ref)
 
 
+def response_margins(prepared: PreparedArm, red: dict, cov: dict) -> endpoints.ResponseMargins:
+    """The response margins of an arm's patients (see `endpoints.response_margins`)."""
+    residual = float(prepared.population.response.get("cr_residual_volume_ml", 0.0))
+    return endpoints.response_margins(response_kind(prepared), red["malignant_fraction_at"], red["marrow_malignant_fraction_at"],
+                                      cov["tumour_volume_ml"], cov["marrow_malignant_percent"], residual)
+
+
 def response_kind(prepared: PreparedArm) -> str:
     """How the arm's population responds: lymphoma (SPD), leukaemia (marrow blasts) or myeloma."""
     kind = prepared.population.get("response", {}).get("kind", "lymphoma")
@@ -149,26 +156,29 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         for name in PER_DOSE_VALUES:
             cols[name + d] = red[name][:, k]
     kind = response_kind(prepared)
+    margins = response_margins(prepared, red, cov)
+    delta = red["assessment_log_bias"]
+    best = endpoints.best_response(margins, delta)
+    first_pd = np.where(margins.progressed, margins.first_pd, -1)
+    # Best change as assessed: the smallest burden before progression, read through the assessment effect.
+    best_fraction = np.exp(margins.best_log + delta)
     blasts = np.full(n, np.nan)
     if kind == "lymphoma":
-        residual = float(prepared.population.response.cr_residual_volume_ml)
-        best, first_pd = endpoints.lymphoma_response(red["malignant_fraction_at"], cov["tumour_volume_ml"], residual)
-        best_change = red["malignant_fraction_at"].min(axis=1) ** (2.0 / 3.0) - 1.0  # SPD change at best assessment
+        best_change = endpoints.spd_fraction(best_fraction) - 1.0
     elif kind == "leukaemia":
-        best, first_pd = endpoints.leukaemia_response(red["marrow_malignant_fraction_at"], cov["marrow_malignant_percent"])
-        best_change = red["marrow_malignant_fraction_at"].min(axis=1) - 1.0
-        blasts = endpoints.marrow_blast_percent(red["marrow_malignant_fraction_at"].min(axis=1), cov["marrow_malignant_percent"])
+        blasts = endpoints.marrow_blast_percent(best_fraction, cov["marrow_malignant_percent"])
+        best_change = best_fraction - 1.0
     else:
-        best, first_pd = endpoints.myeloma_response(red["malignant_fraction_at"])
-        best_change = red["malignant_fraction_at"].min(axis=1) - 1.0
+        best_change = best_fraction - 1.0
     days = result.assessment_day
-    worst = grades.max(axis=1)
+    worst = red["crs_max_grade"]
     cols.update(
         best_response=np.asarray(endpoints.RESPONSES)[best],
         best_change_percent=100.0 * best_change,
         best_marrow_blast_percent=blasts,  # leukaemia only (CR/CRh below 5%)
         progression_day=np.where(first_pd >= 0, days[np.maximum(first_pd, 0)], np.nan),
         crs_max_grade=worst.astype(int),
+        crs_first_dose=endpoints.first_crs_dose(grades),  # administration after which the first CRS starts (0: none)
         orr=best <= 1,
         cr=best == 0,
         crs_any=worst >= 1,

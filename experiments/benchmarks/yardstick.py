@@ -191,11 +191,13 @@ def _fold(p, sched, traj):
     base = system.observe(system.initial_state(p), p)
     used = jax.tree_util.tree_map(jnp.asarray, sched.steps)
 
-    def f(red, xs):
+    def f(carry, xs):
+        red, z_start = carry
         step, y = xs
-        return solver.fold_reductions(red, 0.0, system.observe(y, p), step, sched.period_start_day, base, p), None
+        obs = system.observe(y, p)
+        return (solver.fold_reductions(red, 0.0, z_start, obs, step, sched.period_start_day, base, p), solver.crs_index(obs, p)), None
 
-    red, _ = jax.lax.scan(f, solver.init_reductions(sched, base.t_blood.dtype), (used, traj))
+    (red, _), _ = jax.lax.scan(f, (solver.init_reductions(sched, p, base.t_blood.dtype), solver.crs_index(base, p)), (used, traj))
     return red
 
 

@@ -4,8 +4,9 @@
 
 Writes DIR/validation.csv (every target, validation and calibration, and every published comparison:
 observed with its exact binomial 95% interval, predicted with its 95% posterior predictive interval
-for a trial of the published size), DIR/dose_periods.csv (CRS by dose period for every approved
-regimen), DIR/sensitivity.csv (PRCC over posterior draws), DIR/report.md and DIR/figures/*.png.
+for a trial of the published size), DIR/per_dose.csv (CRS by dose period against every published
+per-dose rate), DIR/dose_periods.csv (CRS by dose period for every approved regimen),
+DIR/sensitivity.csv (PRCC over posterior draws), DIR/report.md and DIR/figures/*.png.
 
 Predictions use the trial runner itself (hard 0/1 endpoints, in-simulation rescue on), not the
 smoothed rates the calibration fitted, so calibration targets are re-checked here as well.
@@ -52,6 +53,9 @@ class Simulator:
 
 
 def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
+    if endpoint.startswith("crs_first_at_dose"):  # first CRS at dose k or later, from the patient rows
+        k = int(endpoint.removeprefix("crs_first_at_dose").removesuffix("plus"))
+        return (patients.crs_first_dose >= k).groupby(patients.draw).mean().to_numpy(float)
     if endpoint not in patients:
         raise KeyError(f"endpoint {endpoint!r} not simulated for this arm")
     return patients.groupby("draw")[endpoint].mean().to_numpy(float)
@@ -145,6 +149,32 @@ def dose_period_table(spec, sim: Simulator) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def per_dose_table(targets: pd.DataFrame, sim: Simulator, rng) -> pd.DataFrame:
+    """Model against published CRS by dose period, for every regimen with per-dose targets: every
+    period of the regimen (published value where there is one), the model's rate with its 95%
+    posterior interval and the predictive interval of a trial of the published size."""
+    per = targets[targets.endpoint.str.startswith("crs_any_dose")]
+    rows = []
+    for _, group in per.groupby(["drug", "population", "regimen", "route", "premedication", "prophylaxis"], dropna=False, sort=False):
+        t = group.iloc[0]
+        patients = sim.run(target_arm(t), float(t.horizon_days))
+        periods = prepare_arm(target_arm(t), horizon_days=float(t.horizon_days)).compiled.periods
+        published = {int(r.endpoint.rsplit("dose", 1)[1]): r for r in group.itertuples()}
+        for k, a in enumerate(periods, start=1):
+            r = per_draw_rate(patients, f"crs_any_dose{k}")
+            obs = published.get(k)
+            row = dict(drug=t.drug, regimen=t.regimen, period=k, dose=a.label, predicted=r.mean(), lower=np.percentile(r, 2.5),
+                       upper=np.percentile(r, 97.5), target=obs.id if obs else "", role=obs.role if obs else "",
+                       recalled="recalled" in str(obs.note) if obs else False)
+            if obs:
+                lo, hi = exact_interval(int(obs.k), int(obs.n))
+                pred = predictive(r, int(obs.n), rng)
+                row.update(observed=obs.k / obs.n, observed_lower=lo, observed_upper=hi, predictive_lower=np.percentile(pred, 2.5),
+                           predictive_upper=np.percentile(pred, 97.5))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def prcc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Partial rank correlation of y with each column of x, the other columns regressed out."""
     rx = np.apply_along_axis(stats.rankdata, 0, x)
@@ -176,6 +206,48 @@ def sensitivity_table(spec, draws: list[dict], patients: int, seed: int, bar) ->
 # ---------------------------------------------------------------------------------------------
 # Figures and report
 # ---------------------------------------------------------------------------------------------
+
+
+PER_DOSE_SHOWN = 10  # periods per regimen in the per-dose figure (the rest are repeated full doses; see the table)
+
+
+def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regs = list(dict.fromkeys(per.regimen))
+    fig, axes = plt.subplots(len(regs), 1, figsize=(9, 2.5 * len(regs) + 0.6), squeeze=False)
+    for ax, reg in zip(axes[:, 0], regs):
+        d = per[per.regimen == reg].head(PER_DOSE_SHOWN)
+        x = d.period.to_numpy()
+        ax.bar(x, 100 * d.predicted, color="#9ecae1", label="model (95% posterior interval)")
+        ax.errorbar(x, 100 * d.predicted, yerr=[100 * np.clip(d.predicted - d.lower, 0, None), 100 * np.clip(d.upper - d.predicted, 0, None)],
+                    fmt="none", ecolor="#08519c", capsize=2)
+        pub = d[d.target != ""]
+        for role, recalled, style in (("calibration", False, dict(fmt="D", color="k", mfc="k", label="published, calibration")),
+                                      ("validation", False, dict(fmt="D", color="#d62728", mfc="#d62728", label="published, validation")),
+                                      ("validation", True, dict(fmt="D", color="#d62728", mfc="white", label="recalled (not seen in a source), validation"))):
+            q = pub[(pub.role == role) & (pub.recalled == recalled)]
+            if len(q):
+                ax.errorbar(q.period + 0.15, 100 * q.observed, yerr=[100 * (q.observed - q.observed_lower), 100 * (q.observed_upper - q.observed)],
+                            ms=5, capsize=2, **style)
+        mae = 100 * np.mean(np.abs(pub.observed - pub.predicted)) if len(pub) else np.nan
+        ax.set_xticks(x, d.dose, fontsize=7, rotation=20)
+        ax.set_ylabel("CRS starting (%)", fontsize=8)
+        ax.set_title(f"{reg} ({d.drug.iloc[0]}): mean absolute error over published periods {mae:.1f} pp", fontsize=9)
+        ax.set_ylim(0, 100)
+    handles, labels = [], []
+    for ax in axes[:, 0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.5 * len(regs) + 0.6)))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def figures(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, folder: Path) -> None:
@@ -232,7 +304,29 @@ def _pct(x: float) -> str:
     return "" if pd.isna(x) else f"{100 * x:.1f}"
 
 
-def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta: dict) -> str:
+def per_dose_markdown(per: pd.DataFrame) -> str:
+    lines = []
+    for reg, d in per.groupby("regimen", sort=False):
+        pub = d[d.target != ""]
+        mae = 100 * np.mean(np.abs(pub.observed - pub.predicted))
+        later = d[d.period > pub.period.max()]
+        lines += [f"**{reg}** ({d.drug.iloc[0]}): mean absolute error {mae:.1f} pp over {len(pub)} published periods; "
+                  f"later doses: at most {100 * later.predicted.max():.1f}% new CRS per dose" if len(later) else
+                  f"**{reg}** ({d.drug.iloc[0]}): mean absolute error {mae:.1f} pp over {len(pub)} published periods", "",
+                  "| period | dose | published % (95% CI) | source | model % (95% PI) | abs. error |", "|---|---|---|---|---|---|"]
+        for r in d.head(PER_DOSE_SHOWN).itertuples():
+            if r.target:
+                kind = f"{r.target} {r.role}" + (", recalled" if r.recalled else "")
+                obs = f"{_pct(r.observed)} ({_pct(r.observed_lower)}-{_pct(r.observed_upper)})"
+                err = _pct(abs(r.observed - r.predicted))
+            else:
+                kind, obs, err = "", "", ""
+            lines.append(f"| {r.period} | {r.dose} | {obs} | {kind} | {_pct(r.predicted)} ({_pct(r.lower)}-{_pct(r.upper)}) | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta: dict, per: pd.DataFrame) -> str:
     def rows(frame):
         out = ["| target | endpoint | role | observed (95% CI) | predicted (95% PI) | abs. error | overlap |", "|---|---|---|---|---|---|---|"]
         for r in frame.itertuples():
@@ -266,6 +360,11 @@ predictive intervals are for a trial of the published size. Validation targets n
 calibration targets re-checked: {int(cal.overlap.sum())} of {len(cal)} overlap).
 
 ![validation](figures/validation.png)
+
+## CRS by dose period against the published rates
+
+{per_dose_markdown(per)}
+![CRS per dose](figures/per_dose.png)
 
 ## Validation targets and published comparisons
 
@@ -319,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         table = pd.concat([table, comparisons_table(spec.comparisons, targets, rates, rng), experiments_table(spec.experiments, sim)],
                           ignore_index=True)
         doses = dose_period_table(spec.approved_regimens, sim)
+        per = per_dose_table(targets, sim, rng)
         sens = sensitivity_table(spec.sensitivity, posterior.draws(args.posterior, args.sensitivity_draws, args.seed + 1),
                                  args.patients, args.seed, bar)
     table["abs_error"] = (table.observed - table.predicted).abs()
@@ -330,11 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     staging.mkdir(parents=True, exist_ok=True)
     table[COLUMNS + [c for c in table.columns if c not in COLUMNS]].to_csv(staging / "validation.csv", index=False, float_format="%.4f")
     doses.to_csv(staging / "dose_periods.csv", index=False, float_format="%.4f")
+    per.to_csv(staging / "per_dose.csv", index=False, float_format="%.4f")
     sens.to_csv(staging / "sensitivity.csv", index=False, float_format="%.4f")
     figures(table, doses, sens, staging / "figures")
+    per_dose_figure(per, staging / "figures" / "per_dose.png")
     meta = dict(posterior=args.posterior, draws=len(draws), patients=args.patients, seed=args.seed,
                 sensitivity_draws=args.sensitivity_draws, seconds=time.perf_counter() - started)
-    (staging / "report.md").write_text(markdown(table, doses, sens, meta))
+    (staging / "report.md").write_text(markdown(table, doses, sens, meta, per))
     out.mkdir(parents=True, exist_ok=True)
     for f in staging.rglob("*"):
         if f.is_file():

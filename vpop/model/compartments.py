@@ -78,7 +78,3 @@ def cmap(f: Callable, *args) -> ByCompartment:
 
 def maximum(a, b) -> ByCompartment:
     return cmap(jnp.maximum, a, b)
-
-
-def minimum(a, b) -> ByCompartment:
-    return cmap(jnp.minimum, a, b)

@@ -1,12 +1,21 @@
-r"""The cytokine cascade behind cytokine release syndrome (CRS).
+r"""The cytokine cascade behind cytokine release syndrome (CRS), driven by new engagement.
 
-Serum cytokines are in pg/mL. Engaged activated T cells (see `engagement.engaged_fraction`), in
-units of 1e9 cells, give the T-cell release signal
+Serum cytokines are in pg/mL. Cytokines are released when T cells are newly engaged: the release
+drive is the activation flux (resting and post-activated T cells activated per day, 1e9 cells/day,
+see `engagement.activation_rate`), weighted by the systemic reach $w_c$ of each compartment
+(blood 1; release in lymphoid tissue and marrow, $w_T$, and in a tumour, $w_M$, reaches the circulation
+only in part),
 
-$$ s(t) = s_0(t)\,(1 - D_{max} D)\,(1 - I_{dex}), \qquad s_0 = \sum_c w_c A_c \epsilon_c $$
+$$ s_0(t) = \sum_c w_c\, \alpha_c (R_c + P_c), \qquad s(t) = s_0(t)\, Q(t)\, (1 - I_{dex}). $$
 
-with $w_c$ the systemic reach of each compartment, $D$ a priming/desensitisation state and
-$I_{dex}$ the dexamethasone inhibition. Then
+$Q \in [0, 1]$ is the patient's release capacity. Exposure uses it up and it recovers slowly,
+
+$$ \dot Q = \frac{1 - Q}{\tau_Q} - k_{use}\, s_0\, Q , $$
+
+so what a dose releases depends on how far its engagement exceeds what the capacity has already
+met: a first step primes (uses up capacity) in proportion to its own engagement, a repeated
+identical dose finds little capacity left, and after a long gap ($\gg \tau_Q$) the capacity, and
+CRS, return. A standing pool of activated T cells releases nothing by itself. With released $s$:
 
 $$
 \begin{aligned}
@@ -14,22 +23,21 @@ $$
 \dot{\mathrm{TNF}} = \sigma_{TNF} + k_{TNF}\, s - k^{el}_{TNF}\,\mathrm{TNF} \\
 \dot M &= k_M\, \zeta\, (h_{IFN} + h_{TNF})\,(1 - M) - k^{off}_M M,
   \qquad \zeta = \frac{1}{1 + \mathrm{IL10}/IC_{50,10}} \\
-\dot{\mathrm{IL6}} &= \sigma_6 + k_{6T}\, s + k_{6M}\, M (1 - I_{dex})
+\dot{\mathrm{IL6}} &= \sigma_6 + k_{6T}\, s + k_{6M}\, \mu M (1 - I_{dex})
   - (k^{el}_{6} + k^{R}_{6}\, \theta)\,\mathrm{IL6} \\
-\dot{\mathrm{IL10}} &= \sigma_{10} + k_{10}(s + k_{10M} M) - k^{el}_{10}\mathrm{IL10} \\
-\dot D &= k_D \frac{s_0}{s_{50} + s_0}(1 - D) - D/\tau_D
+\dot{\mathrm{IL10}} &= \sigma_{10} + k_{10}(s + k_{10M} M) - k^{el}_{10}\mathrm{IL10}
 \end{aligned}
 $$
 
-$M$ is myeloid (monocyte/macrophage) activation, driven by the T-cell cytokines IFN-g and TNF-a
-(Li 2019 Sci Transl Med 11:eaax8861) through saturating terms of each one's excess over baseline,
-$h_x = u^n/(1 + u^n)$ with $u = (x - x_0)_+/EC_{50,x}$: the myeloid amplification of the T-cell
-signal, switch-like ($n = 2$) so that small cytokine excesses do not keep monocytes active.
-$\theta$ is the fraction of IL-6 receptor free of tocilizumab. IL-6 *signalling*
-$\mathrm{IL6}\cdot\theta$ is what drives CRS; serum IL-6 rises under tocilizumab because
-receptor-mediated clearance $k^R_6\theta$ is lost.
-$s_0$ is $s$ before desensitisation and dexamethasone. Baseline levels set the basal sources
-$\sigma_x$ so that the untreated patient is at rest.
+$M$ is myeloid (monocyte/macrophage) activation and $\mu$ the size of the myeloid pool relative to
+normal (below 1 where the marrow has failed, as in relapsed ALL), driven by the T-cell cytokines IFN-g and TNF-a
+(Li 2019 Sci Transl Med 11:eaax8861) through switch-like terms of each one's excess over baseline,
+$h_x = u^n/(1 + u^n)$ with $u = (x - x_0)_+/EC_{50,x}$. $\theta$ is the fraction of IL-6 receptor free
+of tocilizumab: IL-6 *signalling* $\mathrm{IL6}\cdot\theta$ falls under tocilizumab while serum IL-6
+rises, because receptor-mediated clearance $k^R_6\theta$ is lost. Activated myeloid cells also make
+the other pyrogens (IL-1b, and TNF-a with it); their output is expressed on the IL-6 scale as
+$O = k_{6M} \mu M / k^{el}_6$ (pg/mL), which tocilizumab does not touch (see `vpop.endpoints`). Baseline
+levels set the basal sources $\sigma_x$ so that the untreated patient is at rest.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ class Cytokines(NamedTuple):
     tnfa_pg_ml: Array
     il10_pg_ml: Array
     myeloid_activation: Array  # fraction of the myeloid pool activated, 0..1
-    desensitisation: Array  # priming/desensitisation state D, 0..1
+    release_capacity: Array  # Q, 0..1: 1 in a patient never exposed
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
 
 
@@ -64,10 +72,11 @@ class CytokineParams(NamedTuple):
     k_el_ifng_per_day: Array
     k_el_tnfa_per_day: Array
     k_el_il10_per_day: Array
-    k_ifng_pg_ml_per_day: Array  # IFN-g release per 1e9 engaged activated T cells
+    k_ifng_pg_ml_per_day: Array  # IFN-g release per unit of released drive s (1e9 cells/day)
     k_tnfa_pg_ml_per_day: Array
-    k_il6_t_pg_ml_per_day: Array  # direct T-cell IL-6 release per unit signal
+    k_il6_t_pg_ml_per_day: Array  # direct T-cell IL-6 release per unit of released drive s
     k_il6_myeloid_pg_ml_per_day: Array  # IL-6 release by fully activated myeloid cells
+    myeloid_capacity: Array  # the patient's myeloid pool relative to normal (1; lower when the marrow has failed)
     k_il10_pg_ml_per_day: Array
     il10_myeloid_factor: Array
     k_myeloid_on_per_day: Array
@@ -76,16 +85,15 @@ class CytokineParams(NamedTuple):
     myeloid_hill: Array  # steepness of myeloid activation by IFN-g and TNF-a excess
     ec50_tnfa_pg_ml: Array
     ic50_il10_pg_ml: Array
-    tissue_reach: ByCompartment  # systemic reach w_c of release in each compartment (blood 1)
-    k_desensitisation_per_day: Array
-    desensitisation_ec50_1e9_cells: Array  # s_50
-    desensitisation_max: Array  # D_max: largest fractional loss of release
-    desensitisation_recovery_day: Array  # tau_D
+    tissue_reach: Array  # systemic reach w of release in lymphoid tissue and marrow (blood 1)
+    tumour_reach: Array  # systemic reach of release in a solid tumour (lymphoma masses)
+    capacity_use_per_1e9_cells: Array  # k_use: capacity used per 1e9 newly activated (reach-weighted) T cells
+    capacity_recovery_day: Array  # tau_Q: time constant of the capacity's recovery
 
 
 def baseline(p: CytokineParams) -> Cytokines:
     z = jnp.zeros_like(p.baseline_il6_pg_ml)
-    return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z, z, z)
+    return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z, z + 1.0, z)
 
 
 def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
@@ -93,9 +101,15 @@ def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
     return c.il6_pg_ml * receptor_free
 
 
-def t_cell_signal(engaged_active: ByCompartment, p: CytokineParams) -> Array:
-    """Engaged activated T cells (1e9), weighted by the systemic reach of each compartment."""
-    return (engaged_active * p.tissue_reach).total()
+def myeloid_output(c: Cytokines, p: CytokineParams) -> Array:
+    """The activated myeloid pool's cytokine output on the IL-6 scale, O = k_6M mu M / k_el_6 (pg/mL):
+    a proxy of IL-1b and myeloid TNF-a, which tocilizumab does not block."""
+    return p.k_il6_myeloid_pg_ml_per_day * p.myeloid_capacity * c.myeloid_activation / p.k_el_il6_per_day
+
+
+def release_drive(flux: ByCompartment, p: CytokineParams) -> Array:
+    """$s_0$: T cells newly activated per day (1e9/day), weighted by each compartment's systemic reach."""
+    return flux.blood + p.tissue_reach * (flux.lymphoid + flux.marrow) + p.tumour_reach * flux.tumour
 
 
 def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
@@ -106,14 +120,14 @@ def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
 
 def rates(
     c: Cytokines,
-    signal: Array,
+    drive: Array,
     receptor_free: Array,
     dex_inhibition: Array,
     margination_half_life_day: Array,
     p: CytokineParams,
 ) -> tuple[Cytokines, Cytokines]:
-    """Production (units/day) and loss (1/day) of the cytokine states; signal is $s_0$."""
-    release = signal * (1.0 - p.desensitisation_max * c.desensitisation) * (1.0 - dex_inhibition)
+    """Production (units/day) and loss (1/day) of the cytokine states; `drive` is $s_0$."""
+    release = drive * c.release_capacity * (1.0 - dex_inhibition)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction
     k6_other = p.k_el_il6_per_day - k6_receptor
     # Myeloid cells are driven by each T-cell cytokine's excess over its baseline, so the untreated
@@ -122,18 +136,18 @@ def rates(
         c.tnfa_pg_ml, p.baseline_tnfa_pg_ml, p.ec50_tnfa_pg_ml, p.myeloid_hill
     )
     on = p.k_myeloid_on_per_day * drive_m / (1.0 + c.il10_pg_ml / p.ic50_il10_pg_ml)
-    desens_drive = p.k_desensitisation_per_day * signal / (p.desensitisation_ec50_1e9_cells + signal)
+    recovery = 1.0 / p.capacity_recovery_day
 
     production = Cytokines(
         il6_pg_ml=p.k_el_il6_per_day * p.baseline_il6_pg_ml
         + p.k_il6_t_pg_ml_per_day * release
-        + p.k_il6_myeloid_pg_ml_per_day * c.myeloid_activation * (1.0 - dex_inhibition),
+        + p.k_il6_myeloid_pg_ml_per_day * p.myeloid_capacity * c.myeloid_activation * (1.0 - dex_inhibition),
         ifng_pg_ml=p.k_el_ifng_per_day * p.baseline_ifng_pg_ml + p.k_ifng_pg_ml_per_day * release,
         tnfa_pg_ml=p.k_el_tnfa_per_day * p.baseline_tnfa_pg_ml + p.k_tnfa_pg_ml_per_day * release,
         il10_pg_ml=p.k_el_il10_per_day * p.baseline_il10_pg_ml
-        + p.k_il10_pg_ml_per_day * (release + p.il10_myeloid_factor * c.myeloid_activation),
+        + p.k_il10_pg_ml_per_day * (release + p.il10_myeloid_factor * p.myeloid_capacity * c.myeloid_activation),
         myeloid_activation=on,
-        desensitisation=desens_drive,
+        release_capacity=jnp.broadcast_to(recovery, jnp.shape(c.release_capacity)),
         margination=jnp.zeros_like(c.margination),
     )
     loss = Cytokines(
@@ -142,7 +156,7 @@ def rates(
         tnfa_pg_ml=jnp.broadcast_to(p.k_el_tnfa_per_day, jnp.shape(c.tnfa_pg_ml)),
         il10_pg_ml=jnp.broadcast_to(p.k_el_il10_per_day, jnp.shape(c.il10_pg_ml)),
         myeloid_activation=on + p.k_myeloid_off_per_day,
-        desensitisation=desens_drive + 1.0 / p.desensitisation_recovery_day,
+        release_capacity=recovery + p.capacity_use_per_1e9_cells * drive,
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
     )
     return production, loss

@@ -93,7 +93,8 @@ DRUG_SUBSTEPS = 2
 
 
 class Reductions(NamedTuple):
-    """Per-patient summaries reduced on device. Per-period arrays are [n_periods]."""
+    """Per-patient summaries reduced on device. Per-period arrays are [n_periods], CRS indices
+    [n_periods, 4] (grades 1-4, see `vpop.endpoints`)."""
 
     peak_il6_signalling_pg_ml: Array
     peak_il6_signalling_day: Array  # days after the period's administration
@@ -102,12 +103,16 @@ class Reductions(NamedTuple):
     cmax_ng_ml: Array
     auc_ng_day_ml: Array
     min_blood_t_fraction: Array  # blood T cells relative to baseline (margination nadir)
-    crs_severity_max: Array  # largest latent CRS severity in the period (see `endpoints`)
-    crs_grade: Array  # ASTCT grade 0-4 of CRS starting in the period
-    crs_onset_day: Array  # days from the administration to grade >= 1 (-1: no CRS)
-    crs_duration_day: Array  # days spent at grade >= 1
+    crs_index_peak: Array  # largest index z_g in the period (susceptibility not included)
+    crs_index_at_dose: Array  # z_g at the period's administration
+    crs_grade: Array  # ASTCT grade 0-4 of CRS starting in the period (at the patient's susceptibility)
+    crs_max_grade: Array  # highest ASTCT grade over the whole course
+    crs_onset_day: Array  # days from the administration to the onset of that CRS (-1: none)
+    crs_duration_day: Array  # days spent at grade >= 1 in the period
     toci_rescue: Array  # 1 if tocilizumab was given for CRS in the period
     dex_rescue: Array  # 1 if dexamethasone was given for CRS in the period
+    crs_log_susceptibility: Array  # epsilon, the patient's CRS susceptibility
+    assessment_log_bias: Array  # delta, the patient's response-assessment effect
     malignant_nadir_fraction: Array  # smallest malignant burden relative to baseline
     malignant_nadir_day: Array
     blood_b_min_fraction: Array
@@ -200,11 +205,12 @@ def patient_inputs(step: Steps, p: Params) -> tuple[Array, Array]:
     return bolus * f, rate
 
 
-_NO_SEVERITY = -100.0  # below any threshold: log of 1e-44 pg/mL
+_NO_CRS = -100.0  # an index below any threshold: e^-100 of grade 1
 
 
-def init_reductions(schedule: Schedule, dtype) -> Reductions:
+def init_reductions(schedule: Schedule, p: Params, dtype) -> Reductions:
     zp = jnp.zeros(schedule.period_start_day.shape, dtype)
+    zg = jnp.full((*schedule.period_start_day.shape, endpoints.GRADES), _NO_CRS, dtype)
     # NaN until recorded: a slot that is never assessed (padding when arms are stacked) must not
     # read as zero burden.
     za = jnp.full(schedule.assessment_day.shape, jnp.nan, dtype)
@@ -217,12 +223,16 @@ def init_reductions(schedule: Schedule, dtype) -> Reductions:
         cmax_ng_ml=zp,
         auc_ng_day_ml=zp,
         min_blood_t_fraction=zp + 1.0,
-        crs_severity_max=zp + _NO_SEVERITY,
+        crs_index_peak=zg,
+        crs_index_at_dose=zg,
         crs_grade=zp,
+        crs_max_grade=zero,
         crs_onset_day=zp - 1.0,
         crs_duration_day=zp,
         toci_rescue=zp,
         dex_rescue=zp,
+        crs_log_susceptibility=jnp.log(p.crs.susceptibility).astype(dtype),
+        assessment_log_bias=jnp.log(p.response.assessment_bias).astype(dtype),
         malignant_nadir_fraction=one,
         malignant_nadir_day=zero,
         blood_b_min_fraction=one,
@@ -237,14 +247,21 @@ def _update_at(arr, i, fn):
     return lax.dynamic_update_index_in_dim(arr, fn(old), i, axis=0)
 
 
-def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: Steps, period_start, base,
+def crs_index(obs: system.Observables, p: Params) -> Array:
+    return endpoints.crs_index(obs.il6_signalling_pg_ml, obs.myeloid_output_pg_ml, p.crs)
+
+
+def fold_reductions(red: Reductions, conc_start, z_start, obs: system.Observables, step: Steps, period_start, base,
                     p: Params) -> Reductions:
     """Fold the observables at the end of a step into the running per-patient summaries
-    (conc_start: drug concentration at the start of the step, after any bolus, for the AUC)."""
+    (conc_start: drug concentration at the start of the step, after any bolus, for the AUC; z_start:
+    the CRS indices at the start of the step, recorded as the period's value at the dose on its
+    first step)."""
     t_end = step.t_start + step.dt
     in_period = step.period >= 0
     i = jnp.maximum(step.period, 0)
     start = lax.dynamic_index_in_dim(period_start, i, keepdims=False)
+    first_step = in_period & (jnp.abs(step.t_start - start) < 1e-6) & (step.dt > 0)
 
     def period_max(arr, val):
         return _update_at(arr, i, lambda old: jnp.where(in_period, jnp.maximum(old, val), old))
@@ -264,8 +281,8 @@ def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: 
     def record(arr, val):
         return _update_at(arr, j, lambda old: jnp.where(at, val, old))
 
-    z = endpoints.severity(sig, obs.ifng_pg_ml, base.ifng_pg_ml, p.crs)
-    crs = in_period & (z >= endpoints.log_thresholds(p.crs)[0])
+    z = crs_index(obs, p)
+    crs = in_period & (z[0] + red.crs_log_susceptibility >= 0.0)
     lower_nadir = m_frac < red.malignant_nadir_fraction
     return red._replace(
         peak_il6_signalling_pg_ml=period_max(red.peak_il6_signalling_pg_ml, sig),
@@ -275,7 +292,8 @@ def fold_reductions(red: Reductions, conc_start, obs: system.Observables, step: 
         cmax_ng_ml=period_max(red.cmax_ng_ml, obs.bispecific_ng_ml),
         auc_ng_day_ml=_update_at(red.auc_ng_day_ml, i, lambda old: old + auc_inc),
         min_blood_t_fraction=_update_at(red.min_blood_t_fraction, i, lambda old: jnp.where(in_period, jnp.minimum(old, t_frac), old)),
-        crs_severity_max=period_max(red.crs_severity_max, z),
+        crs_index_peak=_update_at(red.crs_index_peak, i, lambda old: jnp.where(in_period, jnp.maximum(jnp.maximum(old, z), jnp.where(first_step, z_start, old)), old)),
+        crs_index_at_dose=_update_at(red.crs_index_at_dose, i, lambda old: jnp.where(first_step, z_start, old)),
         crs_onset_day=_update_at(red.crs_onset_day, i, lambda old: jnp.where(crs & (old < 0), t_end - start, old)),
         crs_duration_day=_update_at(red.crs_duration_day, i, lambda old: old + jnp.where(crs, step.dt, 0.0)),
         malignant_nadir_fraction=jnp.where(lower_nadir, m_frac, red.malignant_nadir_fraction),
@@ -298,20 +316,25 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
     base = system.observe(y0, p)
 
     def body(carry, grid: Steps):
-        y, red = carry
+        y, red, z_start = carry
         bolus, rate = patient_inputs(grid, p)
         for i, path in enumerate(INPUT_CHANNELS):
             y = add_at(y, path, bolus[i])
         y, red = _rescue(y, red, grid, p)
         conc_start = 1000.0 * system.pk.free_concentration(y.drugs.bispecific, p.bispecific_pk)
         y_next = step(grid.t_start, grid.dt, y, rate, p)
-        red = fold_reductions(red, conc_start, system.observe(y_next, p), grid, schedule.period_start_day, base, p)
-        return (y_next, red), (y_next if trajectory else None)
+        obs = system.observe(y_next, p)
+        red = fold_reductions(red, conc_start, z_start, obs, grid, schedule.period_start_day, base, p)
+        return (y_next, red, crs_index(obs, p)), (y_next if trajectory else None)
 
-    init = (y0, init_reductions(schedule, base.t_blood.dtype))
+    init = (y0, init_reductions(schedule, p, base.t_blood.dtype), crs_index(base, p))
     # Checkpointing the step keeps reverse-mode memory at one state per step (for calibration).
-    (_, red), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
-    red = red._replace(crs_grade=endpoints.grade(red.crs_severity_max, p.crs).astype(red.crs_grade.dtype))
+    (_, red, _), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
+    eps = red.crs_log_susceptibility
+    grades = endpoints.period_grades(red.crs_index_peak, red.crs_index_at_dose, eps)
+    started = endpoints.started(red.crs_index_peak, red.crs_index_at_dose, eps)
+    red = red._replace(crs_grade=grades.astype(red.crs_grade.dtype), crs_onset_day=jnp.where(started, red.crs_onset_day, -1.0),
+                       crs_max_grade=endpoints.grade_now(jnp.max(red.crs_index_peak, axis=0), eps).astype(red.crs_grade.dtype))
     return (red, traj) if trajectory else red
 
 
@@ -321,7 +344,7 @@ def _rescue(y: State, red: Reductions, grid: Steps, p: Params) -> tuple[State, R
     c = p.crs
     i = jnp.maximum(grid.period, 0)
     on = (c.rescue > 0) & (grid.period >= 0)
-    g = endpoints.grade(lax.dynamic_index_in_dim(red.crs_severity_max, i, keepdims=False), c)
+    g = endpoints.grade_now(lax.dynamic_index_in_dim(red.crs_index_peak, i, keepdims=False), red.crs_log_susceptibility)
     toci = on & (g >= 2) & (lax.dynamic_index_in_dim(red.toci_rescue, i, keepdims=False) == 0)
     dex = on & (g >= 3) & (lax.dynamic_index_in_dim(red.dex_rescue, i, keepdims=False) == 0)
     toci_mg = jnp.minimum(c.rescue_tocilizumab_mg_per_kg * p.patient.weight_kg, c.rescue_tocilizumab_max_mg)

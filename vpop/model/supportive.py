@@ -2,8 +2,10 @@ r"""Supportive and co-medications: their pharmacodynamics (their PK is `vpop.mod
 
 - Tocilizumab blocks the IL-6 receptor. With plasma concentration $C$ and dissociation constant
   $K_d$, the free-receptor fraction is $\theta = 1/(1 + C/K_d)$ (equilibrium, one site).
-- Dexamethasone inhibits cytokine production, $I = I_{max} C/(IC_{50} + C)$, and barely T-cell
-  killing (Brandl 2007): a separate, small $I^{kill}_{max}$.
+- Dexamethasone inhibits cytokine production, $I = I_{max} C_e/(IC_{50} + C_e)$, and barely T-cell
+  killing (Brandl 2007): a separate, small $I^{kill}_{max}$. It acts through an effect compartment,
+  $\dot C_e = k_{e0}(C - C_e)$ (nM), because glucocorticoid effects on gene expression outlast the
+  ~4 h plasma half-life by days.
 - An anti-CD20 antibody (obinutuzumab pretreatment) kills CD20+ cells directly,
   $k\, C/(EC_{50} + C)$, fastest in blood.
 """
@@ -12,15 +14,23 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 from jax import Array
 
 from vpop.model.compartments import ByCompartment
 
 
+class SupportiveState(NamedTuple):
+    """Pharmacodynamic state of the co-medications."""
+
+    dexamethasone_effect_nm: Array  # C_e: effect-site dexamethasone
+
+
 class SupportiveParams(NamedTuple):
     tocilizumab_kd_mg_per_l: Array  # IL-6R dissociation constant, as mg/L of tocilizumab
     dexamethasone_mw_g_per_mol: Array
-    dexamethasone_ic50_nm: Array
+    dexamethasone_ke0_per_day: Array  # k_e0 of the effect compartment
+    dexamethasone_ic50_nm: Array  # of the effect-site concentration
     dexamethasone_imax_cytokine: Array
     dexamethasone_imax_kill: Array
     anti_cd20_k_kill_per_day: ByCompartment  # maximal killing of CD20+ cells per compartment
@@ -36,11 +46,17 @@ def dexamethasone_nm(dexamethasone_mg_per_l: Array, p: SupportiveParams) -> Arra
     return dexamethasone_mg_per_l * 1e6 / p.dexamethasone_mw_g_per_mol
 
 
-def dexamethasone_inhibition(dexamethasone_mg_per_l: Array, p: SupportiveParams) -> tuple[Array, Array]:
-    """Fractional inhibition of (cytokine production, T-cell killing)."""
-    c = dexamethasone_nm(dexamethasone_mg_per_l, p)
+def dexamethasone_inhibition(state: SupportiveState, p: SupportiveParams) -> tuple[Array, Array]:
+    """Fractional inhibition of (cytokine production, T-cell killing) by effect-site dexamethasone."""
+    c = state.dexamethasone_effect_nm
     occupancy = c / (p.dexamethasone_ic50_nm + c)
     return p.dexamethasone_imax_cytokine * occupancy, p.dexamethasone_imax_kill * occupancy
+
+
+def rates(state: SupportiveState, dexamethasone_mg_per_l: Array, p: SupportiveParams) -> tuple[SupportiveState, SupportiveState]:
+    """Production (nM/day) and loss (1/day) of the effect-site dexamethasone."""
+    ke0 = jnp.broadcast_to(p.dexamethasone_ke0_per_day, jnp.shape(state.dexamethasone_effect_nm))
+    return SupportiveState(ke0 * dexamethasone_nm(dexamethasone_mg_per_l, p)), SupportiveState(ke0)
 
 
 def anti_cd20_kill(anti_cd20_mg_per_l: Array, p: SupportiveParams) -> tuple[ByCompartment, ByCompartment]:

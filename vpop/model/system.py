@@ -34,10 +34,11 @@ class Drugs(NamedTuple):
 
 
 class Host(NamedTuple):
-    """The patient's cells and cytokines: everything the drugs act on."""
+    """The patient's cells, cytokines and co-medication effects: everything the drugs act on."""
 
     cells: cells_mod.Cells
     cytokines: cyto.Cytokines
+    supportive: sup.SupportiveState
 
 
 class State(NamedTuple):
@@ -67,6 +68,7 @@ class Params(NamedTuple):
     cytokines: cyto.CytokineParams
     body: cells_mod.Body
     crs: endpoints.CRSParams
+    response: endpoints.ResponseParams
     patient: PatientCovariates
     first_dose_day: Array  # day of the first bispecific administration (clearance-decay origin)
 
@@ -85,7 +87,7 @@ def initial_state(p: Params) -> State:
         b_normal=body.b_baseline,
         malignant=body.malignant_baseline,
     )
-    return State(drugs, Host(cells, cyto.baseline(p.cytokines)))
+    return State(drugs, Host(cells, cyto.baseline(p.cytokines), sup.SupportiveState(none.blood)))
 
 
 class Observables(NamedTuple):
@@ -95,6 +97,7 @@ class Observables(NamedTuple):
     il6_signalling_pg_ml: Array
     il6_serum_pg_ml: Array
     ifng_pg_ml: Array
+    myeloid_output_pg_ml: Array  # O: the myeloid pyrogens on the IL-6 scale (see `cytokines.myeloid_output`)
     t_blood: Array  # total blood T cells, 1e9
     b_blood: Array  # normal blood B cells, 1e9
     malignant_total: Array  # malignant cells in all compartments, 1e9
@@ -110,6 +113,7 @@ def observe(y: State, p: Params) -> Observables:
         il6_signalling_pg_ml=cyto.il6_signalling(y.host.cytokines, theta),
         il6_serum_pg_ml=y.host.cytokines.il6_pg_ml,
         ifng_pg_ml=y.host.cytokines.ifng_pg_ml,
+        myeloid_output_pg_ml=cyto.myeloid_output(y.host.cytokines, p.cytokines),
         t_blood=c.t_resting.blood + c.t_active.blood + c.t_post.blood,
         b_blood=c.b_normal.blood,
         malignant_total=c.malignant.total(),
@@ -133,7 +137,7 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     """Production and loss of cells and cytokines given the drugs on board."""
     plasma = pk.free_concentration(d.bispecific, p.bispecific_pk)
     theta = sup.il6_receptor_free_fraction(pk.free_concentration(d.tocilizumab, p.tocilizumab_pk), p.supportive)
-    dex_cytokine, dex_kill = sup.dexamethasone_inhibition(pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
+    dex_cytokine, dex_kill = sup.dexamethasone_inhibition(b.supportive, p.supportive)
     cd20_normal, cd20_malignant = sup.anti_cd20_kill(pk.free_concentration(d.anti_cd20, p.anti_cd20_pk), p.supportive)
 
     # Engagement.
@@ -159,9 +163,11 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
         p.body,
     )
 
-    signal = cyto.t_cell_signal(c.t_active * engaged, p.cytokines)
-    prod_cyto, loss_cyto = cyto.rates(b.cytokines, signal, theta, dex_cytokine, p.tcells.margination_half_life_day, p.cytokines)
-    return Host(prod_cells, prod_cyto), Host(loss_cells, loss_cyto)
+    # Cytokines follow new engagement: T cells activated per day, not the standing activated pool.
+    drive = cyto.release_drive(activation * (c.t_resting + c.t_post), p.cytokines)
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, theta, dex_cytokine, p.tcells.margination_half_life_day, p.cytokines)
+    prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
+    return Host(prod_cells, prod_cyto, prod_sup), Host(loss_cells, loss_cyto, loss_sup)
 
 
 def rates(t: Array, y: State, p: Params) -> tuple[State, State]:
