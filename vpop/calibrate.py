@@ -8,7 +8,7 @@ patient's 0/1 endpoint replaced by its expectation over the patient effect that 
 susceptibility, response-assessment effect; see `vpop.endpoints`). So the rates are smooth in the
 parameters, and the calibration fits the trial runner's model, not a smoothed cousin of it.
 Priors come from the `{nominal, prior: [low, high], unknown: true}` entries of the configs: normal
-on the log scale (logit scale for fractions) with the prior range as its central 95%. Validation
+on the log scale (logit scale for fractions) with the prior range as its central 95%, truncated at +-3 SD. Validation
 targets are simulated from the posterior but never enter the likelihood.
 
 Two samplers, chosen by `calibration.method`:
@@ -47,13 +47,14 @@ EMULATED_RATE_FLOOR = 1e-3
 NUTS_STATS = ("potential_energy", "energy", "num_steps", "adapt_state.step_size", "accept_prob", "diverging")
 # Convergence the diagnostics must meet, else a warning (Vehtari et al. 2021 Bayesian Anal 16:667: R-hat < 1.01,
 # bulk and tail ESS > 400 for four chains).
+U_MAX = 3.0  # priors are truncated at +-3 SD of the unconstrained scale (0.3% of a normal's mass)
 RHAT_MAX = 1.01
 ESS_MIN = 400
 
 
 @dataclass(frozen=True)
 class CalibratedParameter:
-    """A population parameter with a prior, sampled on an unconstrained scale u ~ N(0, 1)."""
+    """A population parameter with a prior, sampled on an unconstrained scale u ~ N(0, 1) truncated to [-3, 3]."""
 
     config_path: str
     low: float
@@ -233,7 +234,10 @@ def numpyro_model(problem: Problem, fit: bool = True, emulator: "Emulator | None
     import numpyro
     import numpyro.distributions as dist
 
-    u = jnp.stack([numpyro.sample(prm.site, dist.Normal(0.0, 1.0)) for prm in problem.parameters])
+    # Truncated at +-U_MAX: beyond the first design round's reach an emulator only extrapolates (its
+    # linear mean can make a far corner look like a perfect fit), so the posterior may not go there.
+    u = jnp.stack([numpyro.sample(prm.site, dist.TruncatedNormal(0.0, 1.0, low=-U_MAX, high=U_MAX))
+                   for prm in problem.parameters])
     values = constrain_all(problem, u)
     for name, v in values.items():
         numpyro.deterministic(name, v)
@@ -391,7 +395,7 @@ def _starting_points(problem: Problem, emulator: Emulator, chains: int) -> dict[
         params = {prm.site: ui[i] for i, prm in enumerate(problem.parameters)}
         return log_density(numpyro_model, (problem,), {"emulator": emulator}, params)[0]
 
-    u = jnp.asarray(emulator.x)
+    u = jnp.clip(jnp.asarray(emulator.x), -0.95 * U_MAX, 0.95 * U_MAX)  # inside the prior's support
     start = u[jnp.argsort(-jax.jit(lambda x: jax.lax.map(score, x))(u))[:chains]]
     if chains == 1:
         start = start[0]
