@@ -93,7 +93,7 @@ def test_recovers_known_parameters_from_simulated_data(problem):
     for i, prm in enumerate(fake.parameters):
         lo, hi = np.percentile(np.asarray(s[prm.site]), [1, 99])
         assert lo <= float(truth_u[i]) <= hi, (prm.config_path, float(truth_u[i]), lo, hi)
-        assert float(np.std(np.asarray(s[prm.site]))) < 0.5  # the data narrowed the unit-normal prior
+        assert float(np.std(np.asarray(s[prm.site]))) < 0.75  # the data narrowed the prior (SD ~0.99 truncated at +-3)
 
 
 def test_tiny_calibration_writes_valid_inference_data(tmp_path):
