@@ -47,7 +47,6 @@ EMULATED_RATE_FLOOR = 1e-3
 NUTS_STATS = ("potential_energy", "energy", "num_steps", "adapt_state.step_size", "accept_prob", "diverging")
 # Convergence the diagnostics must meet, else a warning (Vehtari et al. 2021 Bayesian Anal 16:667: R-hat < 1.01,
 # bulk and tail ESS > 400 for four chains).
-U_MAX = 3.0  # priors are truncated at +-3 SD of the unconstrained scale (0.3% of a normal's mass)
 RHAT_MAX = 1.01
 ESS_MIN = 400
 
@@ -60,6 +59,7 @@ class CalibratedParameter:
     low: float
     high: float
     logit: bool  # fractions (`scale: logit` in the config) live on the logit scale, the rest on the log scale
+    truncation_sd: float = 3.0  # the prior is truncated at +-this many SD of u (calibration.prior_truncation_sd)
 
     @property
     def site(self) -> str:
@@ -74,7 +74,7 @@ class CalibratedParameter:
         return jax.nn.sigmoid(v) if self.logit else jnp.exp(v)
 
 
-def calibrated_parameters(paths: list[str]) -> list[CalibratedParameter]:
+def calibrated_parameters(paths: list[str], truncation_sd: float = 3.0) -> list[CalibratedParameter]:
     out = []
     for path in paths:
         entry = parameters.config_entry(path)
@@ -85,7 +85,7 @@ def calibrated_parameters(paths: list[str]) -> list[CalibratedParameter]:
         scale = entry.get("scale", "log")
         if scale not in ("log", "logit"):
             raise ConfigError(f"'{path}'.scale must be log or logit, got {scale!r}")
-        out.append(CalibratedParameter(path, low, high, logit=scale == "logit"))
+        out.append(CalibratedParameter(path, low, high, logit=scale == "logit", truncation_sd=truncation_sd))
     return out
 
 
@@ -192,7 +192,7 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
     targets = targets[targets.role.isin(roles)].copy()
     if cfg.get("horizon_days"):
         targets["horizon_days"] = np.minimum(targets.horizon_days.astype(float), float(cfg.horizon_days))
-    params = calibrated_parameters(list(cfg.parameters))
+    params = calibrated_parameters(list(cfg.parameters), float(cfg.prior_truncation_sd))
     model = catalogue.load("model", "default")
     keys = ["drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days"]
     cohorts = []
@@ -234,9 +234,9 @@ def numpyro_model(problem: Problem, fit: bool = True, emulator: "Emulator | None
     import numpyro
     import numpyro.distributions as dist
 
-    # Truncated at +-U_MAX: beyond the first design round's reach an emulator only extrapolates (its
-    # linear mean can make a far corner look like a perfect fit), so the posterior may not go there.
-    u = jnp.stack([numpyro.sample(prm.site, dist.TruncatedNormal(0.0, 1.0, low=-U_MAX, high=U_MAX))
+    # Truncated: beyond the first design round's reach an emulator only extrapolates (its linear
+    # mean can make a far corner look like a perfect fit), so the posterior may not go there.
+    u = jnp.stack([numpyro.sample(prm.site, dist.TruncatedNormal(0.0, 1.0, low=-prm.truncation_sd, high=prm.truncation_sd))
                    for prm in problem.parameters])
     values = constrain_all(problem, u)
     for name, v in values.items():
@@ -395,7 +395,8 @@ def _starting_points(problem: Problem, emulator: Emulator, chains: int) -> dict[
         params = {prm.site: ui[i] for i, prm in enumerate(problem.parameters)}
         return log_density(numpyro_model, (problem,), {"emulator": emulator}, params)[0]
 
-    u = jnp.clip(jnp.asarray(emulator.x), -0.95 * U_MAX, 0.95 * U_MAX)  # inside the prior's support
+    bound = 0.95 * jnp.asarray([prm.truncation_sd for prm in problem.parameters])
+    u = jnp.clip(jnp.asarray(emulator.x), -bound, bound)  # inside the prior's support
     start = u[jnp.argsort(-jax.jit(lambda x: jax.lax.map(score, x))(u))[:chains]]
     if chains == 1:
         start = start[0]

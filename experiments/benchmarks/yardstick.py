@@ -195,7 +195,8 @@ def _fold(p, sched, traj):
         red, z_start = carry
         step, y = xs
         obs = system.observe(y, p)
-        return (solver.fold_reductions(red, 0.0, z_start, obs, step, sched.period_start_day, base, p), solver.crs_index(obs, p)), None
+        z = solver.crs_index(obs, p)
+        return (solver.fold_reductions(red, 0.0, z_start, z, obs, step, sched.period_start_day, base, p), z), None
 
     (red, _), _ = jax.lax.scan(f, (solver.init_reductions(sched, p, base.t_blood.dtype), solver.crs_index(base, p)), (used, traj))
     return red

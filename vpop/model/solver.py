@@ -251,12 +251,13 @@ def crs_index(obs: system.Observables, p: Params) -> Array:
     return endpoints.crs_index(obs.il6_signalling_pg_ml, obs.myeloid_output_pg_ml, p.crs)
 
 
-def fold_reductions(red: Reductions, conc_start, z_start, obs: system.Observables, step: Steps, period_start, base,
+def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observables, step: Steps, period_start, base,
                     p: Params) -> Reductions:
     """Fold the observables at the end of a step into the running per-patient summaries
     (conc_start: drug concentration at the start of the step, after any bolus, for the AUC; z_start:
     the CRS indices at the start of the step, recorded as the period's value at the dose on its
-    first step)."""
+    first step; z: the indices at its end, `crs_index(obs, p)`, computed once by the caller, which
+    carries them to the next step)."""
     t_end = step.t_start + step.dt
     in_period = step.period >= 0
     i = jnp.maximum(step.period, 0)
@@ -281,7 +282,6 @@ def fold_reductions(red: Reductions, conc_start, z_start, obs: system.Observable
     def record(arr, val):
         return _update_at(arr, j, lambda old: jnp.where(at, val, old))
 
-    z = crs_index(obs, p)
     crs = in_period & (z[0] + red.crs_log_susceptibility >= 0.0)
     lower_nadir = m_frac < red.malignant_nadir_fraction
     return red._replace(
@@ -324,8 +324,9 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
         conc_start = 1000.0 * system.pk.free_concentration(y.drugs.bispecific, p.bispecific_pk)
         y_next = step(grid.t_start, grid.dt, y, rate, p)
         obs = system.observe(y_next, p)
-        red = fold_reductions(red, conc_start, z_start, obs, grid, schedule.period_start_day, base, p)
-        return (y_next, red, crs_index(obs, p)), (y_next if trajectory else None)
+        z = crs_index(obs, p)
+        red = fold_reductions(red, conc_start, z_start, z, obs, grid, schedule.period_start_day, base, p)
+        return (y_next, red, z), (y_next if trajectory else None)
 
     init = (y0, init_reductions(schedule, p, base.t_blood.dtype), crs_index(base, p))
     # Checkpointing the step keeps reverse-mode memory at one state per step (for calibration).
