@@ -160,11 +160,13 @@ class Problem:
             cov = jax.tree_util.tree_map(lambda x, i=i: x[i], self.covariates)
             probs = self._patient_probabilities(r, cov, cohort, typicals[i])
             for t in cohort.targets.itertuples():
-                family, _, k = t.endpoint.partition("_dose")
-                if family == "crs_first_at":
-                    out[t.id] = probs["crs_first_at"](int(k.removesuffix("plus")))
+                family, k = published.endpoint_family(t.endpoint), published.dose_number(t.endpoint)
+                if k is None:
+                    out[t.id] = probs[t.endpoint]
+                elif family == "crs_first_at_dose":
+                    out[t.id] = probs[family](k)
                 else:
-                    out[t.id] = probs[f"{family}_dose"][:, int(k) - 1] if k else probs[t.endpoint]
+                    out[t.id] = probs[family][:, k - 1]
         return out
 
     def _patient_probabilities(self, red, cov, cohort: Cohort, typ) -> dict[str, jax.Array]:
@@ -174,7 +176,7 @@ class Problem:
         lo, hi = endpoints.rescue_interval(red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility,
                                            typ.crs.rescue)
         out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs, lo, hi)
-        out["crs_first_at"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
+        out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
         # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
         margins = endpoints.response_margins(cohort.kind, red.malignant_fraction_at, red.marrow_malignant_fraction_at,
                                              cov.tumour_volume_ml, cov.marrow_malignant_percent, cohort.cr_residual_volume_ml, xp=jnp)
@@ -182,7 +184,7 @@ class Problem:
 
 
 def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "validation")) -> Problem:
-    """Cohorts for the targets of the given roles (rescue off, see the module docstring)."""
+    """One virtual cohort per arm and horizon of the targets of the given roles."""
     targets = published.load(cfg.targets)
     if cfg.get("only_targets"):
         unknown = sorted(set(cfg.only_targets) - set(targets.id))

@@ -62,6 +62,13 @@ def endpoint_family(endpoint: str) -> str:
     return re.sub(r"_dose[0-9]+(plus)?$", "_dose", endpoint)
 
 
+def dose_number(endpoint: str) -> int | None:
+    """'crs_any_dose3' -> 3, 'crs_first_at_dose4plus' -> 4 (1-based administration); None for an
+    overall endpoint."""
+    m = re.search(r"_dose([0-9]+)(plus)?$", endpoint)
+    return int(m.group(1)) if m else None
+
+
 def support(targets: pd.DataFrame, drug: str, route: str, population: str, endpoint: str) -> str:
     """`calibrated`, `validated` or `extrapolated`: the published evidence behind one simulated rate."""
     family = endpoint_family(endpoint)

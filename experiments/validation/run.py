@@ -53,8 +53,8 @@ class Simulator:
 
 
 def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
-    if endpoint.startswith("crs_first_at_dose"):  # first CRS at dose k or later, from the patient rows
-        k = int(endpoint.removeprefix("crs_first_at_dose").removesuffix("plus"))
+    if published.endpoint_family(endpoint) == "crs_first_at_dose":  # first CRS at dose k or later, from the patient rows
+        k = published.dose_number(endpoint)
         return (patients.crs_first_dose >= k).groupby(patients.draw).mean().to_numpy(float)
     if endpoint not in patients:
         raise KeyError(f"endpoint {endpoint!r} not simulated for this arm")
