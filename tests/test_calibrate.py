@@ -14,7 +14,7 @@ from vpop.catalogue import ConfigError
 
 def _cfg(**kw):
     cfg = OmegaConf.create({
-        "targets": "targets", "only_targets": ["T01", "T03"], "horizon_days": 35, "patients_per_cohort": 24, "seed": 0,
+        "targets": "targets", "only_targets": ["T01", "T03"], "horizon_days": 35, "patients_per_cohort": 24, "seed": 0, "prior_truncation_sd": 3.0,
         "parameters": ["model.crs.grade1_pg_ml", "population.fl_rr.malignant.kill_factor"],
     })
     cfg.update(kw)
