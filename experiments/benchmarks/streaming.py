@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RATE = re.compile(r"simulated (\d+) patient-arm-draws in ([\d.]+) s \((\d+) patients/s")
+RATE = re.compile(r"simulated (\d+) patient-arm-draws in ([\d.]+) s \(([\d.,]+) patients/s")
 DEVICES = re.compile(r"on (\d+) (\w+) device\(s\)")
 
 
@@ -43,7 +43,7 @@ def run_one(n: int, chunk_size: int, workdir: Path) -> dict:
     rate, devices = RATE.search(log), DEVICES.search(log)
     size = sum(f.stat().st_size for f in (out / "patients.parquet").rglob("*.parquet"))
     return {"n": n, "chunk_size": chunk_size, "wall_s": round(wall, 1), "simulate_s": float(rate.group(2)),
-            "patients_per_s": int(rate.group(3)), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "patients_per_s": float(rate.group(3).replace(",", "")), "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "dataset_mb": round(size / 2**20, 1), "device": f"{devices.group(1)} x {devices.group(2)}"}
 
 

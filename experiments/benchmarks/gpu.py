@@ -1,0 +1,145 @@
+"""The GPU check (issue 14, part 4) in one process tree, sized for a short device lease:
+
+    python experiments/benchmarks/gpu.py --out DIR [--sizes 100000 1000000] [--stream 10000000]
+
+1. throughput: the yardstick (experiments/benchmarks/yardstick.py) at each size, float32, one chunk
+   per device call of `--chunk` patients: patients/s after compilation, compile s, peak device memory;
+   and float64 at the first size;
+2. calibration with simulator gradients: one value-and-gradient of the calibration's log density
+   through the simulator for every calibration cohort (configs/calibration/default.yaml), compile
+   and per-call seconds, the cost that decides whether NUTS can run on the simulator itself;
+3. the streamed run through the app (`vpop-trial +experiment=yardstick`, experiments/benchmarks/streaming.py)
+   at `--stream` patients;
+4. accuracy: a float64 reference (diffrax Kvaerno5, rtol 1e-8, 4x refined grid) of `--accuracy-n`
+   yardstick patients, and vpop's default grid in float32 and float64 on the same patients
+   (peak IL-6 signalling log error per dose period: median, p90, p99, max).
+
+Each step appends to DIR/gpu.json as it finishes, so a lease that runs out keeps what was measured.
+Every step runs in its own process (peak memories are that step's alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _worker(args: list[str], x64: bool = False, timeout_s: float | None = None) -> dict:
+    env = {**os.environ, **({"JAX_ENABLE_X64": "1"} if x64 else {})}
+    out = subprocess.run([sys.executable, str(HERE / "yardstick.py"), "--worker", *args], capture_output=True, text=True,
+                         env=env, check=False, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def il6_errors(candidate: str, reference: str) -> dict:
+    """Peak IL-6 signalling log error per dose period against the reference (periods with a
+    reference peak above 3 pg/mL, twice baseline)."""
+    a, r = np.load(candidate), np.load(reference)
+    x, y = a["peak_il6_signalling_pg_ml"], r["peak_il6_signalling_pg_ml"]
+    keep = y > 3.0
+    err = np.abs(np.log(np.maximum(x[keep], 1e-9) / y[keep]))
+    return dict(patients=int(len(y)), periods=int(keep.sum()), median=float(np.median(err)),
+                p90=float(np.percentile(err, 90)), p99=float(np.percentile(err, 99)), max=float(err.max()))
+
+
+def gradient_timing(repeats: int = 3) -> dict:
+    """Seconds to compile and to evaluate one value-and-gradient of the calibration log density
+    through the simulator (all calibration cohorts of the shipped calibration settings)."""
+    import jax
+    from numpyro.infer.util import potential_energy
+    from omegaconf import OmegaConf
+
+    from vpop import calibrate
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "calibration" / "default.yaml")
+    problem = calibrate.build_problem(cfg, roles=("calibration",))
+    u = {p.site: jax.numpy.asarray(0.0) for p in problem.parameters}
+    energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(calibrate.numpyro_model, (problem,), {}, z)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(energy(u))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(energy(u))
+        times.append(time.perf_counter() - t0)
+    return dict(cohorts=len(problem.cohorts), patients_per_cohort=int(cfg.patients_per_cohort),
+                parameters=len(problem.parameters), compile_s=compile_s, seconds_per_gradient=float(np.median(times)),
+                device=str(jax.devices()[0]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--chunk", type=int, default=1_000_000, help="patients per device call")
+    ap.add_argument("--accuracy-n", type=int, default=1000)
+    ap.add_argument("--reference-timeout", type=float, default=240, help="seconds the float64 reference may take")
+    ap.add_argument("--stream", type=int, default=10_000_000, help="patients of the streamed app run (0: skip)")
+    ap.add_argument("--stream-chunk", type=int, default=1_000_000)
+    ap.add_argument("--gradient-worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.gradient_worker:
+        print(json.dumps(gradient_timing()))
+        return
+
+    out = Path(args.out)
+    arrays = out / "arrays"
+    arrays.mkdir(parents=True, exist_ok=True)
+    results: dict = {"steps": []}
+
+    def record(step: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as exc:  # keep going: a lease is short, later steps still count
+            value = {"error": str(exc)[-2000:]}
+        results["steps"].append({"step": step, "wall_s": time.perf_counter() - t0, **value})
+        (out / "gpu.json").write_text(json.dumps(results, indent=2))
+        print(step, json.dumps(value), flush=True)
+
+    for n in args.sizes:
+        record(f"yardstick float32 N={n}", lambda n=n: _worker(["vpop", str(n), str(min(n, args.chunk))]))
+    record(f"yardstick float64 N={args.sizes[0]}", lambda: _worker(["vpop", str(args.sizes[0]), str(min(args.sizes[0], args.chunk))], x64=True))
+
+    def gradient():
+        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--gradient-worker"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    record("simulator gradient (calibration)", gradient)
+    if args.stream:
+        def stream():
+            cmd = [sys.executable, str(HERE / "streaming.py"), "--sizes", str(args.stream), "--chunk-size", str(args.stream_chunk),
+                   "--tag", "gpu", "--out", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stdout[-1500:] + proc.stderr[-1500:])
+            import pandas as pd
+
+            return pd.read_csv(out / "streaming_gpu.csv").iloc[-1].to_dict()
+
+        record(f"streamed app run N={args.stream}", stream)
+
+    # Last: the adaptive float64 reference is the one step whose time is hard to foresee.
+    n_acc = str(args.accuracy_n)
+    ref, f32, f64 = (str(arrays / f"{k}.npz") for k in ("reference", "vpop_f32", "vpop_f64"))
+    record("reference float64", lambda: _worker(["reference", n_acc, ref], timeout_s=args.reference_timeout))
+    record("accuracy float32", lambda: {**_worker(["vpop", n_acc, n_acc, f32]), "il6_log_error": il6_errors(f32, ref)})
+    record("accuracy float64", lambda: {**_worker(["vpop", n_acc, n_acc, f64], x64=True), "il6_log_error": il6_errors(f64, ref)})
+
+
+if __name__ == "__main__":
+    main()
