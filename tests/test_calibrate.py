@@ -34,6 +34,20 @@ def test_targets_file_is_valid_and_keeps_validation_out_of_the_fit():
     assert "validation" not in set(fit.targets.role) and len(fit.targets) == (t.role == "calibration").sum()
 
 
+def test_a_recalled_rate_weighs_as_a_smaller_trial(tmp_path):
+    """`likelihood_n` keeps the rate and shrinks the evidence: the binomial log likelihood of a rate
+    away from the observed one is penalised in proportion to the counts used."""
+    t = published.load("targets")
+    row = t[t.id == "T17"].iloc[0]  # mosunetuzumab IV C1D15, recalled: 74 of 218, weighed as 60
+    assert published.likelihood_counts(row) == (60, 20)
+    assert published.likelihood_counts(t[t.id == "T03"].iloc[0]) == (218, 85)
+    bad = t.copy()
+    bad.loc[bad.id == "T17", "likelihood_n"] = 500  # more than the cohort
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ConfigError, match="likelihood_n of T17"):
+        published.load(str(tmp_path / "bad.csv"))
+
+
 def test_parameter_paths_reach_the_right_arms():
     fl = parameters.ArmSpec("mosunetuzumab", "iv", "fl_rr")
     assert parameters.params_path("population.fl_rr.malignant.kill_factor", fl) == "malignant.kill_factor"

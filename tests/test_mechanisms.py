@@ -29,7 +29,7 @@ KNOWN_MISS = pytest.mark.xfail(strict=True, reason="shipped posterior v2 misses 
 
 @KNOWN_MISS
 def test_a_repeated_full_dose_gives_little_new_crs():
-    """60 mg on C1D15 and again on C2D1: the second finds the release capacity used up (labels: < 3%
+    """60 mg on C1D15 and again on C2D1: the second meets T cells primed by the first (labels: < 3%
     new CRS per repeated full dose), although drug, targets and T cells are all still there."""
     red = _run(Arm("mosun", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2))
     assert _starts(red, 2) > 0.1
@@ -41,8 +41,8 @@ def test_a_repeated_full_dose_gives_little_new_crs():
 
 
 def test_a_restart_after_a_long_gap_primes_again():
-    """The same 60 mg again after 3 weeks or after ~6 months off drug: the capacity has recovered
-    (tau_Q ~ months), so CRS returns at the late restart."""
+    """The same 60 mg again after 3 weeks or after ~6 months off drug: the primed level is forgotten
+    (tau_P ~ months), so CRS returns at the late restart."""
     soon = doses((1, 1, 60, "mg"), (1, 22, 60, "mg"), cycle_days=30, cycles=7)
     late = doses((1, 1, 60, "mg"), (7, 1, 60, "mg"), cycle_days=30, cycles=7)
     r_soon = _run(Arm("soon", "mosunetuzumab", "iv", "fl_rr", soon), n=200, horizon=190)

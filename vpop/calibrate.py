@@ -247,7 +247,8 @@ def numpyro_model(problem: Problem, fit: bool = True, emulator: "Emulator | None
     for t in problem.targets.itertuples():
         rate = numpyro.deterministic("rate:" + t.id, jnp.clip(rates[t.id], 1e-6, 1 - 1e-6))
         if t.role == "calibration":
-            numpyro.sample(t.id, dist.Binomial(int(t.n), probs=rate), obs=int(t.k) if fit else None)
+            n, k = published.likelihood_counts(t)
+            numpyro.sample(t.id, dist.Binomial(n, probs=rate), obs=k if fit else None)
 
 
 class Emulator:
@@ -262,13 +263,15 @@ class Emulator:
 
     Hyperparameters maximise the marginal likelihood (numpyro's Adam, all targets at once under
     vmap) on the last `fit_points` design points (the cost grows with the cube of the points; the
-    latest rounds lie where the posterior is), or are taken from another emulator (`hyper`); the
+    latest rounds lie where the posterior is), starting from the prior's width or from the previous
+    round's fit (`start`, so a refit needs fewer steps), or are taken from another emulator (`hyper`); the
     emulator is then the posterior mean over all points, smooth and cheap to differentiate for NUTS.
     With a few hundred design points it interpolates far better than a small neural network.
     """
 
     def __init__(self, target_ids: list[str], u: np.ndarray, logits: np.ndarray, relevant: np.ndarray | None = None,
-                 steps: int = 400, learning_rate: float = 0.05, fit_points: int = 384, hyper: dict | None = None):
+                 steps: int = 400, learning_rate: float = 0.05, fit_points: int = 384, hyper: dict | None = None,
+                 start: dict | None = None):
         from numpyro.optim import Adam
 
         self.target_ids = list(target_ids)
@@ -281,16 +284,20 @@ class Emulator:
         optimiser = Adam(learning_rate)
 
         def gram(h, xm):
-            ell, amp, noise = jnp.exp(h["log_ell"]), jnp.exp(h["log_amp"]), jnp.exp(h["log_noise"]) + 1e-4
-            diff = (xm[:, None, :] - xm[None, :, :]) / ell
-            return amp * jnp.exp(-0.5 * jnp.sum(diff * diff, -1)) + noise * jnp.eye(len(xm))
+            amp, noise = jnp.exp(h["log_amp"]), jnp.exp(h["log_noise"]) + 1e-4
+            z = xm / jnp.exp(h["log_ell"])
+            sq = jnp.sum(z * z, -1)
+            # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: an (n, n) matmul instead of an (n, n, d) difference
+            # tensor, which made each fitting step memory-bound.
+            dist2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)
+            return amp * jnp.exp(-0.5 * dist2) + noise * jnp.eye(len(xm))
 
         def residual(yt, xm):
             design = jnp.concatenate([jnp.ones((len(xm), 1)), xm], axis=1)
             beta = jnp.linalg.lstsq(design, yt)[0]  # linear mean by least squares; the GP models the rest
             return beta, yt - design @ beta
 
-        def fit_hyper(yt, m):
+        def fit_hyper(yt, m, h0):
             xm = (x * m)[-fit_points:]  # parameters that do not concern the target drop out of kernel and mean
             _, r = residual(yt[-fit_points:], xm)
 
@@ -299,8 +306,6 @@ class Emulator:
                 a = jax.scipy.linalg.cho_solve((chol, True), r)
                 prior = 0.5 * jnp.sum(m * (h["log_ell"] - jnp.log(1.5)) ** 2)  # weak: length scales near the prior's width
                 return 0.5 * r @ a + jnp.sum(jnp.log(jnp.diag(chol))) + prior
-
-            h0 = dict(log_ell=jnp.full(d, jnp.log(1.5)), log_amp=jnp.log(jnp.var(r) + 1e-3), log_noise=jnp.log(1e-2))
 
             def step(state, _):
                 _, grads = jax.value_and_grad(nll)(optimiser.get_params(state))
@@ -316,7 +321,11 @@ class Emulator:
             return dict(beta=beta, alpha=alpha, log_ell=h["log_ell"], log_amp=h["log_amp"], log_noise=h["log_noise"], mask=m)
 
         if hyper is None:
-            hyper = jax.jit(jax.vmap(fit_hyper))(y, mask)
+            if start is None:  # length scales at the prior's width, amplitude at the residual variance
+                start = dict(log_ell=jnp.full((len(self.target_ids), d), jnp.log(1.5)),
+                             log_amp=jnp.log(jnp.var(y, axis=1) + 1e-3), log_noise=jnp.full(len(self.target_ids), jnp.log(1e-2)))
+            start = {k: start[k] for k in ("log_ell", "log_amp", "log_noise")}
+            hyper = jax.jit(jax.vmap(fit_hyper))(y, mask, start)
         hyper = {k: hyper[k] for k in ("log_ell", "log_amp", "log_noise")}
         self.gp = jax.jit(jax.vmap(condition))(y, mask, hyper)
 
@@ -406,14 +415,15 @@ def _starting_points(problem: Problem, emulator: Emulator, chains: int) -> dict[
 
 
 def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, progress: bool, samples: int | None = None,
-          warmup: int | None = None):
+          warmup: int | None = None, chains: int | None = None):
     from numpyro.infer import MCMC, NUTS
 
     kernel = NUTS(numpyro_model, target_accept_prob=float(cfg.target_accept), max_tree_depth=int(cfg.max_tree_depth),
                   dense_mass=True)
-    mcmc = MCMC(kernel, num_warmup=int(warmup or cfg.warmup), num_samples=int(samples or cfg.samples), num_chains=int(cfg.chains),
+    chains = int(chains or cfg.chains)
+    mcmc = MCMC(kernel, num_warmup=int(warmup or cfg.warmup), num_samples=int(samples or cfg.samples), num_chains=chains,
                 chain_method=str(cfg.chain_method), progress_bar=progress)
-    init = _starting_points(problem, emulator, int(cfg.chains)) if emulator is not None else None
+    init = _starting_points(problem, emulator, chains) if emulator is not None else None
     # Kept for ArviZ's sample_stats: energy (az.bfmi, az.plot_energy), step size, tree depth, acceptance.
     mcmc.run(key, problem, emulator=emulator, init_params=init, extra_fields=NUTS_STATS)
     return mcmc
@@ -433,22 +443,25 @@ def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool) -> tuple[Em
         raise ConfigError(f"calibration.emulator.rounds must be >= 1, got {rounds}")
     relevant = relevance(problem)
 
-    def fit(u, y, hyper=None):
-        return Emulator(ids, u, y, relevant, int(cfg.emulator.fit_steps), float(cfg.emulator.learning_rate),
-                        int(cfg.emulator.fit_points), hyper)
+    def fit(u, y, hyper=None, start=None):
+        steps = cfg.emulator.fit_steps if start is None else cfg.emulator.refit_steps
+        return Emulator(ids, u, y, relevant, int(steps), float(cfg.emulator.learning_rate),
+                        int(cfg.emulator.fit_points), hyper, start)
 
     started = time.perf_counter()
     u = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
     y = simulate_design(problem, u)
     log.info("design round 1 of %d simulated (%.0f s)", rounds, time.perf_counter() - started)
+    emulator = None
     for r, key_r in enumerate(jax.random.split(key, rounds - 1), start=2):
-        s = _nuts(problem, cfg, key_r, fit(u, y), progress, samples=int(cfg.emulator.round_samples),
-                  warmup=int(cfg.emulator.round_warmup)).get_samples()
+        emulator = fit(u, y, start=None if emulator is None else emulator.gp)
+        s = _nuts(problem, cfg, key_r, emulator, progress, samples=int(cfg.emulator.round_samples),
+                  warmup=int(cfg.emulator.round_warmup), chains=int(cfg.emulator.round_chains)).get_samples()
         draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
         u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, float(cfg.emulator.round_jitter), size=(m, d))
         u, y = np.concatenate([u, u_new]), np.concatenate([y, simulate_design(problem, u_new)])
         log.info("design round %d of %d simulated (%.0f s)", r, rounds, time.perf_counter() - started)
-    final = fit(u, y)
+    final = fit(u, y, start=None if emulator is None else emulator.gp)
     held = np.zeros(len(u), bool)
     held[len(u) - m::5] = True  # every fifth set of the last round, predicted from the rest (same hyperparameters)
     check = fit(u[~held], y[~held], final.gp)

@@ -7,6 +7,11 @@ endpoint, k of n patients, its role and its citation. Roles: `calibration` (in t
 `support` grades a trial's rate by the targets behind it: `calibrated` when a calibration target
 exists for the same drug, route, population and endpoint (per-dose endpoints match any per-dose target
 of that kind), `validated` when only a validation target does, else `extrapolated`.
+
+An optional column `likelihood_n` gives a calibration target less weight than its cohort size: the
+likelihood then counts round(k * likelihood_n / n) of likelihood_n, the same rate with the wider
+interval of a smaller trial. It is for rates known only approximately (a figure recalled from a label
+and not seen in a stored copy); the note says why.
 """
 
 from __future__ import annotations
@@ -51,9 +56,22 @@ def load(name_or_path: str = "targets") -> pd.DataFrame:
                           "crs_any, crs_grade2plus, crs_grade3plus, crs_any_dose<k>, crs_grade2plus_dose<k>, crs_first_at_dose<k>plus")
     if ((used.k < 0) | (used.k > used.n)).any():
         raise ConfigError(f"targets {path}: every k must lie in 0..n")
+    if "likelihood_n" in df.columns:
+        lik = pd.to_numeric(df.likelihood_n, errors="coerce")
+        bad = df[df.likelihood_n.notna() & ~((lik >= 1) & (lik <= df.n))]
+        if len(bad):
+            raise ConfigError(f"targets {path}: likelihood_n of {bad.id.iloc[0]} must be empty or a whole number in 1..n")
     if df.id.duplicated().any():
         raise ConfigError(f"targets {path}: duplicate id {df.id[df.id.duplicated()].iloc[0]}")
     return df
+
+
+def likelihood_counts(target) -> tuple[int, int]:
+    """(n, k) the likelihood counts for a target row: its own, or scaled to `likelihood_n` when given."""
+    n_lik = getattr(target, "likelihood_n", None)
+    if n_lik is None or pd.isna(n_lik):
+        return int(target.n), int(target.k)
+    return int(n_lik), int(round(target.k * int(n_lik) / target.n))
 
 
 def endpoint_family(endpoint: str) -> str:

@@ -1,21 +1,25 @@
 r"""The cytokine cascade behind cytokine release syndrome (CRS), driven by new engagement.
 
-Serum cytokines are in pg/mL. Cytokines are released when T cells are newly engaged: the release
-drive is the activation flux (resting and post-activated T cells activated per day, 1e9 cells/day,
-see `engagement.activation_rate`), weighted by the systemic reach $w_c$ of each compartment
-(blood 1; release in lymphoid tissue and marrow, $w_T$, and in a tumour, $w_M$, reaches the circulation
-only in part),
+Serum cytokines are in pg/mL. Cytokines are released when T cells are engaged *beyond what they have
+already met*. In compartment $c$ (blood, lymphoid tissue, marrow, tumour) the engageable T cells
+$R_c + P_c$ (resting and post-activated, 1e9) are activated at the per-cell rate $\alpha_c$ (1/day, see
+`engagement.activation_rate`: drug occupancy x target availability). $H_c$ is the primed level, the
+highest activation rate the compartment's T cells have recently met: it follows a rising $\alpha_c$ at
+rate $k_P$ and is forgotten with time constant $\tau_P$,
 
-$$ s_0(t) = \sum_c w_c\, \alpha_c (R_c + P_c), \qquad s(t) = s_0(t)\, Q(t)\, (1 - I_{dex}). $$
+$$ \dot H_c = k_P\, (\alpha_c - H_c)_+ - H_c/\tau_P . $$
 
-$Q \in [0, 1]$ is the patient's release capacity. Exposure uses it up and it recovers slowly,
+Only the excess over it releases, weighted by the systemic reach $w_c$ of each compartment (blood 1;
+release in lymphoid tissue and marrow, $w_T$, and in a tumour, $w_M$, reaches the circulation in part):
 
-$$ \dot Q = \frac{1 - Q}{\tau_Q} - k_{use}\, s_0\, Q , $$
+$$ s(t) = (1 - I_{dex}) \sum_c w_c\, (R_c + P_c)\, (\alpha_c - H_c)_+ . $$
 
-so what a dose releases depends on how far its engagement exceeds what the capacity has already
-met: a first step primes (uses up capacity) in proportion to its own engagement, a repeated
-identical dose finds little capacity left, and after a long gap ($\gg \tau_Q$) the capacity, and
-CRS, return. A standing pool of activated T cells releases nothing by itself. With released $s$:
+So what a dose releases follows how far its exposure exceeds the highest met before (CRS review, seed
+002): a step-up dose releases its increment over the previous step, a repeated identical dose little
+(its peak meets a primed level barely forgotten), a standing exposure (T cells trafficking into a tumour
+that holds drug) only $1/(1 + k_P\tau_P)$ of its flux, however far the T cells have expanded, and after
+a gap $\gg \tau_P$ a dose primes again as a first one (tolerance to continued stimulation is reversed by
+treatment-free intervals: Philipp 2022 Blood 140:1104). With released $s$:
 
 $$
 \begin{aligned}
@@ -47,7 +51,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import Array
 
-from vpop.model.compartments import ByCompartment
+from vpop.model.compartments import ByCompartment, cmap
 
 
 class Cytokines(NamedTuple):
@@ -58,7 +62,7 @@ class Cytokines(NamedTuple):
     tnfa_pg_ml: Array
     il10_pg_ml: Array
     myeloid_activation: Array  # fraction of the myeloid pool activated, 0..1
-    release_capacity: Array  # Q, 0..1: 1 in a patient never exposed
+    primed: ByCompartment  # H_c (1/day): the T-cell activation rate already met; 0 in a patient never exposed
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
 
 
@@ -87,13 +91,14 @@ class CytokineParams(NamedTuple):
     ic50_il10_pg_ml: Array
     tissue_reach: Array  # systemic reach w of release in lymphoid tissue and marrow (blood 1)
     tumour_reach: Array  # systemic reach of release in a solid tumour (lymphoma masses)
-    capacity_use_per_1e9_cells: Array  # k_use: capacity used per 1e9 newly activated (reach-weighted) T cells
-    capacity_recovery_day: Array  # tau_Q: time constant of the capacity's recovery
+    priming_rate_per_day: Array  # k_P: how fast the primed levels follow a rising activation rate
+    priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
 
 
 def baseline(p: CytokineParams) -> Cytokines:
     z = jnp.zeros_like(p.baseline_il6_pg_ml)
-    return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z, z + 1.0, z)
+    return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z,
+                     ByCompartment.full(z), z)
 
 
 def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
@@ -107,9 +112,11 @@ def myeloid_output(c: Cytokines, p: CytokineParams) -> Array:
     return p.k_il6_myeloid_pg_ml_per_day * p.myeloid_capacity * c.myeloid_activation / p.k_el_il6_per_day
 
 
-def release_drive(flux: ByCompartment, p: CytokineParams) -> Array:
-    """$s_0$: T cells newly activated per day (1e9/day), weighted by each compartment's systemic reach."""
-    return flux.blood + p.tissue_reach * (flux.lymphoid + flux.marrow) + p.tumour_reach * flux.tumour
+def release_drive(activation: ByCompartment, engageable: ByCompartment, primed: ByCompartment, p: CytokineParams) -> Array:
+    r"""$\sum_c w_c (R_c + P_c)(\alpha_c - H_c)_+$ (1e9 cells/day): engagement beyond the primed level,
+    weighted by each compartment's systemic reach (dexamethasone not yet applied)."""
+    excess = engageable * cmap(lambda a, h: jnp.maximum(a - h, 0.0), activation, primed)
+    return excess.blood + p.tissue_reach * (excess.lymphoid + excess.marrow) + p.tumour_reach * excess.tumour
 
 
 def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
@@ -121,13 +128,16 @@ def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
 def rates(
     c: Cytokines,
     drive: Array,
+    activation: ByCompartment,
     receptor_free: Array,
     dex_inhibition: Array,
     margination_half_life_day: Array,
     p: CytokineParams,
 ) -> tuple[Cytokines, Cytokines]:
-    """Production (units/day) and loss (1/day) of the cytokine states; `drive` is $s_0$."""
-    release = drive * c.release_capacity * (1.0 - dex_inhibition)
+    """Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
+    `activation` the per-cell activation rates $\alpha_c$ the primed levels follow."""
+    rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
+    release = drive * (1.0 - dex_inhibition)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction
     k6_other = p.k_el_il6_per_day - k6_receptor
     # Myeloid cells are driven by each T-cell cytokine's excess over its baseline, so the untreated
@@ -136,7 +146,6 @@ def rates(
         c.tnfa_pg_ml, p.baseline_tnfa_pg_ml, p.ec50_tnfa_pg_ml, p.myeloid_hill
     )
     on = p.k_myeloid_on_per_day * drive_m / (1.0 + c.il10_pg_ml / p.ic50_il10_pg_ml)
-    recovery = 1.0 / p.capacity_recovery_day
 
     production = Cytokines(
         il6_pg_ml=p.k_el_il6_per_day * p.baseline_il6_pg_ml
@@ -147,7 +156,7 @@ def rates(
         il10_pg_ml=p.k_el_il10_per_day * p.baseline_il10_pg_ml
         + p.k_il10_pg_ml_per_day * (release + p.il10_myeloid_factor * p.myeloid_capacity * c.myeloid_activation),
         myeloid_activation=on,
-        release_capacity=jnp.broadcast_to(recovery, jnp.shape(c.release_capacity)),
+        primed=rising * activation * p.priming_rate_per_day,
         margination=jnp.zeros_like(c.margination),
     )
     loss = Cytokines(
@@ -156,7 +165,7 @@ def rates(
         tnfa_pg_ml=jnp.broadcast_to(p.k_el_tnfa_per_day, jnp.shape(c.tnfa_pg_ml)),
         il10_pg_ml=jnp.broadcast_to(p.k_el_il10_per_day, jnp.shape(c.il10_pg_ml)),
         myeloid_activation=on + p.k_myeloid_off_per_day,
-        release_capacity=recovery + p.capacity_use_per_1e9_cells * drive,
+        primed=rising * p.priming_rate_per_day + 1.0 / p.priming_memory_day,
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
     )
     return production, loss
