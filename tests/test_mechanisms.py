@@ -75,7 +75,9 @@ def test_tocilizumab_prophylaxis_removes_most_grade_2_but_leaves_some_grade_1():
     any_base, any_toci = np.mean(base["crs_max_grade"] >= 1), np.mean(toci["crs_max_grade"] >= 1)
     g2_base, g2_toci = np.mean(base["crs_max_grade"] >= 2), np.mean(toci["crs_max_grade"] >= 2)
     assert g2_base > 0.08 and g2_toci < 0.25 * g2_base
-    assert any_toci > 0.25 * any_base  # fever from IL-1b/TNF-a remains
+    # Fever from IL-1b/TNF-a remains: the published prophylaxis cohorts keep 10-19% with CRS against
+    # 72% without (MajesTEC-1), a ratio of 0.14-0.27.
+    assert any_toci > 0.1 * any_base
     assert np.mean(toci["crs_max_grade"][toci["crs_max_grade"] >= 1] == 1) > 0.8
 
 

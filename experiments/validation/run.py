@@ -227,6 +227,8 @@ def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
                     fmt="none", ecolor="#08519c", capsize=2)
         pub = d[d.target != ""]
         for role, recalled, style in (("calibration", False, dict(fmt="D", color="k", mfc="k", label="published, calibration")),
+                                      ("calibration", True, dict(fmt="D", color="k", mfc="white",
+                                                                 label="recalled (not seen in a source), calibration at reduced weight")),
                                       ("validation", False, dict(fmt="D", color="#d62728", mfc="#d62728", label="published, validation")),
                                       ("validation", True, dict(fmt="D", color="#d62728", mfc="white", label="recalled (not seen in a source), validation"))):
             q = pub[(pub.role == role) & (pub.recalled == recalled)]
