@@ -118,8 +118,9 @@ def test_rescue_lowers_later_il6_signalling_in_the_same_patient():
 def test_grade3_adds_dexamethasone():
     reg = doses((1, 1, 60, "mg"), cycle_days=7)
     p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg, patient_id=6)
-    # e^3: grade 3 after the dose, yet baseline IL-6 (index z_1 = -3.7 here) still reads as no CRS.
-    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(20.0)))
+    # e^3.7: grade 3 after the dose, yet baseline IL-6 (index z_1 = -4.25 at the shipped grade-1
+    # threshold) still reads as no CRS.
+    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(40.0)))
     red = solver.simulate_patient(p, schedule)
     assert red.crs_grade[0] >= 3 and red.dex_rescue[0] == 1 and red.toci_rescue[0] == 1
 

@@ -118,7 +118,8 @@ def test_four_devices_give_the_results_of_one(tmp_path):
     four = np.load(tmp_path / "four.npz")
     one = simulate_arm(prepare_arm(arm, horizon_days=21), 50, seed=5, chunk_size=50).reductions
     for name, value in one.items():
-        np.testing.assert_allclose(four[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+        # float32: a sharded run may round the last bit differently (seen: 5e-7 on a log-scale index)
+        np.testing.assert_allclose(four[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_array_equal(four["crs_grade"], one["crs_grade"])
 
 
