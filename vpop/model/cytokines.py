@@ -19,7 +19,7 @@ So what a dose releases follows how far its exposure exceeds the highest met bef
 (its peak meets a primed level barely forgotten), a standing exposure (T cells trafficking into a tumour
 that holds drug) only $1/(1 + k_P\tau_P)$ of its flux, however far the T cells have expanded, and after
 a gap $\gg \tau_P$ a dose primes again as a first one (tolerance to continued stimulation is reversed by
-treatment-free intervals: Philipp 2022 Blood 140:1104). With released $s$:
+treatment-free intervals: Philipp 2022 Blood 140:1104, doi:10.1182/blood.2022015956). With released $s$:
 
 $$
 \begin{aligned}
