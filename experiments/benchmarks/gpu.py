@@ -10,7 +10,7 @@
    and per-call seconds, the cost that decides whether NUTS can run on the simulator itself;
 3. the streamed run through the app (`vpop-trial +experiment=yardstick`, experiments/benchmarks/streaming.py)
    at `--stream` patients;
-4. accuracy: a float64 reference (diffrax Kvaerno5, rtol 1e-8, 4x refined grid) of `--accuracy-n`
+4. accuracy (`yardstick.accuracy`): a float64 reference (diffrax Kvaerno5, rtol 1e-8, 4x refined grid) of `--accuracy-n`
    yardstick patients, and vpop's default grid in float32 and float64 on the same patients
    (peak IL-6 signalling log error per dose period: median, p90, p99, max).
 
@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from yardstick import accuracy  # noqa: E402  (one definition of the accuracy measures)
 
 
 def _worker(args: list[str], x64: bool = False, timeout_s: float | None = None) -> dict:
@@ -40,17 +42,6 @@ def _worker(args: list[str], x64: bool = False, timeout_s: float | None = None) 
     if out.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def il6_errors(candidate: str, reference: str) -> dict:
-    """Peak IL-6 signalling log error per dose period against the reference (periods with a
-    reference peak above 3 pg/mL, twice baseline)."""
-    a, r = np.load(candidate), np.load(reference)
-    x, y = a["peak_il6_signalling_pg_ml"], r["peak_il6_signalling_pg_ml"]
-    keep = y > 3.0
-    err = np.abs(np.log(np.maximum(x[keep], 1e-9) / y[keep]))
-    return dict(patients=int(len(y)), periods=int(keep.sum()), median=float(np.median(err)),
-                p90=float(np.percentile(err, 90)), p99=float(np.percentile(err, 99)), max=float(err.max()))
 
 
 def gradient_timing(repeats: int = 3) -> dict:
@@ -137,8 +128,8 @@ def main() -> None:
     n_acc = str(args.accuracy_n)
     ref, f32, f64 = (str(arrays / f"{k}.npz") for k in ("reference", "vpop_f32", "vpop_f64"))
     record("reference float64", lambda: _worker(["reference", n_acc, ref], timeout_s=args.reference_timeout))
-    record("accuracy float32", lambda: {**_worker(["vpop", n_acc, n_acc, f32]), "il6_log_error": il6_errors(f32, ref)})
-    record("accuracy float64", lambda: {**_worker(["vpop", n_acc, n_acc, f64], x64=True), "il6_log_error": il6_errors(f64, ref)})
+    record("accuracy float32", lambda: {**_worker(["vpop", n_acc, n_acc, f32]), "accuracy": accuracy(f32, ref)})
+    record("accuracy float64", lambda: {**_worker(["vpop", n_acc, n_acc, f64], x64=True), "accuracy": accuracy(f64, ref)})
 
 
 if __name__ == "__main__":

@@ -301,6 +301,8 @@ def accuracy(candidate: str, ref: str) -> dict:
         il6_periods=int(keep.sum()),
         il6_log_error_median=float(np.median(log_err)) if keep.any() else float("nan"),
         il6_log_error_p90=float(np.percentile(log_err, 90)) if keep.any() else float("nan"),
+        il6_log_error_p99=float(np.percentile(log_err, 99)) if keep.any() else float("nan"),
+        il6_log_error_max=float(log_err.max()) if keep.any() else float("nan"),
         nadir_abs_error_median=float(np.median(np.abs(nx - ny))),
         response_agreement=float(np.mean((nx <= 0.354) == (ny <= 0.354))),
     )
