@@ -328,13 +328,18 @@ class Emulator:
             hyper = jax.jit(jax.vmap(fit_hyper))(y, mask, start)
         hyper = {k: hyper[k] for k in ("log_ell", "log_amp", "log_noise")}
         self.gp = jax.jit(jax.vmap(condition))(y, mask, hyper)
+        # Design points on each target's length scales, and their squared norms, for `logits`.
+        self._z = x[None, :, :] * (self.gp["mask"] / jnp.exp(self.gp["log_ell"]))[:, None, :]  # (targets, points, d)
+        self._z_sq = jnp.sum(self._z * self._z, -1)
 
     def logits(self, u: jax.Array) -> jax.Array:
         """Emulated logit(rate) of every target at one parameter vector u (unconstrained scale)."""
         g = self.gp
-        um, xm = u[None, :] * g["mask"], self.x[None, :, :] * g["mask"][:, None, :]
-        diff = (um[:, None, :] - xm) / jnp.exp(g["log_ell"])[:, None, :]
-        k = jnp.exp(g["log_amp"])[:, None] * jnp.exp(-0.5 * jnp.sum(diff * diff, -1))  # (targets, points)
+        um = u[None, :] * g["mask"]
+        uz = um / jnp.exp(g["log_ell"])
+        # Squared distances by one contraction, as in `gram` (half the cost of NUTS on the emulator).
+        dist2 = jnp.maximum(jnp.sum(uz * uz, -1)[:, None] + self._z_sq - 2.0 * jnp.einsum("tnd,td->tn", self._z, uz), 0.0)
+        k = jnp.exp(g["log_amp"])[:, None] * jnp.exp(-0.5 * dist2)  # (targets, points)
         mean = g["beta"][:, 0] + jnp.sum(g["beta"][:, 1:] * um, -1) + jnp.sum(k * g["alpha"], -1)
         return mean * self.y_scale + self.y_mean
 

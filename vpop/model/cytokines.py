@@ -5,9 +5,10 @@ already met*. In compartment $c$ (blood, lymphoid tissue, marrow, tumour) the en
 $R_c + P_c$ (resting and post-activated, 1e9) are activated at the per-cell rate $\alpha_c$ (1/day, see
 `engagement.activation_rate`: drug occupancy x target availability). $H_c$ is the primed level, the
 highest activation rate the compartment's T cells have recently met: it follows a rising $\alpha_c$ at
-rate $k_P$ and is forgotten with time constant $\tau_P$,
+rate $k_P$ and is forgotten with time constant $\tau_P$ only while the drug is off board ($u_B$ is the
+drug's occupancy in blood, the drug factor of $\alpha$),
 
-$$ \dot H_c = k_P\, (\alpha_c - H_c)_+ - H_c/\tau_P . $$
+$$ \dot H_c = k_P\, (\alpha_c - H_c)_+ - (1 - u_B)\, H_c/\tau_P . $$
 
 Only the excess over it releases, weighted by the systemic reach $w_c$ of each compartment (blood 1;
 release in lymphoid tissue and marrow, $w_T$, and in a tumour, $w_M$, reaches the circulation in part):
@@ -18,8 +19,11 @@ So what a dose releases follows how far its exposure exceeds the highest met bef
 002): a step-up dose releases its increment over the previous step, a repeated identical dose little
 (its peak meets a primed level barely forgotten), a standing exposure (T cells trafficking into a tumour
 that holds drug) only $1/(1 + k_P\tau_P)$ of its flux, however far the T cells have expanded, and after
-a gap $\gg \tau_P$ a dose primes again as a first one (tolerance to continued stimulation is reversed by
-treatment-free intervals: Philipp 2022 Blood 140:1104, doi:10.1182/blood.2022015956). With released $s$:
+a treatment-free gap $\gg \tau_P$ a dose primes again as a first one (tolerance to continued stimulation
+is reversed by treatment-free intervals: Philipp 2022 Blood 140:1104, doi:10.1182/blood.2022015956). The
+gate on $u_B$ keeps the memory while drug is on board: forgotten at a constant rate, the primed level
+fell below the brief post-infusion peaks of $\alpha$ between 3-weekly doses, and as tumour T cells
+expanded each repeated dose released more (0.5.0: 5-10% new CRS per later mosunetuzumab dose). With released $s$:
 
 $$
 \begin{aligned}
@@ -129,13 +133,15 @@ def rates(
     c: Cytokines,
     drive: Array,
     activation: ByCompartment,
+    drug_free: Array,
     receptor_free: Array,
     dex_inhibition: Array,
     margination_half_life_day: Array,
     p: CytokineParams,
 ) -> tuple[Cytokines, Cytokines]:
     """Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
-    `activation` the per-cell activation rates $\alpha_c$ the primed levels follow."""
+    `activation` the per-cell activation rates $\alpha_c$ the primed levels follow, `drug_free` is
+    $1 - u_B$, the gate on their forgetting."""
     rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
     release = drive * (1.0 - dex_inhibition)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction
@@ -165,7 +171,7 @@ def rates(
         tnfa_pg_ml=jnp.broadcast_to(p.k_el_tnfa_per_day, jnp.shape(c.tnfa_pg_ml)),
         il10_pg_ml=jnp.broadcast_to(p.k_el_il10_per_day, jnp.shape(c.il10_pg_ml)),
         myeloid_activation=on + p.k_myeloid_off_per_day,
-        primed=rising * p.priming_rate_per_day + 1.0 / p.priming_memory_day,
+        primed=rising * p.priming_rate_per_day + drug_free / p.priming_memory_day,
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
     )
     return production, loss

@@ -73,12 +73,17 @@ def targets(normal_b: ByCompartment, malignant: ByCompartment, p: EngagementPara
     return normal_b * p.binds_normal_b + malignant * p.binds_malignant
 
 
+def occupancy(log_conc, p: EngagementParams):
+    """Drug saturation of activation, $C^n/(K_{act}^n + C^n)$, from log concentration (ng/mL)."""
+    return hill_log(log_conc - jnp.log(p.kd_activation_ng_ml), p.hill_activation)
+
+
 def engaged_fraction(log_conc: ByCompartment, log_target: ByCompartment, log_t_available: ByCompartment,
                      p: EngagementParams) -> ByCompartment:
     """Drug occupancy x target-availability saturation shared by activation and secretion
     (arguments are logs of ng/mL and cell numbers: the Hill functions are computed in log space)."""
     ratio = log_target - log_t_available - jnp.log(p.km_target_per_t)
-    return hill_log(ratio, p.hill_target) * hill_log(log_conc - jnp.log(p.kd_activation_ng_ml), p.hill_activation)
+    return hill_log(ratio, p.hill_target) * occupancy(log_conc, p)
 
 
 def activation_rate(engaged: ByCompartment, k_activation_per_day: Array, p: EngagementParams) -> ByCompartment:

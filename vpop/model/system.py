@@ -165,7 +165,8 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
 
     # Cytokines follow engagement beyond what the T cells have already met, not the standing activated pool.
     drive = cyto.release_drive(activation, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
-    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, activation, theta, dex_cytokine,
+    drug_free = 1.0 - eng.occupancy(log_conc.blood, e)  # the primed levels are forgotten only off drug
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, activation, drug_free, theta, dex_cytokine,
                                       p.tcells.margination_half_life_day, p.cytokines)
     prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
     return Host(prod_cells, prod_cyto, prod_sup), Host(loss_cells, loss_cyto, loss_sup)
