@@ -39,3 +39,11 @@ def schedule_for(reg, drug="mosunetuzumab", route="iv", solver=None, **kw):
 @pytest.fixture(scope="session")
 def model_cfg():
     return catalogue.load("model", "default")
+
+
+def pytest_configure(config):
+    # Most of the suite's time is XLA compiling the solver, and many tests (and both xdist workers)
+    # compile the same kernels: share them through JAX's on-disk compilation cache for this run.
+    # The directory lives in pytest's cache folder, so a later run on the same machine reuses it.
+    jax.config.update("jax_compilation_cache_dir", str(config.rootpath / ".pytest_cache" / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -290,7 +290,9 @@ class Emulator:
             # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: an (n, n) matmul instead of an (n, n, d) difference
             # tensor (a 150-step fit of 40 targets on 384 of 1,024 points: 51 s instead of 76 s, 2 CPU cores).
             dist2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)
-            return amp * jnp.exp(-0.5 * dist2) + noise * jnp.eye(len(xm))
+            # Jitter relative to the amplitude keeps the Cholesky finite in float32 when a target sits at its
+            # floor at nearly every design point (an outlier or two then pulls the amplitude up by orders).
+            return amp * jnp.exp(-0.5 * dist2) + (noise + 1e-4 * amp) * jnp.eye(len(xm))
 
         def residual(yt, xm):
             design = jnp.concatenate([jnp.ones((len(xm), 1)), xm], axis=1)
@@ -328,6 +330,9 @@ class Emulator:
             hyper = jax.jit(jax.vmap(fit_hyper))(y, mask, start)
         hyper = {k: hyper[k] for k in ("log_ell", "log_amp", "log_noise")}
         self.gp = jax.jit(jax.vmap(condition))(y, mask, hyper)
+        failed = [t for t, ok in zip(self.target_ids, np.isfinite(np.asarray(self.gp["alpha"])).all(1)) if not ok]
+        if failed:  # say which, rather than let NUTS fail later on a NaN rate
+            raise RuntimeError(f"Gaussian-process fit not finite for targets {failed} (see Emulator)")
         # Design points on each target's length scales, and their squared norms, for `logits`.
         self._z = x[None, :, :] * (self.gp["mask"] / jnp.exp(self.gp["log_ell"]))[:, None, :]  # (targets, points, d)
         self._z_sq = jnp.sum(self._z * self._z, -1)
