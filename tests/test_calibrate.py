@@ -169,3 +169,20 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
             se = np.sqrt(np.sum(p * (1 - p))) / n
             assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
             assert 0.02 < p.mean() < 0.98, t.id  # a rate the comparison can see
+
+
+def test_emulator_fits_a_target_at_its_floor_and_names_a_failed_fit():
+    """T14 (teclistamab, first CRS after the first full dose) under 0.6.0 sits at its floor at all
+    but a few of the first round's 256 design points (saved here: its 10 relevant parameters and
+    logits). Its GP fit went non-finite in float32 and NUTS later failed on an invalid rate; with the
+    jitter relative to the amplitude it fits, and a fit that still fails raises naming the target."""
+    from pathlib import Path
+
+    design = np.load(Path(__file__).parent / "data" / "emulator_floor_target.npz")
+    u, y = design["u"], design["y"][:, None]
+    assert np.mean(y < -6.8) > 0.95
+    emulator = calibrate.Emulator(["T14"], u, y, steps=400)
+    assert np.isfinite(np.asarray(jax.vmap(emulator.logits)(jnp.asarray(u)))).all()
+    broken = np.where(np.arange(len(y))[:, None] == 5, np.nan, y)
+    with pytest.raises(RuntimeError, match="T14"):
+        calibrate.Emulator(["T14"], u, broken, steps=20)
