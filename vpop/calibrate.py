@@ -291,7 +291,7 @@ class Emulator:
             # tensor (a 150-step fit of 40 targets on 384 of 1,024 points: 51 s instead of 76 s, 2 CPU cores).
             dist2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)
             # Jitter relative to the amplitude keeps the Cholesky finite in float32 when a target sits at its
-            # floor at nearly every design point (an outlier or two then pulls the amplitude up by orders).
+            # floor at nearly every design point (a few outliers then pull the amplitude up by orders).
             return amp * jnp.exp(-0.5 * dist2) + (noise + 1e-4 * amp) * jnp.eye(len(xm))
 
         def residual(yt, xm):
