@@ -186,3 +186,24 @@ def test_emulator_fits_a_target_at_its_floor_and_names_a_failed_fit():
     broken = np.where(np.arange(len(y))[:, None] == 5, np.nan, y)
     with pytest.raises(RuntimeError, match="T14"):
         calibrate.Emulator(["T14"], u, broken, steps=20)
+
+
+def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
+    """0.6.0 kept the name of `priming_memory_day` but changed its meaning: a posterior records the model
+    version it was fitted under, and one from another version (or from before versions were recorded)
+    is refused before any simulation instead of silently giving other answers."""
+    from vpop.model import VERSION
+
+    az = posterior.arviz()
+    idata = posterior.load("default")
+    assert idata.attrs["model_version"] == VERSION
+    for stamp in ("0.5", None):
+        if stamp is None:
+            idata.attrs.pop("model_version")
+        else:
+            idata.attrs["model_version"] = stamp
+        path = tmp_path / f"old_{stamp}.nc"
+        idata.to_netcdf(str(path))
+        with pytest.raises(ConfigError, match=f"fitted under model version {stamp or 'older than 0.6'}"):
+            posterior.draws(str(path), 2)
+    assert az.from_netcdf(str(path)).posterior.sizes["draw"] == 1000  # the file itself is readable

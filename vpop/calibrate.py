@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from vpop import catalogue, endpoints, parameters, population
 from vpop import targets as published
 from vpop.catalogue import ConfigError
+from vpop.model import VERSION as model_version
 from vpop.simulate import Arm, prepare_arm, sample_covariates, simulate_stacked, stack_arms
 
 log = logging.getLogger("vpop")
@@ -531,7 +532,7 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
     idata.add_groups(posterior_predictive=xr.Dataset({**pp, **pp_rates}),
                      prior_predictive=xr.Dataset({f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in prior_rates.items()}))
     idata.attrs.update(targets=str(cfg.targets), patients_per_cohort=int(cfg.patients_per_cohort), method=method,
-                       wall_seconds=float(seconds))
+                       wall_seconds=float(seconds), model_version=model_version)
 
     summary = az.summary(idata, var_names=names, kind="all", round_to="none")
     summary.insert(0, "parameter", summary.index)

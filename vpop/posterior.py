@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vpop.catalogue import ConfigError
+from vpop.model import VERSION as model_version
 
 DEFAULT = "default"
 
@@ -47,6 +48,12 @@ def load(posterior: str):
         raise ConfigError(f"posterior '{posterior}': {path} is not an ArviZ InferenceData file ({err})") from err
     if "posterior" not in idata.groups():
         raise ConfigError(f"posterior '{posterior}': {path} has no posterior group")
+    fitted = idata.attrs.get("model_version")
+    if fitted != model_version:
+        raise ConfigError(
+            f"posterior '{posterior}': fitted under model version {fitted or 'older than 0.6'}, this vpop runs model "
+            f"{model_version}, whose parameters mean something else (README 'Changes to contracts'); recalibrate "
+            "with vpop-calibrate, or use posterior=default or posterior=none")
     return idata
 
 
