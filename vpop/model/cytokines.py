@@ -17,8 +17,8 @@ $$ s(t) = (1 - I_{dex}) \sum_c w_c\, (R_c + P_c)\, (\alpha_c - H_c)_+ . $$
 
 So what a dose releases follows how far its exposure exceeds the highest met before (CRS review, seed
 002): a step-up dose releases its increment over the previous step, a repeated identical dose little
-(its peak meets a primed level barely forgotten), a standing exposure (T cells trafficking into a tumour
-that holds drug) only $1/(1 + k_P\tau_P)$ of its flux, however far the T cells have expanded, and after
+(its peak meets a primed level not forgotten while drug is on board), a standing exposure (T cells
+trafficking into a tumour that holds drug) only until the primed level has reached it, and after
 a treatment-free gap $\gg \tau_P$ a dose primes again as a first one (tolerance to continued stimulation
 is reversed by treatment-free intervals: Philipp 2022 Blood 140:1104, doi:10.1182/blood.2022015956). The
 gate on $u_B$ keeps the memory while drug is on board: forgotten at a constant rate, the primed level
