@@ -73,17 +73,18 @@ def targets(normal_b: ByCompartment, malignant: ByCompartment, p: EngagementPara
     return normal_b * p.binds_normal_b + malignant * p.binds_malignant
 
 
-def occupancy(log_conc, p: EngagementParams):
-    """Drug saturation of activation, $C^n/(K_{act}^n + C^n)$, from log concentration (ng/mL)."""
+def occupancy(log_conc: ByCompartment, p: EngagementParams) -> ByCompartment:
+    """Drug saturation of activation, $C^n/(K_{act}^n + C^n)$, from log concentration (ng/mL); computed
+    once per step and shared by activation and the primed levels' forgetting (`cytokines.rates`)."""
     return hill_log(log_conc - jnp.log(p.kd_activation_ng_ml), p.hill_activation)
 
 
-def engaged_fraction(log_conc: ByCompartment, log_target: ByCompartment, log_t_available: ByCompartment,
+def engaged_fraction(drug_occupancy: ByCompartment, log_target: ByCompartment, log_t_available: ByCompartment,
                      p: EngagementParams) -> ByCompartment:
-    """Drug occupancy x target-availability saturation shared by activation and secretion
-    (arguments are logs of ng/mL and cell numbers: the Hill functions are computed in log space)."""
+    """Drug occupancy (`occupancy`) x target-availability saturation shared by activation and secretion
+    (target and T-cell arguments are logs of cell numbers: the Hill function is computed in log space)."""
     ratio = log_target - log_t_available - jnp.log(p.km_target_per_t)
-    return hill_log(ratio, p.hill_target) * occupancy(log_conc, p)
+    return hill_log(ratio, p.hill_target) * drug_occupancy
 
 
 def activation_rate(engaged: ByCompartment, k_activation_per_day: Array, p: EngagementParams) -> ByCompartment:

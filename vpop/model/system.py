@@ -147,7 +147,8 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     target = eng.targets(c.b_normal, c.malignant, e)
     log_conc = eng.log_of(e.partition) + jnp.log(jnp.maximum(1000.0 * plasma, 1e-12))
     log_target = eng.log_of(target)
-    engaged = eng.engaged_fraction(log_conc, log_target, eng.log_of(c.t_resting + c.t_post), e)
+    occupancy = eng.occupancy(log_conc, e)
+    engaged = eng.engaged_fraction(occupancy, log_target, eng.log_of(c.t_resting + c.t_post), e)
     activation = eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
     kill = eng.kill_rate(conc, eng.log_of(c.t_active), log_target, e) * (1.0 - dex_kill)
 
@@ -165,7 +166,7 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
 
     # Cytokines follow engagement beyond what the T cells have already met, not the standing activated pool.
     drive = cyto.release_drive(activation, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
-    drug_free = 1.0 - eng.occupancy(log_conc.blood, e)  # the primed levels are forgotten only off drug
+    drug_free = 1.0 - occupancy.blood  # the primed levels are forgotten only off drug
     prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, activation, drug_free, theta, dex_cytokine,
                                       p.tcells.margination_half_life_day, p.cytokines)
     prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
