@@ -137,6 +137,21 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path):
     draws = posterior.draws(str(files["posterior"]), 3)
     assert len(draws) == 3 and all(set(d) == set(idata.posterior.data_vars) for d in draws)
 
+    # Its design is reused by a rerun (no new simulations: the same sets, fitted afresh) and refused by
+    # a calibration of other targets, before any simulation.
+    design = np.load(files["design"])
+    assert design["u"].shape == (32, 2) and design["y"].shape == (32, 2) and np.isfinite(design["y"]).all()
+    rerun = cfg.calibration.copy()
+    rerun.emulator.design = str(files["design"])
+    again = calibrate.run(rerun, tmp_path / "rerun")
+    reused = np.load(again["design"])
+    assert np.array_equal(reused["u"], design["u"]) and np.array_equal(reused["y"], design["y"])
+    assert (pd.read_csv(again["emulator"]).design_points == 32).all()
+    other = rerun.copy()
+    other.only_targets = ["T01", "V01"]  # fits T01 alone
+    with pytest.raises(ConfigError, match="made for other targets"):
+        calibrate.run(other, tmp_path / "other")
+
 
 def test_convergence_problems_are_logged(caplog):
     diag = pd.DataFrame({"parameter": ["a", "b"], "r_hat": [1.005, 1.14], "ess_bulk": [900, 120], "ess_tail": [800, 90],

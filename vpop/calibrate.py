@@ -440,11 +440,36 @@ def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, pro
     return mcmc
 
 
-def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool) -> tuple[Emulator, pd.DataFrame]:
+def _design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]:
+    """What a saved design must agree on to be reused: the model version, the fitted parameters
+    (unconstrained scale), the targets (logit scale, in this order) and the virtual cohorts."""
+    return {"model_version": np.asarray(model_version), "parameters": np.asarray([p.config_path for p in problem.parameters]),
+            "targets": np.asarray(list(problem.targets.id)),
+            "cohorts": np.asarray([int(cfg.patients_per_cohort), int(cfg.seed)])}
+
+
+def load_design(path: str | Path, problem: Problem, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A design saved by an earlier calibration (design.npz): its parameter sets u and simulated
+    target logits y, refused unless it was made for this model version, parameters and targets."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration.emulator.design: no file {path}")
+    saved = np.load(path)
+    for name, want in _design_identity(problem, cfg).items():
+        have = saved[name] if name in saved else np.asarray("missing")
+        if have.shape != want.shape or not np.all(have == want):
+            raise ConfigError(f"calibration.emulator.design: {path} was made for other {name} "
+                              f"({have.tolist()}; this calibration: {want.tolist()})")
+    return saved["u"], saved["y"]
+
+
+def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool, design: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> tuple[Emulator, pd.DataFrame, np.ndarray, np.ndarray]:
     """Sequential design: a prior-wide first round, then each round simulated around the posterior
     of the emulator fitted so far (where a posterior far in the prior's tail would otherwise be
-    extrapolated). Returns the emulator on all rounds and its hold-out error per target (every
-    fifth set of the last round left out of a refit)."""
+    extrapolated). Returns the emulator on all rounds, its hold-out error per target (every
+    fifth set of the last round left out of a refit) and the design (u, y). A given design (of an
+    earlier run, `load_design`) is used instead of simulating one."""
     d = len(problem.parameters)
     ids = list(problem.targets.id)
     rng = np.random.default_rng(int(cfg.seed))
@@ -460,9 +485,13 @@ def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool) -> tuple[Em
                         int(cfg.emulator.fit_points), hyper, start)
 
     started = time.perf_counter()
-    u = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
-    y = simulate_design(problem, u)
-    log.info("design round 1 of %d simulated (%.0f s)", rounds, time.perf_counter() - started)
+    if design is not None:
+        u, y = design
+        rounds = 1
+    else:
+        u = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
+        y = simulate_design(problem, u)
+        log.info("design round 1 of %d simulated (%.0f s)", rounds, time.perf_counter() - started)
     emulator = None
     for r, key_r in enumerate(jax.random.split(key, rounds - 1), start=2):
         emulator = fit(u, y, start=None if emulator is None else emulator.gp)
@@ -485,7 +514,7 @@ def _emulate(problem: Problem, cfg: DictConfig, key, progress: bool) -> tuple[Em
         "rate_abs_error_percent_max": 100 * np.max(gap, axis=0),
         "design_points": len(u),
     })
-    return final, err
+    return final, err, u, y
 
 
 def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Path]:
@@ -503,6 +532,8 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
         raise ConfigError(f"calibration.method must be emulator or simulator, got {method!r}")
     fit_problem = build_problem(cfg, roles=("calibration",))
     full_problem = build_problem(cfg, roles=("calibration", "validation"))
+    saved = cfg.get("emulator", {}).get("design") if method == "emulator" else None
+    design = load_design(saved, fit_problem, cfg) if saved else None  # checked before any simulation
     key = jax.random.PRNGKey(int(cfg.seed))
     k_prior, k_emul, k_mcmc, k_post = jax.random.split(key, 4)
 
@@ -512,8 +543,10 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
     stage(f"prior predictive: {cfg.prior_predictive_draws} draws x {len(full_problem.cohorts)} cohorts")
     prior_rates = _predict(full_problem, None, int(cfg.prior_predictive_draws), k_prior)
     if method == "emulator":
-        stage(f"emulator design: {cfg.emulator.rounds} rounds x {cfg.emulator.design_points} parameter sets")
-    emulator, emulator_error = (_emulate(fit_problem, cfg, k_emul, progress) if method == "emulator" else (None, None))
+        stage(f"emulator design: {cfg.emulator.rounds} rounds x {cfg.emulator.design_points} parameter sets"
+              if design is None else f"emulator design: {len(design[0])} parameter sets reused from {saved}")
+    emulator, emulator_error, design_u, design_y = (_emulate(fit_problem, cfg, k_emul, progress, design)
+                                                    if method == "emulator" else (None, None, None, None))
     stage(f"NUTS: {cfg.chains} chains x ({cfg.warmup} warmup + {cfg.samples} samples)")
     mcmc = _nuts(fit_problem, cfg, k_mcmc, emulator, progress)
     samples = mcmc.get_samples()
@@ -557,6 +590,8 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
     if emulator_error is not None:
         files["emulator"] = out_dir / "emulator.csv"
         emulator_error.to_csv(files["emulator"], index=False, float_format="%.4f")
+        files["design"] = out_dir / "design.npz"  # reusable with emulator.design=<this file>
+        np.savez(files["design"], u=design_u, y=design_y, **_design_identity(fit_problem, cfg))
     figures(idata, names, ppc, prior_ppc, out_dir / "figures")
     return files
 
