@@ -110,7 +110,7 @@ def test_recovers_known_parameters_from_simulated_data(problem):
         assert float(np.std(np.asarray(s[prm.site]))) < 0.75  # the data narrowed the prior (SD ~0.99 truncated at +-3)
 
 
-def test_tiny_calibration_writes_valid_inference_data(tmp_path):
+def test_tiny_calibration_writes_valid_inference_data(tmp_path, monkeypatch):
     import arviz as az
     from hydra import compose, initialize_config_dir
 
@@ -137,20 +137,21 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path):
     draws = posterior.draws(str(files["posterior"]), 3)
     assert len(draws) == 3 and all(set(d) == set(idata.posterior.data_vars) for d in draws)
 
-    # Its design is reused by a rerun (no new simulations: the same sets, fitted afresh) and refused by
-    # a calibration of other targets, before any simulation.
+    # Its design is reused without new simulations (the same sets, the emulator fitted afresh), and
+    # refused, before any work, by a calibration of other targets.
     design = np.load(files["design"])
     assert design["u"].shape == (32, 2) and design["y"].shape == (32, 2) and np.isfinite(design["y"]).all()
-    rerun = cfg.calibration.copy()
-    rerun.emulator.design = str(files["design"])
-    again = calibrate.run(rerun, tmp_path / "rerun")
-    reused = np.load(again["design"])
-    assert np.array_equal(reused["u"], design["u"]) and np.array_equal(reused["y"], design["y"])
-    assert (pd.read_csv(again["emulator"]).design_points == 32).all()
-    other = rerun.copy()
+    fit_problem = calibrate.build_problem(cfg.calibration, roles=("calibration",))
+    saved = calibrate.load_design(files["design"], fit_problem, cfg.calibration)
+    monkeypatch.setattr(calibrate, "simulate_design", lambda *a: pytest.fail("a reused design was simulated"))
+    _, error, u, y = calibrate._emulate(fit_problem, cfg.calibration, jax.random.PRNGKey(0), False, saved)
+    assert np.array_equal(u, design["u"]) and np.array_equal(y, design["y"]) and (error.design_points == 32).all()
+    other = cfg.calibration.copy()
     other.only_targets = ["T01", "V01"]  # fits T01 alone
+    other.emulator.design = str(files["design"])
     with pytest.raises(ConfigError, match="made for other targets"):
         calibrate.run(other, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 def test_convergence_problems_are_logged(caplog):
@@ -221,4 +222,4 @@ def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
         idata.to_netcdf(str(path))
         with pytest.raises(ConfigError, match=f"fitted under model version {stamp or 'older than 0.6'}"):
             posterior.draws(str(path), 2)
-    assert az.from_netcdf(str(path)).posterior.sizes["draw"] == 1000  # the file itself is readable
+    assert az.from_netcdf(str(path)).posterior.sizes["draw"] == 1500  # the file itself is readable
