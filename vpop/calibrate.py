@@ -455,7 +455,7 @@ def _design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]
 
 def load_design(path: str | Path, problem: Problem, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     """A design saved by an earlier calibration (design.npz): its parameter sets u and simulated
-    target logits y, refused unless it was made for this model version, parameters and targets."""
+    target logits y, refused unless it was made for this model version, parameters, targets and cohorts."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"calibration.emulator.design: no file {path}")
