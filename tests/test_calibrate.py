@@ -222,4 +222,4 @@ def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
         idata.to_netcdf(str(path))
         with pytest.raises(ConfigError, match=f"fitted under model version {stamp or 'older than 0.6'}"):
             posterior.draws(str(path), 2)
-    assert az.from_netcdf(str(path)).posterior.sizes["draw"] == 1500  # the file itself is readable
+    assert az.from_netcdf(str(path)).posterior.sizes == idata.posterior.sizes  # the file itself is readable

@@ -411,8 +411,7 @@ def _starting_points(problem: Problem, emulator: Emulator, chains: int, jitter: 
     """One starting point per chain: the design point with the highest emulated log posterior, plus
     N(0, jitter^2) per chain on the unconstrained scale. Rates pinned near 0 or 1 leave flat plateaus
     where NUTS, started at random, can stall far from the data; the design already holds points near
-    the posterior. Started at the best few design points instead, one chain of the 0.7 calibration
-    began in a corner basin (grade-3 fold 1.0, log density 2 lower) and never left it: R-hat 1.33."""
+    the posterior (`start_jitter` in the calibration config says why not the best few points)."""
     from numpyro.infer.util import log_density
 
     def score(ui):
@@ -438,7 +437,7 @@ def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, pro
     mcmc = MCMC(kernel, num_warmup=int(warmup or cfg.warmup), num_samples=int(samples or cfg.samples), num_chains=chains,
                 chain_method=str(cfg.chain_method), progress_bar=progress)
     key, k_init = jax.random.split(key)
-    init = (_starting_points(problem, emulator, chains, float(cfg.emulator.round_jitter), k_init)
+    init = (_starting_points(problem, emulator, chains, float(cfg.start_jitter), k_init)
             if emulator is not None else None)
     # Kept for ArviZ's sample_stats: energy (az.bfmi, az.plot_energy), step size, tree depth, acceptance.
     mcmc.run(key, problem, emulator=emulator, init_params=init, extra_fields=NUTS_STATS)
@@ -447,10 +446,12 @@ def _nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, pro
 
 def _design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]:
     """What a saved design must agree on to be reused: the model version, the fitted parameters
-    (unconstrained scale), the targets (logit scale, in this order) and the virtual cohorts."""
+    (unconstrained scale), the targets (logit scale, in this order) and the virtual cohorts (patients,
+    seed, horizon cap; -1 for none)."""
     return {"model_version": np.asarray(model_version), "parameters": np.asarray([p.config_path for p in problem.parameters]),
             "targets": np.asarray(list(problem.targets.id)),
-            "cohorts": np.asarray([int(cfg.patients_per_cohort), int(cfg.seed)])}
+            "cohorts": np.asarray([int(cfg.patients_per_cohort), int(cfg.seed),
+                                   -1 if cfg.horizon_days is None else int(cfg.horizon_days)])}
 
 
 def load_design(path: str | Path, problem: Problem, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -537,7 +538,7 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False) -> dict[str, Pat
         raise ConfigError(f"calibration.method must be emulator or simulator, got {method!r}")
     fit_problem = build_problem(cfg, roles=("calibration",))
     full_problem = build_problem(cfg, roles=("calibration", "validation"))
-    saved = cfg.get("emulator", {}).get("design") if method == "emulator" else None
+    saved = cfg.emulator.get("design") if method == "emulator" else None
     design = load_design(saved, fit_problem, cfg) if saved else None  # checked before any simulation
     key = jax.random.PRNGKey(int(cfg.seed))
     k_prior, k_emul, k_mcmc, k_post = jax.random.split(key, 4)

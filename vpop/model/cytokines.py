@@ -18,7 +18,7 @@ $$ s(t) = (1 - I_{dex}) \sum_c w_c\, (R_c + P_c)\, \big(\alpha_c - (1 + \delta) 
 
 The margin is the tuned activation threshold: a T cell adapted to a level of stimulation responds to
 a relative rise above it, not to the level itself (Grossman & Singer 1996 PNAS 93:14747). Without it
-the primed level, which follows $\alpha$ at the slow rate $k_P$, stayed 10-30% below the brief
+the primed level, which follows $\alpha$ at the slow rate $k_P$, stayed 10-40% below the brief
 post-infusion peaks of 3-weekly doses, and each of those peaks released again (0.6.0: 12% new CRS at
 mosunetuzumab's second 60 mg, 7.5-9.7% at every glofitamab dose from C3D1; labels: single digits and
 about 3%).
