@@ -195,15 +195,15 @@ def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text(USER_EXPERIMENT)
     out = tmp_path / "out"
-    run = _cli("--config-dir", str(tmp_path), "+experiment=mine", "population.n=40", "trajectories=5", f"hydra.run.dir={out}",
-               cwd=tmp_path)
+    run = _cli("--config-dir", str(tmp_path), "+experiment=mine", "population.n=40", "trajectories=5", "draws=3",
+               f"hydra.run.dir={out}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary.arm) == {"step", "flat"}
     assert (out / "figures" / "crs_by_dose.png").exists()
-    # By default the shipped posterior is propagated: 20 draws, each a full re-simulation.
+    # The shipped posterior is propagated (3 draws here, 20 by default), each draw a full re-simulation.
     patients = pd.read_parquet(out / "patients.parquet")
-    assert patients.draw.nunique() == 20 and len(patients) == 2 * 20 * 40
+    assert patients.draw.nunique() == 3 and len(patients) == 2 * 3 * 40
     # Off a terminal there is no progress bar, only the closing throughput line.
     assert "%|" not in run.stderr and "patients/s" in run.stderr + run.stdout
     assert not list((tmp_path / "outputs" / ".checkpoints").glob("*/patients.parquet"))  # the checkpoint became the result

@@ -5,8 +5,10 @@ where $\bar p_j$ is the model's rate over a fixed virtual cohort for that trial 
 numbers: the same patients at every $\theta$). The rate is the one the trial runner reports, in
 expectation: the same simulation (rescue on), the same grading and onset periods, with each
 patient's 0/1 endpoint replaced by its expectation over the patient effect that decides it (CRS
-susceptibility, response-assessment effect; see `vpop.endpoints`). So the rates are smooth in the
-parameters, and the calibration fits the trial runner's model, not a smoothed cousin of it.
+susceptibility, response-assessment effect; see `vpop.endpoints`). So the calibration fits the trial
+runner's model, not a smoothed cousin of it. Response and any-grade CRS rates are smooth in the
+parameters; with rescue on, grade >= 2 and >= 3 CRS rates are counts (steps of 1/patients), since
+the rescue history fixes them (`vpop.endpoints`), and the emulator's noise term absorbs the steps.
 Priors come from the `{nominal, prior: [low, high], unknown: true}` entries of the configs: normal
 on the log scale (logit scale for fractions) with the prior range as its central 95%, truncated at +-3 SD. Validation
 targets are simulated from the posterior but never enter the likelihood.
