@@ -133,7 +133,7 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path, monkeypatch):
     assert ((ppc.lower <= ppc.predicted_mean + 1e-9) & (ppc.predicted_mean <= ppc.upper + 1e-9)).all()
     for fig in ("rank.png", "pairs.png", "ppc.png"):
         assert (tmp_path / "figures" / fig).exists()
-    # The trial runner takes it as a posterior: draws become parameter overrides.
+    # The trial runner takes it as a posterior: draws become parameter values by config path.
     draws = posterior.draws(str(files["posterior"]), 3)
     assert len(draws) == 3 and all(set(d) == set(idata.posterior.data_vars) for d in draws)
 

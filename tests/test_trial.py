@@ -120,6 +120,47 @@ def test_interval_coverage_against_a_large_virtual_cohort():
     assert 0.88 <= np.mean(covered) <= 1.0
 
 
+# One arm per drug and population of the shipped posterior's parameters (host-side work only).
+POSTERIOR_ARMS = [Arm("mosun_iv", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv", "dexamethasone_20mg"),
+                  Arm("mosun_sc", "mosunetuzumab", "sc", "dlbcl_post_cart", "mosunetuzumab_fl_sc", "dexamethasone_20mg"),
+                  Arm("glofit", "glofitamab", "iv", "dlbcl_rr", "glofitamab_dlbcl", "glofitamab_glucocorticoid"),
+                  Arm("epco", "epcoritamab", "sc", "dlbcl_rr", "epcoritamab_dlbcl", "epcoritamab_corticosteroid"),
+                  Arm("odro", "odronextamab", "iv", "dlbcl_post_cart", "odronextamab_dlbcl", "dexamethasone_10mg_cycle1"),
+                  Arm("blin", "blinatumomab", "civ", "b_all_rr", "blinatumomab_all", "dexamethasone_20mg_each_step"),
+                  Arm("tec", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up")]
+
+
+def test_a_posterior_draw_substituted_into_the_parameters_equals_the_configs_rewritten_by_it():
+    """Arms are prepared once per trial and each draw substituted into their typical parameters (the
+    calibration's mechanism); the result must be what rewriting the configs with the draw and
+    preparing the arm afresh gives, leaf for leaf, for every parameter of the shipped posterior."""
+    import jax
+
+    from vpop import catalogue, posterior
+
+    draws = posterior.draws("default", 2, seed=3)
+    arms = {a.name: a for a in POSTERIOR_ARMS}
+    settings = trial.TrialSettings(n=10)
+    prepared = trial.prepare_draws(arms, settings, catalogue.load("model", "default"), draws)
+    for values, by_arm in zip(draws, prepared):
+        for name, arm in arms.items():
+            fresh = prepare_arm(arm, None, settings.horizon_days, settings.assessment_every_days, overrides=values)
+            for a, b in zip(jax.tree_util.tree_leaves(fresh.inputs), jax.tree_util.tree_leaves(by_arm[name].inputs), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert prepared[0]["tec"].inputs.typical.crs.grade1_pg_ml != prepared[1]["tec"].inputs.typical.crs.grade1_pg_ml
+
+
+def test_a_model_value_an_arm_sets_for_itself_does_not_reach_it():
+    """A population's own cytokine value (ALL's myeloid capacity) shadows the model's: a draw of the
+    model's value must not overwrite it, and the population's own path must."""
+    from vpop import parameters
+
+    all_arm, fl_arm = parameters.ArmSpec("blinatumomab", "civ", "b_all_rr"), parameters.ArmSpec("mosunetuzumab", "iv", "fl_rr")
+    assert parameters.params_path("model.cytokines.myeloid_capacity", all_arm) is None
+    assert parameters.params_path("model.cytokines.myeloid_capacity", fl_arm) == "cytokines.myeloid_capacity"
+    assert parameters.params_path("population.b_all_rr.cytokines.myeloid_capacity", all_arm) == "cytokines.myeloid_capacity"
+
+
 def test_paired_difference_interval_coverage():
     rng = np.random.default_rng(1)
     covered = []
@@ -271,6 +312,26 @@ def test_bad_overrides_are_refused_before_any_simulation(overrides, message):
     with pytest.raises(ConfigError) as err:
         cli.plan(cfg)
     assert message in str(err.value)
+
+
+def test_model_and_solver_numbers_are_overridden_from_the_command_line():
+    """The model is a Hydra group of the trial app: any model or solver number can be set (or swept
+    with -m) from the command line and reaches every arm; a calibrated one a posterior draw would set
+    again is refused, naming it."""
+    from vpop import cli
+
+    base = cli.plan(_compose("+experiment=mosunetuzumab_iv_vs_sc", "posterior=none")).prepared[0]["iv"].inputs
+    mine = cli.plan(_compose("+experiment=mosunetuzumab_iv_vs_sc", "posterior=none", "model.cytokines.k_el_il6_per_day=40",
+                             "model.solver.max_step_days=0.25")).prepared[0]["iv"].inputs
+    assert float(mine.typical.cytokines.k_el_il6_per_day) == 40.0 != float(base.typical.cytokines.k_el_il6_per_day)
+    assert np.count_nonzero(np.asarray(mine.schedule.steps.dt)) > np.count_nonzero(np.asarray(base.schedule.steps.dt))
+    calibrated = _compose("+experiment=mosunetuzumab_iv_vs_sc", "draws=2", "model.cytokines.priming_margin.nominal=0.5")
+    with pytest.raises(ConfigError, match=r"model.cytokines.priming_margin: calibrated.*posterior=none"):
+        cli.plan(calibrated)
+    p = cli.plan(_compose("+experiment=mosunetuzumab_iv_vs_sc", "posterior=none", "model.cytokines.priming_margin.nominal=0.5"))
+    assert float(p.prepared[0]["iv"].inputs.typical.cytokines.priming_margin) == 0.5
+    with pytest.raises(ConfigError, match=r"model.cytokines.k_el_il6_per_dy: no such model number; did you mean model.cytokines.k_el_il6_per_day\?"):
+        cli.plan(_compose("+experiment=mosunetuzumab_iv_vs_sc", "posterior=none", "+model.cytokines.k_el_il6_per_dy=40"))
 
 
 def test_experiment_files_may_add_their_own_top_level_keys():

@@ -150,11 +150,7 @@ class Problem:
 
     def patient_rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per target, each virtual patient's expected 0/1 endpoint ([patients])."""
-        typicals = []
-        for cohort, typ in zip(self.cohorts, self._typicals):
-            for config_path, params_path in cohort.paths.items():
-                typ = parameters.set_path(typ, params_path, jnp.asarray(values[config_path], typ.first_dose_day.dtype))
-            typicals.append(typ)
+        typicals = [parameters.substitute(typ, cohort.paths, values) for cohort, typ in zip(self.cohorts, self._typicals)]
         inputs = self.inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
         red = simulate_stacked(inputs, self.covariates, self.ids, jnp.asarray(self.seed), self.variability_paths)
         out = {}
@@ -207,7 +203,7 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
                   spec["regimen"], _none(spec["premedication"]), _none(spec["prophylaxis"]))
         prepared = prepare_arm(arm, model, float(spec["horizon_days"]))
         arm_spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
-        paths = {p.config_path: pp for p in params if (pp := parameters.params_path(p.config_path, arm_spec)) is not None}
+        paths = parameters.parameter_paths([p.config_path for p in params], arm_spec)
         response = population.load(arm.population).response
         cohorts.append(Cohort(arm, float(spec["horizon_days"]), prepared, group, paths, str(response.kind),
                               float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),

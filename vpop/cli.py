@@ -47,6 +47,8 @@ OVERRIDES = {
     "progress": ("auto", "auto (a patients/s bar on a terminal), true or false"),
     "objective": ("null", "{minimise, arm, no_worse_than, margin_pp}: the value an Optuna sweep minimises"),
     "dry_run": ("false", "true: check everything and print each arm's dose calendar, simulate nothing"),
+    "model.GROUP.KEY": ("VALUE", "any number of configs/model/default.yaml, e.g. model.cytokines.k_el_il6_per_day=40 "
+                        "or model.solver.max_step_days=0.25 (sweep with -m); a calibrated one needs posterior=none"),
 }
 SEED_MAX = 2**32 - 1  # JAX keys are 32-bit: seed 2**32 would give seed 0's patients
 
@@ -172,7 +174,9 @@ def plan(cfg: DictConfig, experiment_keys=()) -> Plan:
 
         twins = read_twins(cfg.twins, cfg.twins_fill)
         check_sizes(len(twins), settings.chunk_size)
-    prepared = prepare_draws(arms, settings, catalogue.load("model", "default"), draws)
+    model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # plain: drug files merge into it
+    _check_model_overrides(model, draws[0])
+    prepared = prepare_draws(arms, settings, model, draws)
     if objective is not None:
         for field, arm in (("minimise", objective["arm"]), ("no_worse_than", objective["arm"]),
                            ("no_worse_than", objective["reference_arm"])):
@@ -180,6 +184,27 @@ def plan(cfg: DictConfig, experiment_keys=()) -> Plan:
             if objective[field] not in allowed:
                 raise ConfigError(f"objective.{field} '{objective[field]}' is not an endpoint of arm {arm}; allowed: {', '.join(allowed)}")
     return Plan(arms, reference_arm, settings, draws, twins, prepared, objective)
+
+
+def _leaves(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, DictConfig):
+        return {k: v for key in node for k, v in _leaves(node[key], f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _check_model_overrides(model: DictConfig, draw: dict[str, float]) -> None:
+    """A model key the shipped model does not have (a typo added with +model...) is refused with the
+    nearest one, and so is a changed number a posterior draw would set again."""
+    shipped, given = _leaves(catalogue.load("model", "default")), _leaves(model)
+    for key in given:
+        if key not in shipped:
+            near = difflib.get_close_matches(key, sorted(shipped), n=1)
+            raise ConfigError(f"model.{key}: no such model number" + (f"; did you mean model.{near[0]}?" if near else ""))
+    changed = [f"model.{k}" for k, v in given.items() if shipped.get(k, object()) != v]
+    clash = sorted({c for c in draw for k in changed if k == c or k.startswith(c + ".")})
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: calibrated, so each posterior draw sets it; add posterior=none "
+                          "to run your value (one draw of the nominal parameters)")
 
 
 def dose_calendar(p: Plan) -> str:

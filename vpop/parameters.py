@@ -332,10 +332,15 @@ def apply_variability(p: Params, paths: tuple[str, ...], omegas, key: jax.Array)
 
 def params_path(config_path: str, arm: ArmSpec) -> str | None:
     """Where a config value lives in an arm's `Params` ('model.crs.grade2_fold' -> 'crs.grade2_fold');
-    None when it does not concern the arm (another drug's potency, another population's kill)."""
+    None when it does not concern the arm (another drug's potency, another population's kill, a
+    model value the arm's drug or population sets for itself)."""
     scope, *rest = config_path.split(".")
     if scope == "model":
         group, name = rest[0], ".".join(rest[1:])
+        own = {"engagement": lambda: load_drug(arm.drug).get("engagement") or {},
+               "cytokines": lambda: catalogue.load("population", arm.population, "population").get("cytokines") or {}}
+        if group in own and OmegaConf.select(OmegaConf.create(own[group]()), name) is not None:
+            return None  # shadowed: typical_params merges the drug's (population's) value over the model's
         if group in ("crs", "cytokines", "tcells", "bcells", "engagement", "supportive", "response"):
             return f"{group}.{name}"
     elif scope == "population":
@@ -356,6 +361,19 @@ def params_path(config_path: str, arm: ArmSpec) -> str | None:
             return f"bispecific_pk.{field[1]}" if field[0] == arm.route else None
     raise ConfigError(f"'{config_path}' cannot be calibrated: only model.(crs|cytokines|tcells|bcells|engagement|supportive|response).*, "
                       "population.<name>.(malignant|cytokines).* and drug.<name>.(engagement|pk|routes.<route>).* map to parameters")
+
+
+def parameter_paths(config_paths, arm: ArmSpec) -> dict[str, str]:
+    """Config path -> `Params` path of the values that concern the arm (`params_path`)."""
+    return {c: pp for c in config_paths if (pp := params_path(c, arm)) is not None}
+
+
+def substitute(typical: Params, paths: dict[str, str], values: dict[str, Any]) -> Params:
+    """`typical` with values by config path set at their `Params` paths (`parameter_paths`): how a
+    posterior draw, or a point the calibration tries, becomes an arm's parameters. Pure; traceable."""
+    for config_path, path in paths.items():
+        typical = set_path(typical, path, jnp.asarray(values[config_path], get_path(typical, path).dtype))
+    return typical
 
 
 def config_entry(config_path: str) -> Any:

@@ -1,8 +1,9 @@
-"""Posterior draws as parameter overrides for the trial runner.
+"""Posterior draws as parameter values for the trial runner.
 
 A posterior (ArviZ InferenceData written by `vpop-calibrate`) holds draws of population parameters
-named by config path ('model.cytokines.k_il6_myeloid_pg_ml_per_day', 'drug.glofitamab.engagement.
-kd_kill_ng_ml', ...). Each draw becomes a dict of overrides for `simulate.prepare_arm`.
+named by config path ('model.cytokines.priming_margin', 'drug.glofitamab.engagement.kd_kill_ng_ml',
+...). Each draw becomes a dict {config path: value} that `trial.prepare_draws` substitutes into
+every arm's typical parameters (`parameters.substitute`, the calibration's mechanism).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load(posterior: str):
 
 
 def draws(posterior: str | None, n_draws: int, seed: int = 0) -> list[dict[str, float]]:
-    """`n_draws` override dicts, distinct draws of the posterior picked at random (without
+    """`n_draws` value dicts, distinct draws of the posterior picked at random (without
     replacement); `none` gives the nominal values (one draw, whatever `n_draws`)."""
     if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws <= 0:
         raise ConfigError(f"draws must be a positive whole number, got {n_draws!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
-from vpop import catalogue, endpoints, population
+from vpop import catalogue, endpoints, parameters, population
 from vpop import targets as published
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_ids, prepare_arm, simulate_trajectories
@@ -42,7 +42,6 @@ B_CELL_DEPLETION_FRACTION = 0.1  # blood B cells below 10% of baseline at any ti
 class TrialSettings:
     n: int = 1000
     seed: int = 0
-    draws: int = 1
     chunk_size: int = 10_000
     horizon_days: float | None = None
     assessment_every_days: float | None = None
@@ -372,9 +371,18 @@ def _time_course_bands(prepared: PreparedArm, ids, seed: int, twins=None) -> dic
 
 def prepare_draws(arms: dict[str, Arm], settings: TrialSettings, model: DictConfig,
                   draws: list[dict[str, float]]) -> list[dict[str, PreparedArm]]:
-    """Every arm prepared for every posterior draw (host-side work only)."""
-    return [{name: prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days, overrides=overrides)
-             for name, arm in arms.items()} for overrides in draws]
+    """Every arm prepared once (configs read and checked, regimen compiled, schedule built: a draw
+    cannot change them), then each posterior draw substituted into its typical parameters by the
+    calibration's mechanism (`parameters.substitute`)."""
+    out = [{} for _ in draws]
+    for name, arm in arms.items():
+        base = prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days)
+        spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
+        paths = parameters.parameter_paths(sorted({c for values in draws for c in values}), spec)
+        for by_arm, values in zip(out, draws):
+            typical = parameters.substitute(base.inputs.typical, {c: pp for c, pp in paths.items() if c in values}, values)
+            by_arm[name] = replace(base, inputs=base.inputs._replace(typical=typical))
+    return out
 
 
 def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n: int, twins: pd.DataFrame | None) -> str:
@@ -401,7 +409,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
               resume: bool = True, prepared: list[dict[str, PreparedArm]] | None = None) -> TrialResult:
     """Simulate every arm for every posterior draw on the same virtual patients, chunk by chunk.
 
-    draws: config overrides per posterior draw (see `vpop.posterior`); None is one draw of the
+    draws: parameter values by config path per posterior draw (see `vpop.posterior`); None is one draw of the
     nominal parameters. twins: a digital-twin table (one patient per row, covariate columns complete
     or filled, see `population.read_twins`; a `patient_id` column labels the output rows) instead of
     sampling. checkpoint_dir: None keeps every patient row in memory (`result.patients`); a folder

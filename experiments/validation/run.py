@@ -45,7 +45,7 @@ class Simulator:
     def run(self, arm: Arm, horizon_days: float | None = None) -> pd.DataFrame:
         key = repr((arm.drug, arm.route, arm.population, arm.regimen, arm.premedication, arm.prophylaxis, horizon_days))
         if key not in self.cache:
-            settings = TrialSettings(n=self.patients, seed=self.seed, draws=len(self.draws), horizon_days=horizon_days, trajectories=0)
+            settings = TrialSettings(n=self.patients, seed=self.seed, horizon_days=horizon_days, trajectories=0)
             result = run_trial({arm.name: arm}, arm.name, settings, draws=self.draws)
             self.cache[key] = result.patients
             self.bar.update(1)
