@@ -20,7 +20,7 @@ period: grade $\ge g$ for $\varepsilon \in [-m_{gk}, -s_{1k})$. An episode still
 dose is not counted again. Overall, a patient has CRS of grade $\ge g$ when
 $\max_k m_{gk} + \varepsilon \ge 0$. The trial runner evaluates these at the patient's own
 $\varepsilon$; the calibration integrates $\varepsilon$ out ($P = \Phi(b/\omega) - \Phi(a/\omega)$ for
-the interval $[a, b)$), so its smooth rate is the expectation of the trial's 0/1 endpoint. Rescue happens in the simulation (tocilizumab 8 mg/kg, at most 800 mg, at grade $\ge 2$;
+the interval $[a, b)$), so its rate is the expectation of the trial's 0/1 endpoint. Rescue happens in the simulation (tocilizumab 8 mg/kg, at most 800 mg, at grade $\ge 2$;
 dexamethasone too at grade $\ge 3$; once each per period), so the trajectory depends on $\varepsilon$
 through the rescue history; the expectation is then taken over the $\varepsilon$ consistent with the
 patient's rescue history (`rescue_interval`), which leaves only the timing of a rescue within its

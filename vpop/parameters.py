@@ -337,10 +337,11 @@ def params_path(config_path: str, arm: ArmSpec) -> str | None:
     scope, *rest = config_path.split(".")
     if scope == "model":
         group, name = rest[0], ".".join(rest[1:])
-        own = {"engagement": lambda: load_drug(arm.drug).get("engagement") or {},
-               "cytokines": lambda: catalogue.load("population", arm.population, "population").get("cytokines") or {}}
-        if group in own and OmegaConf.select(OmegaConf.create(own[group]()), name) is not None:
-            return None  # shadowed: typical_params merges the drug's (population's) value over the model's
+        # Shadowed: typical_params merges the drug's engagement and the population's cytokines over the model's.
+        own = (load_drug(arm.drug).get("engagement") if group == "engagement" else
+               catalogue.load("population", arm.population, "population").get("cytokines") if group == "cytokines" else None)
+        if own is not None and OmegaConf.select(own, name) is not None:
+            return None
         if group in ("crs", "cytokines", "tcells", "bcells", "engagement", "supportive", "response"):
             return f"{group}.{name}"
     elif scope == "population":
