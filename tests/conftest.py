@@ -6,7 +6,7 @@ import os
 
 # Most of a cold run is XLA compiling the solver (one kernel per regimen shape); the suite's
 # populations are small, so a cheaper LLVM pass pipeline is the better trade here: a mechanism
-# test compiled in 38 s instead of 58 s (2-core CPU). Set before JAX starts its backend, and
+# test ran cold in 38 s instead of 58 s (2-core CPU). Set before JAX starts its backend, and
 # inherited by the CLI, sweep and memory tests' subprocesses. Not for users' runs.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

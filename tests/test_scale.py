@@ -111,7 +111,7 @@ FOUR_DEVICES = textwrap.dedent("""
 
 def test_four_devices_give_the_results_of_one(tmp_path):
     arm = Arm("a", "mosunetuzumab", "sc", "fl_rr", "mosunetuzumab_fl_sc")
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(), JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tmp_path / "four.npz"), *list(vars(arm).values())[:5]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -330,7 +330,7 @@ def test_model_and_solver_numbers_are_overridden_from_the_command_line():
         cli.plan(calibrated)
     p = cli.plan(_compose("+experiment=mosunetuzumab_iv_vs_sc", "posterior=none", "model.cytokines.priming_margin.nominal=0.5"))
     assert float(p.prepared[0]["iv"].inputs.typical.cytokines.priming_margin) == 0.5
-    with pytest.raises(ConfigError, match=r"model.cytokines.k_el_il6_per_dy: no such model number; did you mean model.cytokines.k_el_il6_per_day\?"):
+    with pytest.raises(ConfigError, match=r"model.cytokines.k_el_il6_per_dy: no such model number; did you mean 'model.cytokines.k_el_il6_per_day'\?"):
         cli.plan(_compose("+experiment=mosunetuzumab_iv_vs_sc", "posterior=none", "+model.cytokines.k_el_il6_per_dy=40"))
 
 

@@ -115,12 +115,16 @@ def check_keys(cfg: DictConfig, experiment_keys=()) -> None:
     allowed = {k.lstrip("+").split(".")[0] for k in OVERRIDES} | set(experiment_keys) | {"hydra"}
     for key in cfg:
         if key not in allowed:
-            near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f"did you mean '{near[0]}'? " if near else ""
-            raise ConfigError(f"unknown key '{key}': {hint}allowed: {', '.join(sorted(allowed - {'hydra'}))}")
+            raise ConfigError(f"unknown key '{key}': {_did_you_mean(str(key), allowed)}allowed: {', '.join(sorted(allowed - {'hydra'}))}")
     extra = set(cfg.get("population") or {}) - {"n"}
     if extra:
         raise ConfigError(f"population: unknown key(s) {sorted(extra)}; allowed: n (arms name their population)")
+
+
+def _did_you_mean(key: str, allowed, prefix: str = "") -> str:
+    """"did you mean '<nearest allowed key>'? " (empty when none is close)."""
+    near = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f"did you mean '{prefix}{near[0]}'? " if near else ""
 
 
 def _settings(cfg: DictConfig) -> TrialSettings:
@@ -198,9 +202,9 @@ def _check_model_overrides(model: DictConfig, draw: dict[str, float]) -> None:
     shipped, given = _leaves(catalogue.load("model", "default")), _leaves(model)
     for key in given:
         if key not in shipped:
-            near = difflib.get_close_matches(key, sorted(shipped), n=1)
-            raise ConfigError(f"model.{key}: no such model number" + (f"; did you mean model.{near[0]}?" if near else ""))
-    changed = [f"model.{k}" for k, v in given.items() if shipped.get(k, object()) != v]
+            raise ConfigError(f"model.{key}: no such model number; {_did_you_mean(key, shipped, 'model.')}allowed: "
+                              "the keys of configs/model/default.yaml")
+    changed = [f"model.{k}" for k, v in given.items() if shipped[k] != v]
     clash = sorted({c for c in draw for k in changed if k == c or k.startswith(c + ".")})
     if clash:
         raise ConfigError(f"{', '.join(clash)}: calibrated, so each posterior draw sets it; add posterior=none "

@@ -378,9 +378,9 @@ def prepare_draws(arms: dict[str, Arm], settings: TrialSettings, model: DictConf
     for name, arm in arms.items():
         base = prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days)
         spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
-        paths = parameters.parameter_paths(sorted({c for values in draws for c in values}), spec)
+        paths = parameters.parameter_paths(draws[0], spec)  # every draw of a posterior names the same parameters
         for by_arm, values in zip(out, draws):
-            typical = parameters.substitute(base.inputs.typical, {c: pp for c, pp in paths.items() if c in values}, values)
+            typical = parameters.substitute(base.inputs.typical, paths, values)
             by_arm[name] = replace(base, inputs=base.inputs._replace(typical=typical))
     return out
 
