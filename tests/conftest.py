@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 from vpop import catalogue, regimen  # noqa: E402
-from vpop.simulate import Arm, _patient_params, prepare_arm, sample_covariates  # noqa: E402
+from vpop.simulate import Arm, _patient_params, prepare_arm, cohort_covariates  # noqa: E402
 
 
 def doses(*entries, cycle_days=28, cycles=1):
@@ -33,14 +33,14 @@ def patient(drug, route, population, reg, patient_id=0, seed=0, **arm_kw):
     """(Params of one virtual patient, the arm's Schedule, the prepared arm)."""
     prepared = prepare_arm(Arm("test", drug, route, population, reg, **arm_kw))
     ids = jnp.asarray([patient_id])
-    cov = sample_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
+    cov = cohort_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
     cov0 = jax.tree_util.tree_map(lambda x: x[0], cov)
     p = _patient_params(prepared.inputs, cov0, patient_id, jnp.asarray(seed), prepared.variability_paths)
     return p, prepared.inputs.schedule, prepared
 
 
 def schedule_for(reg, drug="mosunetuzumab", route="iv", solver=None, **kw):
-    compiled = regimen.compile_arm(reg, drug, route, **kw)
+    compiled = regimen.compile_arm(reg, drug, route, population_assessment_every_days=42.0, **kw)
     return regimen.build_schedule(compiled, solver or catalogue.load("model", "default").solver)
 
 

@@ -7,7 +7,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from vpop import calibrate, catalogue, parameters, posterior
+from vpop import calibration, catalogue, parameters, posterior
+from vpop.calibration import design, diagnostics
+from vpop.calibration.emulator import Emulator
+from vpop.calibration.likelihood import numpyro_model
+from vpop.calibration.priors import calibrated_parameters, constrain_all
 from vpop import targets as published
 from vpop.catalogue import ConfigError
 
@@ -23,14 +27,14 @@ def _cfg(**kw):
 
 @pytest.fixture(scope="module")
 def problem():
-    return calibrate.build_problem(_cfg())
+    return calibration.build_problem(_cfg())
 
 
 def test_targets_file_is_valid_and_keeps_validation_out_of_the_fit():
     t = published.load("targets")
     assert set(t.role) == {"calibration", "validation", "excluded"}
     assert (t.k <= t.n).all()
-    fit = calibrate.build_problem(_cfg(only_targets=None, horizon_days=14, patients_per_cohort=2), roles=("calibration",))
+    fit = calibration.build_problem(_cfg(only_targets=None, horizon_days=14, patients_per_cohort=2), roles=("calibration",))
     assert "validation" not in set(fit.targets.role) and len(fit.targets) == (t.role == "calibration").sum()
 
 
@@ -55,7 +59,7 @@ def test_parameter_paths_reach_the_right_arms():
     assert parameters.params_path("drug.mosunetuzumab.routes.sc.ka_per_day", fl) is None
     assert parameters.params_path("drug.mosunetuzumab.routes.sc.ka_per_day", fl._replace(route="sc")) == "bispecific_pk.ka_per_day"
     with pytest.raises(ConfigError, match="has a published value"):
-        calibrate.calibrated_parameters(["model.tcells.k_activation_per_day"])
+        calibrated_parameters(["model.tcells.k_activation_per_day"])
 
 
 def test_rates_respond_to_parameters_smoothly(problem):
@@ -73,10 +77,10 @@ def test_log_density_gradient_matches_finite_differences():
     with central differences. The point is chosen where neither rate is pinned at 0 or 1."""
     from numpyro.infer.util import potential_energy
 
-    small = calibrate.build_problem(_cfg(horizon_days=21, patients_per_cohort=6))
+    small = calibration.build_problem(_cfg(horizon_days=21, patients_per_cohort=6))
     sites = [p.site for p in small.parameters]
     u = dict(zip(sites, jnp.asarray([-2.0, 0.5])))  # grade-1 threshold low enough for some CRS by day 21
-    energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(calibrate.numpyro_model, (small,), {}, z)))
+    energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(numpyro_model, (small,), {}, z)))
     value, grad = energy(u)
     assert np.isfinite(float(value))
     h = 0.02
@@ -93,15 +97,15 @@ def test_recovers_known_parameters_from_simulated_data(problem):
     from numpyro.infer import MCMC, NUTS
 
     truth_u = jnp.asarray([0.4, -0.6])  # on the unconstrained prior scale
-    truth = calibrate.constrain_all(problem, truth_u)
+    truth = constrain_all(problem.parameters, truth_u)
     rates = problem.rates(truth)
     synthetic = problem.targets.copy()
     synthetic["n"] = 500
     synthetic["k"] = [int(round(float(rates[i]) * 500)) for i in synthetic.id]
-    fake = calibrate.Problem(synthetic, problem.cohorts, problem.parameters, problem.patients, problem.seed)
+    fake = calibration.Problem(synthetic, problem.cohorts, problem.parameters, problem.patients, problem.seed)
     u = np.random.default_rng(0).normal(0.0, 1.3, size=(48, 2))
-    emulator = calibrate.Emulator(list(fake.targets.id), u, calibrate.simulate_design(fake, u))
-    mcmc = MCMC(NUTS(calibrate.numpyro_model), num_warmup=300, num_samples=500, progress_bar=False)
+    emulator = Emulator(list(fake.targets.id), u, design.simulate_design(fake, u), steps=400, learning_rate=0.05, fit_points=384)
+    mcmc = MCMC(NUTS(numpyro_model), num_warmup=300, num_samples=500, progress_bar=False)
     mcmc.run(jax.random.PRNGKey(1), fake, emulator=emulator)
     s = mcmc.get_samples()
     for i, prm in enumerate(fake.parameters):
@@ -117,7 +121,7 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(catalogue.shipped_configs()), version_base="1.3"):
         cfg = compose(config_name="calibrate", overrides=["calibration=tiny", "calibration.warmup=8", "calibration.samples=8",
                                                            "calibration.patients_per_cohort=12"])
-    files = calibrate.run(cfg.calibration, tmp_path)
+    files = calibration.run(cfg.calibration, tmp_path)
     idata = az.from_netcdf(files["posterior"])
     for group in ("posterior", "sample_stats", "observed_data", "posterior_predictive"):
         assert group in idata.groups(), group
@@ -139,29 +143,34 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path, monkeypatch):
 
     # Its design is reused without new simulations (the same sets, the emulator fitted afresh), and
     # refused, before any work, by a calibration of other targets.
-    design = np.load(files["design"])
-    assert design["u"].shape == (32, 2) and design["y"].shape == (32, 2) and np.isfinite(design["y"]).all()
-    fit_problem = calibrate.build_problem(cfg.calibration, roles=("calibration",))
-    saved = calibrate.load_design(files["design"], fit_problem, cfg.calibration)
-    monkeypatch.setattr(calibrate, "simulate_design", lambda *a: pytest.fail("a reused design was simulated"))
-    _, error, u, y = calibrate._emulate(fit_problem, cfg.calibration, jax.random.PRNGKey(0), False, saved)
-    assert np.array_equal(u, design["u"]) and np.array_equal(y, design["y"]) and (error.design_points == 32).all()
+    written = np.load(files["design"])
+    assert written["u"].shape == (32, 2) and written["y"].shape == (32, 2) and np.isfinite(written["y"]).all()
+    fit_problem = calibration.build_problem(cfg.calibration, roles=("calibration",))
+    saved = design.load_design(files["design"], fit_problem, cfg.calibration)
+    monkeypatch.setattr(design, "simulate_design", lambda *a: pytest.fail("a reused design was simulated"))
+    _, error, u, y = design.sequential_design(fit_problem, cfg.calibration, jax.random.PRNGKey(0), False, saved)
+    assert np.array_equal(u, written["u"]) and np.array_equal(y, written["y"]) and (error.design_points == 32).all()
     other = cfg.calibration.copy()
     other.only_targets = ["T01", "V01"]  # fits T01 alone
     other.emulator.design = str(files["design"])
     with pytest.raises(ConfigError, match="made for other targets"):
-        calibrate.run(other, tmp_path / "other")
+        calibration.run(other, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+    # A design belongs to the model numbers it was simulated with (the app's model group).
+    model = catalogue.load("model", "default")
+    model.cytokines.k_el_il6_per_day = 2 * model.cytokines.k_el_il6_per_day
+    with pytest.raises(ConfigError, match="made for other model_config"):
+        design.load_design(files["design"], calibration.build_problem(cfg.calibration, ("calibration",), model), cfg.calibration)
 
 
 def test_convergence_problems_are_logged(caplog):
     diag = pd.DataFrame({"parameter": ["a", "b"], "r_hat": [1.005, 1.14], "ess_bulk": [900, 120], "ess_tail": [800, 90],
                          "divergences": [3, 3]})
     with caplog.at_level("WARNING", logger="vpop"):
-        msgs = calibrate.warn_convergence(diag)
+        msgs = diagnostics.warn_convergence(diag)
     assert msgs == ["b: R-hat 1.140 > 1.01", "b: ess_bulk ESS 120 < 400", "b: ess_tail ESS 90 < 400", "3 divergent transitions"]
     assert caplog.text.count("calibration not converged") == 4
-    assert calibrate.warn_convergence(diag.iloc[:1].assign(divergences=0)) == []
+    assert diagnostics.warn_convergence(diag.iloc[:1].assign(divergences=0)) == []
 
 
 def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
@@ -174,7 +183,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
 
     n = 96
     cfg = _cfg(only_targets=["T01", "T03", "T04", "T09", "T10", "E01"], horizon_days=None, patients_per_cohort=n)
-    prob = calibrate.build_problem(cfg)
+    prob = calibration.build_problem(cfg)
     nominal = {p.config_path: float(parameters.config_entry(p.config_path).nominal) for p in prob.parameters}
     per_patient = prob.patient_rates(nominal)
     for cohort in prob.cohorts:
@@ -201,11 +210,11 @@ def test_emulator_fits_a_target_at_its_floor_and_names_a_failed_fit():
     design = np.load(Path(__file__).parent / "data" / "emulator_floor_target.npz")
     u, y = design["u"], design["y"][:, None]
     assert np.mean(y < -6.8) > 0.95
-    emulator = calibrate.Emulator(["T14"], u, y, steps=400)
+    emulator = Emulator(["T14"], u, y, steps=400, learning_rate=0.05, fit_points=384)
     assert np.isfinite(np.asarray(jax.vmap(emulator.logits)(jnp.asarray(u)))).all()
     broken = np.where(np.arange(len(y))[:, None] == 5, np.nan, y)
     with pytest.raises(RuntimeError, match="T14"):
-        calibrate.Emulator(["T14"], u, broken, steps=20)
+        Emulator(["T14"], u, broken, steps=20, learning_rate=0.05, fit_points=384)
 
 
 def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
@@ -215,7 +224,7 @@ def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
     from vpop.model import VERSION
 
     az = posterior.arviz()
-    idata = posterior.load("default")
+    idata = az.from_netcdf(posterior.default_path())
     assert idata.attrs["model_version"] == VERSION
     for stamp in ("0.5", None):
         if stamp is None:

@@ -90,5 +90,5 @@ def test_named_regimens_of_the_catalogue_compile():
         ("blinatumomab_dlbcl", "blinatumomab", "civ"),
         ("teclistamab_mm", "teclistamab", "sc"),
     ]:
-        compiled = regimen.compile_arm(name, drug, route)
+        compiled = regimen.compile_arm(name, drug, route, population_assessment_every_days=42.0)
         assert compiled.periods, name

@@ -28,9 +28,21 @@ def test_same_seed_same_patients_in_one_batch_or_in_chunks(prepared):
 
 
 def test_other_seed_other_patients(prepared):
-    a = simulate_arm(prepared, 50, seed=1, chunk_size=50)
-    b = simulate_arm(prepared, 50, seed=2, chunk_size=50)
-    assert not np.allclose(a.covariates["weight_kg"], b.covariates["weight_kg"])
+    """Seeds give independent patients: no patient of seed 2 repeats one of seed 1, not even shifted
+    by one id (a key derived as seed + id would do that), and their weights are uncorrelated."""
+    import jax.numpy as jnp
+
+    from vpop.simulate import cohort_covariates
+
+    def weights(seed, ids):
+        cov = cohort_covariates(prepared.inputs.covariate_params, jnp.asarray(ids), jnp.asarray(seed), prepared.covariate_kinds)
+        return np.asarray(cov.weight_kg)
+
+    ids = np.arange(400)
+    one, two = weights(1, ids), weights(2, ids)
+    assert len(np.intersect1d(one, two)) == 0 and len(np.intersect1d(one, weights(2, ids + 1))) == 0
+    assert abs(np.corrcoef(one, two)[0, 1]) < 0.15  # 400 independent pairs: SD of r ~0.05
+    np.testing.assert_array_equal(one, weights(1, ids))
 
 
 def test_patient_is_the_same_in_every_arm():

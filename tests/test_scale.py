@@ -12,6 +12,7 @@ import pytest
 from conftest import doses
 
 from vpop import posterior, trial
+from vpop.trial import runner
 from vpop.cli import Progress
 from vpop.simulate import Arm, prepare_arm, simulate_arm
 from vpop.store import PatientStore
@@ -64,8 +65,8 @@ def test_streamed_trial_equals_in_memory_and_resumes_after_a_kill(tmp_path, monk
     stale.write_bytes(b"half a parquet file")
 
     simulated = []
-    real = trial.dispatch_ids
-    monkeypatch.setattr(trial, "dispatch_ids", lambda *a, **k: simulated.append(1) or real(*a, **k))
+    real = runner.dispatch_ids
+    monkeypatch.setattr(runner, "dispatch_ids", lambda *a, **k: simulated.append(1) or real(*a, **k))
     quiet = Progress(False, 2 * 2 * 50)  # the CLI's progress, as off a terminal
     again = _run(tmp_path, checkpoint_dir=tmp_path / "b", progress=quiet)
     quiet.close()
@@ -86,8 +87,8 @@ def test_streamed_trial_equals_in_memory_and_resumes_after_a_kill(tmp_path, monk
 def test_resume_false_and_other_inputs_do_not_reuse_chunks(tmp_path, monkeypatch):
     first = _run(tmp_path, checkpoint_dir=tmp_path)
     simulated = []
-    real = trial.dispatch_ids
-    monkeypatch.setattr(trial, "dispatch_ids", lambda *a, **k: simulated.append(1) or real(*a, **k))
+    real = runner.dispatch_ids
+    monkeypatch.setattr(runner, "dispatch_ids", lambda *a, **k: simulated.append(1) or real(*a, **k))
     _run(tmp_path, checkpoint_dir=tmp_path)
     assert simulated == []  # everything resumed
     _run(tmp_path, checkpoint_dir=tmp_path, resume=False)

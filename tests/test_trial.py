@@ -3,13 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from vpop import report, trial
+from vpop.trial.statistics import pooled_interval
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, prepare_arm, simulate_arm
 
@@ -100,11 +100,16 @@ def test_per_dose_comparisons_pair_the_same_calendar_day():
     assert row.difference == pytest.approx(expected)
 
 
-def test_paired_difference_matches_the_arm_rates(small_trial):
-    s = small_trial.summary.set_index(["arm", "endpoint"]).estimate
-    c = small_trial.comparisons.set_index("endpoint").difference
-    for e in ("crs_any", "orr"):
-        assert c[e] == pytest.approx(s[("sc", e)] - s[("iv", e)], abs=1e-9)
+def test_the_paired_design_narrows_the_difference_interval(small_trial):
+    """The arms share their patients, so a patient's CRS under IV and SC go together; the paired
+    interval of the difference uses that and is narrower than one for two independent cohorts of
+    the same rates (Wald, unpaired), while its estimate is the difference of the arm rates."""
+    s = small_trial.summary.set_index(["arm", "endpoint"])
+    c = small_trial.comparisons.set_index("endpoint").loc["crs_any"]
+    p_iv, p_sc, n = s.loc[("iv", "crs_any"), "estimate"] / 100, s.loc[("sc", "crs_any"), "estimate"] / 100, 120
+    assert c.difference == pytest.approx(100 * (p_sc - p_iv), abs=1e-9)
+    unpaired = 2 * 1.96 * 100 * np.sqrt(p_iv * (1 - p_iv) / n + p_sc * (1 - p_sc) / n)
+    assert c.upper - c.lower < 0.8 * unpaired, (c.upper - c.lower, unpaired)
 
 
 def test_interval_coverage_against_a_large_virtual_cohort():
@@ -115,7 +120,7 @@ def test_interval_coverage_against_a_large_virtual_cohort():
     covered = []
     for rep in range(100):
         k = int(np.sum(simulate_arm(prepared, 200, seed=rep, chunk_size=200).reductions["crs_grade"].max(axis=1) >= 1))
-        _, lo, hi = trial._pooled_interval(np.asarray([k]), 200, np.random.default_rng(0))
+        _, lo, hi = pooled_interval(np.asarray([k]), 200, np.random.default_rng(0))
         covered.append(lo <= truth <= hi)
     assert 0.88 <= np.mean(covered) <= 1.0
 
@@ -249,6 +254,18 @@ def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path):
     assert "%|" not in run.stderr and "patients/s" in run.stderr + run.stdout
     assert not list((tmp_path / "outputs" / ".checkpoints").glob("*/patients.parquet"))  # the checkpoint became the result
 
+    # The Python API composes and runs the same trial: the same summary, the same patient rows.
+    import vpop
+
+    result = vpop.run_experiment("mine", ["population.n=40", "trajectories=5", "draws=3",
+                                          f"checkpoint_dir={tmp_path / 'api_checkpoints'}"], tmp_path / "api", config_dir=tmp_path)
+    for table in ("summary.csv", "comparisons.csv"):
+        assert (tmp_path / "api" / table).read_text() == (out / table).read_text(), table
+    rows = result.patient_rows(["arm", "draw", "patient_id", "crs_any"])
+    assert list(rows.columns) == ["arm", "draw", "patient_id", "crs_any"] and len(rows) == 2 * 3 * 40
+    with pytest.raises(ConfigError, match="unknown key 'populaton'"):
+        vpop.run_experiment("mine", ["+populaton.n=40"], config_dir=tmp_path)
+
 
 @pytest.mark.parametrize("args, message", [
     (["+experiment=mosunetuzumab_iv_vs_sc", "experiment.arms.iv.drug=rituximab"], "unknown drug 'rituximab'"),
@@ -345,11 +362,13 @@ def test_experiment_files_may_add_their_own_top_level_keys():
 
 
 def test_shipped_experiments_are_valid():
-    import yaml
+    """Every shipped experiment composes through Hydra as `vpop-trial +experiment=NAME` does and passes
+    the whole plan (keys, arms, regimens, posterior draws, objective), without simulating."""
+    from vpop import catalogue, cli
 
-    folder = Path(__file__).resolve().parents[1] / "configs" / "experiment"
-    for f in folder.glob("*.yaml"):
-        arms, ref = trial.arms_from_config(yaml.safe_load(f.read_text())["experiment"])
-        assert ref in arms
-        for arm in arms.values():
-            prepare_arm(arm, horizon_days=21)
+    for name in catalogue.available("experiment"):
+        p = cli.plan(_compose(f"+experiment={name}", "draws=2", "horizon_days=42"), cli.experiment_keys(name))
+        assert p.reference_arm in p.arms and len(p.prepared) == 2, name
+        for by_arm in p.prepared:
+            for prepared in by_arm.values():
+                assert prepared.compiled.periods and prepared.compiled.assessment_days, name

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vpop import calibrate, posterior
+from vpop import posterior
 from vpop import targets as published
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "validation" / "run.py"

@@ -25,7 +25,7 @@ from vpop import catalogue, posterior, report
 from vpop.catalogue import ConfigError
 from vpop.population import TWIN_FILL
 from vpop.simulate import Arm, PreparedArm, check_sizes
-from vpop.trial import MAIN_ENDPOINTS, TrialSettings, arms_from_config, prepare_draws, run_trial
+from vpop.trial import MAIN_ENDPOINTS, TrialResult, TrialSettings, arms_from_config, prepare_draws, run_trial
 
 log = logging.getLogger("vpop")
 
@@ -40,7 +40,7 @@ OVERRIDES = {
     "checkpoint_dir": ("outputs/.checkpoints", "where chunks stream while a run is in progress"),
     "resume": ("true", "a rerun with the same inputs skips the chunks already written; false starts afresh"),
     "horizon_days": ("null", "simulated days (null: the regimen's length)"),
-    "assessment_every_days": ("null", "days between response assessments (null: the regimen's, else 42)"),
+    "assessment_every_days": ("null", "days between response assessments (null: the regimen's, else the population's)"),
     "trajectories": ("100", "patients per arm whose time courses feed figures/time_courses.png (0: none)"),
     "twins": ("null", "CSV of real patients' covariates, one virtual patient per row (optional patient_id column)"),
     "twins_fill": ("none", "none: every covariate column is required; median: missing columns take each population's median"),
@@ -178,7 +178,7 @@ def plan(cfg: DictConfig, experiment_keys=()) -> Plan:
 
         twins = read_twins(cfg.twins, cfg.twins_fill)
         check_sizes(len(twins), settings.chunk_size)
-    model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # plain: drug files merge into it
+    model = _plain(cfg.model)
     _check_model_overrides(model, draws[0])
     prepared = prepare_draws(arms, settings, model, draws)
     if objective is not None:
@@ -196,7 +196,12 @@ def _leaves(node, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): node}
 
 
-def _check_model_overrides(model: DictConfig, draw: dict[str, float]) -> None:
+def _plain(model: DictConfig) -> DictConfig:
+    """The composed `model` group as a plain config (not a node of the app's): drug files merge into it."""
+    return OmegaConf.create(OmegaConf.to_container(model, resolve=True))
+
+
+def _check_model_overrides(model: DictConfig, draw: dict[str, float] | None = None) -> None:
     """A model key the shipped model does not have (a typo added with +model...) is refused with the
     nearest one, and so is a changed number a posterior draw would set again."""
     shipped, given = _leaves(catalogue.load("model", "default")), _leaves(model)
@@ -205,7 +210,7 @@ def _check_model_overrides(model: DictConfig, draw: dict[str, float]) -> None:
             raise ConfigError(f"model.{key}: no such model number; {_did_you_mean(key, shipped, 'model.')}allowed: "
                               "the keys of configs/model/default.yaml")
     changed = [f"model.{k}" for k, v in given.items() if shipped[k] != v]
-    clash = sorted({c for c in draw for k in changed if k == c or k.startswith(c + ".")})
+    clash = sorted({c for c in draw or {} for k in changed if k == c or k.startswith(c + ".")})
     if clash:
         raise ConfigError(f"{', '.join(clash)}: calibrated, so each posterior draw sets it; add posterior=none "
                           "to run your value (one draw of the nominal parameters)")
@@ -244,12 +249,12 @@ def _typical(spec) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]:
-    """The trial app without Hydra's wrapping (used by tests): plan, simulate, write."""
+def simulate(cfg: DictConfig, experiment_keys=()) -> TrialResult | None:
+    """Plan and simulate a composed trial config (None for a dry run, which prints the dose calendar)."""
     p = plan(cfg, experiment_keys)
     if cfg.dry_run:
         print(dose_calendar(p))
-        return []
+        return None
     import jax
 
     devices = jax.local_devices()
@@ -258,10 +263,17 @@ def run(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]:
              len(devices), devices[0].platform, p.settings.chunk_size)
     progress = Progress(cfg.progress, n * len(p.arms) * len(p.draws))
     try:
-        result = run_trial(p.arms, p.reference_arm, p.settings, draws=p.draws, twins=p.twins, progress=progress,
-                           checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume, prepared=p.prepared)
+        return run_trial(p.arms, p.reference_arm, p.settings, draws=p.draws, twins=p.twins, progress=progress,
+                         checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume, prepared=p.prepared)
     finally:
         progress.close()
+
+
+def run(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]:
+    """The trial app without Hydra's wrapping (used by tests): plan, simulate, write."""
+    result = simulate(cfg, experiment_keys)
+    if result is None:
+        return []
     written = report.write_outputs(result, out_dir)
     log.info("wrote %s", ", ".join(str(f) for f in written))
     log.info("main endpoints:\n%s", report.markdown_table(result.summary))
@@ -291,9 +303,8 @@ def _discard_run_dir(out_dir: Path) -> None:
             break
 
 
-def _experiment_keys() -> list[str]:
-    """Top-level keys of the chosen experiment file (an `# @package _global_` file may add its own)."""
-    name = HydraConfig.get().runtime.choices.get("experiment")
+def experiment_keys(name: str | None) -> list[str]:
+    """Top-level keys of an experiment file (an `# @package _global_` file may add its own)."""
     if not name:
         return []
     try:
@@ -312,7 +323,7 @@ def _trial_app(cfg: DictConfig) -> float | None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" on CPU
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        written = run(cfg, out_dir, _experiment_keys())
+        written = run(cfg, out_dir, experiment_keys(HydraConfig.get().runtime.choices.get("experiment")))
     except ConfigError as err:
         _discard_run_dir(out_dir)
         print(f"vpop-trial: error: {err}", file=sys.stderr)
@@ -367,15 +378,17 @@ def trial() -> float | None:
 
 @hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="calibrate")
 def calibrate(cfg: DictConfig) -> None:
-    """vpop-calibrate [calibration.samples=N calibration.chains=C calibration.patients_per_cohort=P ...]"""
-    from vpop import calibrate as cal
+    """vpop-calibrate [calibration.samples=N calibration.chains=C calibration.patients_per_cohort=P model.GROUP.KEY=V ...]"""
+    from vpop import calibration
 
     _use_user_config_dirs()
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         show = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
-        files = cal.run(cfg.calibration, out_dir, progress=show)
+        model = _plain(cfg.model)
+        _check_model_overrides(model)
+        files = calibration.run(cfg.calibration, out_dir, progress=show, model=model)
     except ConfigError as err:
         _discard_run_dir(out_dir)
         print(f"vpop-calibrate: error: {err}", file=sys.stderr)

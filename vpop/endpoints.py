@@ -67,6 +67,7 @@ LEUKAEMIA_PD_BLAST_FOLD = 1.25  # PD: blasts >= 125% of baseline [G]
 MYELOMA_PR_BURDEN_FRACTION = 0.5  # PR: >= 50% reduction (IMWG, Kumar 2016 Lancet Oncol 17:e328)
 MYELOMA_CR_BURDEN_FRACTION = 0.01  # CR proxy: >= 99% reduction of the malignant pool [G]
 MYELOMA_PD_BURDEN_FOLD = 1.25  # PD: >= 25% increase from nadir (IMWG)
+B_CELL_DEPLETION_FRACTION = 0.1  # B-cell depletion: blood B cells below 10% of baseline at any time [G]
 # PD also needs an absolute rise (IMWG asks >= 0.5 g/dL of M-protein besides the 25%): here a rise of at
 # least 5% of the baseline burden [G], so that regrowth from a (near-)zero nadir is not progression.
 MYELOMA_PD_MIN_RISE_FRACTION = 0.05

@@ -292,8 +292,16 @@ def pk_covariates(drug_name: str) -> PKCovariates:
     drug = load_drug(drug_name)
     cov = drug.get("covariates") or {}
     _check_keys(OmegaConf.create(cov), set(PKCovariates._fields), f"drug/{drug_name}.covariates")
-    defaults = dict(reference_weight_kg=70.0, reference_bsa_m2=1.8)
-    return PKCovariates(**{f: float(value(cov[f])) if f in cov else defaults.get(f, 0.0) for f in PKCovariates._fields})
+    given = {f: float(value(cov[f])) for f in PKCovariates._fields if f in cov}
+    exponents = {f: given.get(f, 0.0) for f in PKCovariates._fields if f.endswith("_exponent")}  # absent: no effect
+    references = {}
+    for ref, covariate in (("reference_weight_kg", "_weight_exponent"), ("reference_bsa_m2", "_bsa_exponent")):
+        used = [f for f, a in exponents.items() if f.endswith(covariate) and a != 0.0]
+        if used and ref not in given:
+            raise ConfigError(f"drug/{drug_name}.covariates.{ref} is missing: {', '.join(used)} scale by it "
+                              "(the population PK model's reference value)")
+        references[ref] = given.get(ref, 1.0)  # 1.0 when unused: x ** 0 is 1 whatever the reference
+    return PKCovariates(**references, **exponents)
 
 
 def apply_pk_covariates(p: pk.PKParams, cov: PKCovariates, weight_kg, bsa_m2) -> pk.PKParams:
@@ -377,11 +385,12 @@ def substitute(typical: Params, paths: dict[str, str], values: dict[str, Any]) -
     return typical
 
 
-def config_entry(config_path: str) -> Any:
-    """The raw config entry at a path like 'drug.mosunetuzumab.routes.sc.ka_per_day'."""
+def config_entry(config_path: str, model: DictConfig | None = None) -> Any:
+    """The raw config entry at a path like 'drug.mosunetuzumab.routes.sc.ka_per_day' (`model.*`
+    paths in `model`, default the shipped configs/model/default.yaml)."""
     scope, *rest = config_path.split(".")
     if scope == "model":
-        cfg, path = catalogue.load("model", "default"), rest
+        cfg, path = model if model is not None else catalogue.load("model", "default"), rest
     elif scope in ("drug", "population"):
         cfg, path = catalogue.load(scope, rest[0], scope), rest[1:]
     else:

@@ -81,6 +81,10 @@ def load(name: str) -> DictConfig:
             raise ConfigError(f"population/{name}.covariates.{cname}: unknown covariate; allowed: {', '.join(COVARIATES)}")
         if spec.get("dist") not in DISTRIBUTIONS:
             raise ConfigError(f"population/{name}.covariates.{cname}.dist must be one of {DISTRIBUTIONS}, got {spec.get('dist')!r}")
+    every = pop.get("response", {}).get("assessment_every_days")
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every > 0:
+        raise ConfigError(f"population/{name}.response.assessment_every_days must be a positive number of days "
+                          f"(how often response is assessed), got {every!r}")
     loc = pop.malignant.get("location")
     if loc not in LOCATIONS:
         raise ConfigError(f"population/{name}.malignant.location must be one of {LOCATIONS}, got {loc!r}")

@@ -223,6 +223,9 @@ def _expand_block(regimen: DictConfig, cycles_before: int, days_before: float, b
         parameters.check_route(drug, dose_route, f"{w}.route")
         if (kind, dose_route) not in _CHANNEL:
             raise ConfigError(f"{w}.route: {drug.name} cannot be given by '{dose_route}'")
+        if duration and "max_mg" in dose:  # the solver caps boluses only (Steps.bolus_cap_mg)
+            raise ConfigError(f"{w}.max_mg: a cap applies to a bolus only; this dose is infused over {duration * 24:g} h "
+                              "(give infusion_hours: 0 to model it as a bolus, or leave the cap out)")
         hour = float(dose.get("hour", 0.0))
         for c in cycles:
             t = days_before + (c - first) * regimen.cycle_days + (day - 1) + hour / 24.0
@@ -274,7 +277,7 @@ def _premedication(spec, periods: list[Administration], where: str) -> list[Admi
     out = []
     for k in sorted(chosen):
         a = periods[k - 1]
-        for offset in [-float(cfg.get("hours_before", 1.0)) / 24.0, *[float(d) for d in cfg.get("days_after", [])]]:
+        for offset in [-_hours_before(cfg, where) / 24.0, *[float(d) for d in cfg.get("days_after", [])]]:
             out.append(Administration(a.day + offset, drug.kind, route, float(cfg.amount), cfg.unit, a.cycle,
                                       label=f"{cfg.drug} {cfg.amount:g} {cfg.unit}", drug=str(cfg.drug), role="premedication",
                                       **_calendar(a, offset)))
@@ -296,10 +299,20 @@ def _prophylaxis(spec, periods: list[Administration], where: str) -> list[Admini
     if not isinstance(k, int) or not 1 <= k <= len(periods):
         raise ConfigError(f"{where}.before_dose must be an administration number 1-{len(periods)}, got {k!r}")
     a = periods[k - 1]
-    t = a.day - float(cfg.get("hours_before", 4.0)) / 24.0
+    t = a.day - _hours_before(cfg, where) / 24.0
     return [Administration(t, drug.kind, "iv", float(cfg.amount), cfg.unit, a.cycle, max_mg=float(cfg.get("max_mg", math.inf)),
                            label=f"{cfg.drug} prophylaxis {cfg.amount:g} {cfg.unit}", drug=str(cfg.drug), role="prophylaxis",
                            **_calendar(a, t - a.day))]
+
+
+def _hours_before(cfg: DictConfig, where: str) -> float:
+    """How many hours before its administration a co-medication is given: the labels differ (e.g.
+    dexamethasone 1 h before mosunetuzumab, tocilizumab 4 h before teclistamab in its prophylaxis
+    cohort), so every premedication and prophylaxis says so."""
+    h = cfg.get("hours_before")
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or h < 0:
+        raise ConfigError(f"{where}.hours_before must be given: hours (>= 0) before the administration, got {h!r}")
+    return float(h)
 
 
 def _calendar(anchor: Administration, offset_days: float) -> dict:
@@ -311,8 +324,10 @@ def _calendar(anchor: Administration, offset_days: float) -> dict:
 
 def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophylaxis=None,
                 horizon_days: float | None = None, assessment_every_days: float | None = None,
-                where: str = "arm") -> CompiledRegimen:
-    """All administrations of an arm (bispecific, pretreatment, premedication, prophylaxis)."""
+                where: str = "arm", population_assessment_every_days: float | None = None) -> CompiledRegimen:
+    """All administrations of an arm (bispecific, pretreatment, premedication, prophylaxis), and its
+    response assessment days: every `assessment_every_days` (a run's override), else the regimen's
+    own `assessment_every_days`, else the population's (`response.assessment_every_days`)."""
     drug = parameters.load_drug(drug_name, f"{where}.drug")
     parameters.check_route(drug, route, f"{where}.route")
     reg = load_regimen(regimen, f"{where}.regimen")
@@ -325,7 +340,11 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     horizon = float(horizon_days if horizon_days is not None else regimen_days(reg))
     if not horizon > 0:
         raise ConfigError(f"{where}: horizon_days must be positive, got {horizon}")
-    every = float(assessment_every_days or reg.get("assessment_every_days", 42))
+    every = assessment_every_days or reg.get("assessment_every_days") or population_assessment_every_days
+    if not every:
+        raise ConfigError(f"{where}: no response assessment interval: give assessment_every_days (the run's, the "
+                          "regimen's or the population's response.assessment_every_days)")
+    every = float(every)
     assessments = [float(d) for d in np.arange(every, horizon + 1e-9, every)]
     if not assessments or assessments[-1] < horizon - 1e-9:
         assessments.append(horizon)

@@ -56,6 +56,7 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
             written.append(target)
         if result.dataset is not None:  # the checkpoint has become the result
             shutil.rmtree(result.dataset.parent, ignore_errors=True)
+            result.dataset = out / DATASET
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

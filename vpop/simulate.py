@@ -66,7 +66,7 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
         raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")
     pop = parameters.with_overrides(population.load(arm.population), "population", arm.population, overrides)
     compiled = regimen.compile_arm(arm.regimen, arm.drug, arm.route, arm.premedication, arm.prophylaxis,
-                                   horizon_days, assessment_every_days, where)
+                                   horizon_days, assessment_every_days, where, float(pop.response.assessment_every_days))
     spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
     typical = parameters.typical_params(spec, model, overrides)
     typical = typical._replace(first_dose_day=jnp.asarray(compiled.periods[0].day, parameters._float()))
@@ -85,7 +85,7 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
 
 
 @partial(jax.jit, static_argnames=("kinds",))
-def sample_covariates(covariate_params: jax.Array, ids: jax.Array, seed: jax.Array, kinds: tuple[str, ...]) -> population.Covariates:
+def cohort_covariates(covariate_params: jax.Array, ids: jax.Array, seed: jax.Array, kinds: tuple[str, ...]) -> population.Covariates:
     """Covariates of patients `ids` (vmapped)."""
     return jax.vmap(lambda i: population.sample_covariates(kinds, covariate_params, population.patient_key(seed, i)))(ids)
 
@@ -134,7 +134,7 @@ class ArmResult:
 def _covariates_for(prepared: PreparedArm, ids, seed: int, twins=None) -> population.Covariates:
     if twins is not None:
         return jax.tree_util.tree_map(lambda x: x[np.asarray(ids)], twins)
-    return sample_covariates(prepared.inputs.covariate_params, jnp.asarray(ids), jnp.asarray(seed), prepared.covariate_kinds)
+    return cohort_covariates(prepared.inputs.covariate_params, jnp.asarray(ids), jnp.asarray(seed), prepared.covariate_kinds)
 
 
 def patient_sharding() -> jax.sharding.NamedSharding:

@@ -51,12 +51,13 @@ def gradient_timing(repeats: int = 3) -> dict:
     from numpyro.infer.util import potential_energy
     from omegaconf import OmegaConf
 
-    from vpop import calibrate
+    from vpop.calibration import build_problem
+    from vpop.calibration.likelihood import numpyro_model
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "calibration" / "default.yaml")
-    problem = calibrate.build_problem(cfg, roles=("calibration",))
+    problem = build_problem(cfg, roles=("calibration",))
     u = {p.site: jax.numpy.asarray(0.0) for p in problem.parameters}
-    energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(calibrate.numpyro_model, (problem,), {}, z)))
+    energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(numpyro_model, (problem,), {}, z)))
     t0 = time.perf_counter()
     jax.block_until_ready(energy(u))
     compile_s = time.perf_counter() - t0

@@ -60,10 +60,10 @@ def _patients(prepared, ids, seed=0):
     import jax
     import jax.numpy as jnp
 
-    from vpop.simulate import _patient_params, sample_covariates
+    from vpop.simulate import _patient_params, cohort_covariates
 
     ids = jnp.asarray(ids)
-    cov = sample_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
+    cov = cohort_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
     return jax.jit(jax.vmap(lambda c, i: _patient_params(prepared.inputs, c, i, jnp.asarray(seed), prepared.variability_paths)))(cov, ids)
 
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from tqdm import tqdm
 
-from vpop import calibrate, catalogue, posterior
+from vpop import catalogue, posterior
 from vpop import targets as published
 from vpop.simulate import Arm, prepare_arm
 from vpop.trial import TrialSettings, arms_from_config, run_trial

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
+from jaxtyping import Float, Int
 
 from vpop import endpoints
 from vpop.model import system
@@ -55,25 +56,26 @@ from vpop.model.system import Params, State
 class Steps(NamedTuple):
     """Per-step arrays of a schedule: K steps, C input channels (see `INPUT_CHANNELS`)."""
 
-    t_start: Array  # [K] day at the start of each step
-    dt: Array  # [K] step length in days (0 for padding steps)
-    bolus_mg: Array  # [K, C] flat amount added at the start of the step
-    bolus_mg_per_kg: Array  # [K, C] amount per kg body weight
-    bolus_mg_per_m2: Array  # [K, C] amount per m2 body-surface area
-    bolus_cap_mg: Array  # [K, C] largest amount one bolus may give (inf: no cap)
-    rate_mg_per_day: Array  # [K, C] infusion rate during the step
-    rate_mg_per_day_per_kg: Array  # [K, C] infusion rate per kg body weight
-    rate_mg_per_day_per_m2: Array  # [K, C] infusion rate per m2 body-surface area
-    period: Array  # [K] int, dose period the step belongs to (-1 before the first administration)
-    assessment: Array  # [K] int, assessment recorded at the end of the step (-1: none)
+    t_start: Float[Array, " K"]  # day at the start of each step
+    dt: Float[Array, " K"]  # step length in days (0 for padding steps)
+    bolus_mg: Float[Array, "K C"]  # flat amount added at the start of the step
+    bolus_mg_per_kg: Float[Array, "K C"]  # amount per kg body weight
+    bolus_mg_per_m2: Float[Array, "K C"]  # amount per m2 body-surface area
+    bolus_cap_mg: Float[Array, "K C"]  # largest amount one bolus may give (inf: no cap)
+    rate_mg_per_day: Float[Array, "K C"]  # infusion rate during the step
+    rate_mg_per_day_per_kg: Float[Array, "K C"]  # infusion rate per kg body weight
+    rate_mg_per_day_per_m2: Float[Array, "K C"]  # infusion rate per m2 body-surface area
+    period: Int[Array, " K"]  # dose period the step belongs to (-1 before the first administration)
+    assessment: Int[Array, " K"]  # assessment recorded at the end of the step (-1: none)
 
 
 class Schedule(NamedTuple):
-    """One arm's time grid and dosing as dense arrays, shared by all its patients."""
+    """One arm's time grid and dosing as dense arrays, shared by all its patients: P dose periods
+    (administrations of the bispecific), A response assessments."""
 
     steps: Steps
-    period_start_day: Array  # [n_periods] day of each administration of the bispecific
-    assessment_day: Array  # [n_assessments] days at which disease burden is recorded
+    period_start_day: Float[Array, " P"]  # day of each administration of the bispecific
+    assessment_day: Float[Array, " A"]  # days at which disease burden is recorded
 
 
 # State leaves that dosing can reach, in channel order. Infusions reach drug leaves only.
@@ -93,32 +95,32 @@ DRUG_SUBSTEPS = 2
 
 
 class Reductions(NamedTuple):
-    """Per-patient summaries reduced on device. Per-period arrays are [n_periods], CRS indices
-    [n_periods, 4] (grades 1-4, see `vpop.endpoints`)."""
+    """Per-patient summaries reduced on device, over the schedule's P dose periods and A
+    assessments (G = 4 CRS grades, see `vpop.endpoints`); a vmapped batch adds a leading axis."""
 
-    peak_il6_signalling_pg_ml: Array
-    peak_il6_signalling_day: Array  # days after the period's administration
-    peak_il6_serum_pg_ml: Array
-    peak_ifng_pg_ml: Array
-    cmax_ng_ml: Array
-    auc_ng_day_ml: Array
-    min_blood_t_fraction: Array  # blood T cells relative to baseline (margination nadir)
-    crs_index_peak: Array  # largest index z_g in the period (susceptibility not included)
-    crs_index_at_dose: Array  # z_g at the period's administration
-    crs_grade: Array  # ASTCT grade 0-4 of CRS starting in the period (at the patient's susceptibility)
-    crs_max_grade: Array  # highest ASTCT grade over the whole course
-    crs_onset_day: Array  # days from the administration to the onset of that CRS (-1: none)
-    crs_duration_day: Array  # days spent at grade >= 1 in the period
-    toci_rescue: Array  # 1 if tocilizumab was given for CRS in the period
-    dex_rescue: Array  # 1 if dexamethasone was given for CRS in the period
-    crs_log_susceptibility: Array  # epsilon, the patient's CRS susceptibility
-    assessment_log_bias: Array  # delta, the patient's response-assessment effect
-    malignant_nadir_fraction: Array  # smallest malignant burden relative to baseline
-    malignant_nadir_day: Array
-    blood_b_min_fraction: Array
-    malignant_fraction_at: Array  # [n_assessments] malignant burden / baseline
-    marrow_malignant_fraction_at: Array  # [n_assessments] marrow malignant cells / baseline
-    blood_b_fraction_at: Array  # [n_assessments]
+    peak_il6_signalling_pg_ml: Float[Array, " P"]
+    peak_il6_signalling_day: Float[Array, " P"]  # days after the period's administration
+    peak_il6_serum_pg_ml: Float[Array, " P"]
+    peak_ifng_pg_ml: Float[Array, " P"]
+    cmax_ng_ml: Float[Array, " P"]
+    auc_ng_day_ml: Float[Array, " P"]
+    min_blood_t_fraction: Float[Array, " P"]  # blood T cells relative to baseline (margination nadir)
+    crs_index_peak: Float[Array, "P G"]  # largest index z_g in the period (susceptibility not included)
+    crs_index_at_dose: Float[Array, "P G"]  # z_g at the period's administration
+    crs_grade: Float[Array, " P"]  # ASTCT grade 0-4 of CRS starting in the period (at the patient's susceptibility)
+    crs_max_grade: Float[Array, ""]  # highest ASTCT grade over the whole course
+    crs_onset_day: Float[Array, " P"]  # days from the administration to the onset of that CRS (-1: none)
+    crs_duration_day: Float[Array, " P"]  # days spent at grade >= 1 in the period
+    toci_rescue: Float[Array, " P"]  # 1 if tocilizumab was given for CRS in the period
+    dex_rescue: Float[Array, " P"]  # 1 if dexamethasone was given for CRS in the period
+    crs_log_susceptibility: Float[Array, ""]  # epsilon, the patient's CRS susceptibility
+    assessment_log_bias: Float[Array, ""]  # delta, the patient's response-assessment effect
+    malignant_nadir_fraction: Float[Array, ""]  # smallest malignant burden relative to baseline
+    malignant_nadir_day: Float[Array, ""]
+    blood_b_min_fraction: Float[Array, ""]
+    malignant_fraction_at: Float[Array, " A"]  # malignant burden / baseline
+    marrow_malignant_fraction_at: Float[Array, " A"]  # marrow malignant cells / baseline
+    blood_b_fraction_at: Float[Array, " A"]
 
 
 def add_at(tree, path: str, value):

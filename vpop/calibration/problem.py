@@ -1,0 +1,167 @@
+r"""The calibration problem: the published targets, one virtual cohort per trial behind them, and
+each target's rate as the expectation of the trial runner's 0/1 endpoint over its cohort.
+
+A cohort is a fixed set of virtual patients (common random numbers: the same patients at every
+parameter value), all cohorts simulated in one stacked device call. The rate of target $j$ is
+
+$$ \bar p_j(\theta) = \frac1N \sum_{i=1}^N \mathbb E\big[y_{ij} \mid \text{patient } i, \theta\big], $$
+
+where $y_{ij}$ is the trial runner's endpoint (the same simulation, rescue on, the same grading and
+onset periods) and the expectation is over the patient effect that decides it: CRS susceptibility
+consistent with the patient's rescue history, the response-assessment effect (`vpop.endpoints`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from vpop import catalogue, endpoints, parameters, population
+from vpop import targets as published
+from vpop.calibration.priors import CalibratedParameter, calibrated_parameters, constrain_all
+from vpop.catalogue import ConfigError
+from vpop.simulate import Arm, prepare_arm, cohort_covariates, simulate_stacked, stack_arms
+
+# Rates within 0.1% of 0 or 1 are clipped there before the logit the emulator models: no published
+# rate lies that close, and the huge logits of a cohort with no events would dominate the fit.
+EMULATED_RATE_FLOOR = 1e-3
+
+
+@dataclass
+class Cohort:
+    """One simulated trial population: the virtual cohort behind one or more targets."""
+
+    arm: Arm
+    horizon_days: float
+    prepared: object
+    targets: pd.DataFrame
+    paths: dict[str, str]  # config path -> Params path for the calibrated parameters that concern it
+    kind: str
+    cr_residual_volume_ml: float
+    omega_crs: float  # SD of the patients' log CRS susceptibility (epsilon)
+    omega_response: float  # SD of the patients' response-assessment effect (delta)
+
+
+@dataclass
+class Problem:
+    """Targets, cohorts and parameters, with the batched simulation of all cohorts at once."""
+
+    targets: pd.DataFrame
+    cohorts: list[Cohort]
+    parameters: list[CalibratedParameter]
+    patients: int
+    seed: int
+    model: DictConfig | None = None  # the model config the cohorts were prepared with
+    inputs: object = None
+    variability_paths: tuple = ()
+    covariates: object = None
+    ids: object = None
+    _typicals: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.inputs, self.variability_paths = stack_arms([c.prepared for c in self.cohorts])
+        self.ids = jnp.arange(self.patients)
+        covs = [cohort_covariates(c.prepared.inputs.covariate_params, self.ids, jnp.asarray(self.seed), c.prepared.covariate_kinds)
+                for c in self.cohorts]
+        self.covariates = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *covs)
+        self._typicals = [jax.tree_util.tree_map(lambda x, i=i: x[i], self.inputs.typical) for i in range(len(self.cohorts))]
+
+    @functools.cached_property
+    def design_logits(self):
+        """Jitted: logit(rate) of every target at one unconstrained parameter vector u, clipped at
+        `EMULATED_RATE_FLOOR` (what the emulator models)."""
+
+        def logits(u):
+            r = self.rates(constrain_all(self.parameters, u))
+            return jnp.stack([jax.scipy.special.logit(jnp.clip(r[t], EMULATED_RATE_FLOOR, 1 - EMULATED_RATE_FLOOR))
+                              for t in self.targets.id])
+
+        return jax.jit(logits)
+
+    def rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Predicted rate (0-1) of every target (the expectation of the trial runner's 0/1 endpoint
+        over its virtual cohort), for calibrated values by config path."""
+        return {t: jnp.mean(p) for t, p in self.patient_rates(values).items()}
+
+    def patient_rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per target, each virtual patient's expected 0/1 endpoint ([patients])."""
+        typicals = [parameters.substitute(typ, cohort.paths, values) for cohort, typ in zip(self.cohorts, self._typicals)]
+        inputs = self.inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
+        red = simulate_stacked(inputs, self.covariates, self.ids, jnp.asarray(self.seed), self.variability_paths)
+        out = {}
+        for i, cohort in enumerate(self.cohorts):
+            r = jax.tree_util.tree_map(lambda x, i=i: x[i], red)
+            cov = jax.tree_util.tree_map(lambda x, i=i: x[i], self.covariates)
+            probs = self._patient_probabilities(r, cov, cohort, typicals[i])
+            for t in cohort.targets.itertuples():
+                family, k = published.endpoint_family(t.endpoint), published.dose_number(t.endpoint)
+                if k is None:
+                    out[t.id] = probs[t.endpoint]
+                elif family == "crs_first_at_dose":
+                    out[t.id] = probs[family](k)
+                else:
+                    out[t.id] = probs[family][:, k - 1]
+        return out
+
+    def _patient_probabilities(self, red, cov, cohort: Cohort, typ) -> dict[str, jax.Array]:
+        """Each patient's expected 0/1 endpoints of the trial runner: CRS over the susceptibility
+        consistent with the patient's rescue history, response over the assessment effect
+        (`vpop.endpoints`). Per-dose CRS comes as [patients, periods]."""
+        lo, hi = endpoints.rescue_interval(red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility,
+                                           typ.crs.rescue)
+        out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs, lo, hi)
+        out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
+        # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
+        margins = endpoints.response_margins(cohort.kind, red.malignant_fraction_at, red.marrow_malignant_fraction_at,
+                                             cov.tumour_volume_ml, cov.marrow_malignant_percent, cohort.cr_residual_volume_ml, xp=jnp)
+        return {**out, **endpoints.response_probabilities(margins, cohort.omega_response)}
+
+
+def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "validation"),
+                  model: DictConfig | None = None) -> Problem:
+    """One virtual cohort per arm and horizon of the targets of the given roles, simulated with
+    `model` (the `model` group of the calibration app; default the shipped configs/model/default.yaml)."""
+    targets = published.load(cfg.targets)
+    if cfg.get("only_targets"):
+        unknown = sorted(set(cfg.only_targets) - set(targets.id))
+        if unknown:
+            raise ConfigError(f"calibration.only_targets: unknown target(s) {unknown}; allowed: {', '.join(targets.id)}")
+        targets = targets[targets.id.isin(list(cfg.only_targets))]
+    targets = targets[targets.role.isin(roles)].copy()
+    if cfg.get("horizon_days"):
+        targets["horizon_days"] = np.minimum(targets.horizon_days.astype(float), float(cfg.horizon_days))
+    model = model if model is not None else catalogue.load("model", "default")
+    params = calibrated_parameters(list(cfg.parameters), float(cfg.prior_truncation_sd), model)
+    keys = ["drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days"]
+    cohorts = []
+    for key, group in targets.groupby(keys, sort=False, dropna=False):
+        spec = dict(zip(keys, key))
+        arm = Arm(f"{spec['drug']}_{spec['population']}_{spec['regimen']}", spec["drug"], spec["route"], spec["population"],
+                  spec["regimen"], _none(spec["premedication"]), _none(spec["prophylaxis"]))
+        prepared = prepare_arm(arm, model, float(spec["horizon_days"]))
+        arm_spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
+        paths = parameters.parameter_paths([p.config_path for p in params], arm_spec)
+        response = population.load(arm.population).response
+        cohorts.append(Cohort(arm, float(spec["horizon_days"]), prepared, group, paths, str(response.kind),
+                              float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),
+                              _omega(prepared, "response.assessment_bias")))
+    return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), model)
+
+
+def _omega(prepared, path: str) -> float:
+    """The SD of the log of a parameter's random effect in an arm (the population's `variability`)."""
+    paths = list(prepared.variability_paths)
+    if path not in paths:
+        raise ConfigError(f"population/{prepared.arm.population}.variability must give {path}: the endpoints integrate over it")
+    return float(prepared.inputs.omegas[paths.index(path)])
+
+
+def _none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) or x == "none" else x

@@ -1,0 +1,175 @@
+"""The trial runner: every arm for every posterior draw on the same virtual patients, chunk by
+chunk, streamed to a parquet dataset or kept in memory, counted into the summary and comparisons."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from vpop import catalogue, population
+from vpop import targets as published
+from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_ids, simulate_trajectories
+from vpop.store import PatientStore, run_key
+from vpop.trial.arms import TrialSettings, prepare_draws, response_kind
+from vpop.trial.statistics import EndpointCounts, annotate_summary
+from vpop.trial.table import patient_table
+
+log = logging.getLogger("vpop")
+
+SAMPLE_PATIENTS = 2000  # first patients of draw 0 kept in memory per arm, for per-patient figures
+
+
+@dataclass
+class TrialResult:
+    """A finished trial. `patients` holds every row when run in memory; a streamed run leaves them in
+    the parquet dataset at `dataset` and keeps only `sample` (draw 0, first SAMPLE_PATIENTS per arm)."""
+
+    arms: dict[str, Arm]
+    reference_arm: str
+    summary: pd.DataFrame
+    comparisons: pd.DataFrame
+    periods: dict[str, list]  # per arm, its administrations of the bispecific (regimen.Administration), in order
+    administrations: dict[str, list]  # per arm, every administration (co-medications too)
+    response_kinds: dict[str, str]  # per arm: lymphoma | leukaemia | myeloma
+    sample: pd.DataFrame
+    patients: pd.DataFrame | None = None
+    dataset: Path | None = None
+    time_courses: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def patient_rows(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """Every patient row (all arms and draws), from memory or read from the streamed parquet
+        dataset; `columns` reads only those."""
+        if self.patients is not None:
+            return self.patients if columns is None else self.patients[columns]
+        return pd.read_parquet(self.dataset, columns=columns)
+
+
+def _time_course_bands(prepared: PreparedArm, ids, seed: int, twins=None) -> dict[str, np.ndarray]:
+    """Median and 5-95% band of the figure time courses over the given patients."""
+    from vpop.model import system
+
+    times, states, params = simulate_trajectories(prepared, ids, seed, twins)
+    expand = jax.tree_util.tree_map(lambda x: np.asarray(x)[:, None], params)
+    obs = system.observe(states, expand)
+    cells = states.host.cells
+    series = {
+        "drug_ng_ml": np.asarray(obs.bispecific_ng_ml),
+        "il6_signalling_pg_ml": np.asarray(obs.il6_signalling_pg_ml),
+        "activated_t_cells_1e9": np.asarray(cells.t_active.total()),
+        "malignant_percent_of_baseline": 100 * np.asarray(obs.malignant_total) / np.maximum(np.asarray(obs.malignant_total)[:, :1], 1e-12),
+    }
+    keep = np.concatenate([[True], np.diff(times) > 0])
+    out = {"day": times[keep]}
+    for k, v in series.items():
+        q = np.percentile(v[:, keep], [5, 50, 95], axis=0)
+        out[k] = q
+    return out
+
+
+def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n: int, twins: pd.DataFrame | None) -> str:
+    """Digest of everything the patient rows depend on: the kernels' inputs of every arm and draw,
+    the population's response rules, n, seed, chunk size, digital twins and the vpop version. A run
+    resumes only into chunks written under the same key."""
+    try:
+        code = version("vpop")
+    except PackageNotFoundError:  # a source tree that was never installed
+        code = "unversioned"
+    parts: list[Any] = [code, n, settings.seed, settings.chunk_size]
+    for by_arm in prepared:
+        for name, p in by_arm.items():
+            parts += [name, p.variability_paths, p.covariate_kinds, OmegaConf.to_yaml(p.population),
+                      [a.label for a in p.compiled.periods], *jax.tree_util.tree_leaves(p.inputs)]
+    if twins is not None:
+        parts += [twins.to_csv(index=False)]
+    return run_key(parts)
+
+
+def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings, model: DictConfig | None = None,
+              draws: list[dict[str, float]] | None = None, twins: pd.DataFrame | None = None,
+              progress: Callable[..., None] | None = None, checkpoint_dir: str | Path | None = None,
+              resume: bool = True, prepared: list[dict[str, PreparedArm]] | None = None) -> TrialResult:
+    """Simulate every arm for every posterior draw on the same virtual patients, chunk by chunk.
+
+    draws: parameter values by config path per posterior draw (see `vpop.posterior`); None is one draw of the
+    nominal parameters. twins: a digital-twin table (one patient per row, covariate columns complete
+    or filled, see `population.read_twins`; a `patient_id` column labels the output rows) instead of
+    sampling. checkpoint_dir: None keeps every patient row in memory (`result.patients`); a folder
+    streams them chunk by chunk to a parquet dataset under checkpoint_dir/<trial key>/ so host memory
+    stays bounded whatever n is, and a rerun of a killed run (same key) skips the chunks already written
+    (`resume=False` starts afresh). progress(k, resumed=False) is called per chunk with its patients.
+    prepared: the arms already prepared for every draw (`prepare_draws`), e.g. by a validation pass.
+    """
+    model = model if model is not None else catalogue.load("model", "default")
+    draws = draws or [{}]
+    prepared = prepared if prepared is not None else prepare_draws(arms, settings, model, draws)
+    n = len(twins) if twins is not None else settings.n
+    labels = population.twin_ids(twins) if twins is not None else None
+    check_sizes(n, settings.chunk_size)
+    chunk = min(settings.chunk_size, n)
+    n_doses = max(len(p.compiled.periods) for p in prepared[0].values())
+    store = None
+    if checkpoint_dir is not None:
+        store = PatientStore(Path(checkpoint_dir) / trial_key(prepared, settings, n, twins))
+        if not resume:
+            store.clear()
+        store.open({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
+                        "chunk_size": settings.chunk_size, "draws": len(draws)})
+    periods = {name: p.compiled.periods for name, p in prepared[0].items()}
+    counts = EndpointCounts(list(arms), reference_arm, periods)
+    kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
+    twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
+                for by_arm in prepared]
+    chunks = [(d, c, start) for d in range(len(prepared)) for c, start in enumerate(range(0, n, chunk))]
+
+    def launch(d, c, start):
+        """Dispatch the chunk's arms that are not on disk yet (None: resume from disk)."""
+        ids = np.arange(start, min(start + chunk, n))
+        return {name: None if store is not None and store.has(name, d, c) else
+                dispatch_ids(p, ids, settings.seed, chunk, twin_cov[d].get(name)) for name, p in prepared[d].items()}
+
+    # One chunk ahead: the device simulates chunk i + 1 while the host tabulates and writes chunk i.
+    ahead = launch(*chunks[0])
+    for i, (d, c, start) in enumerate(chunks):
+        pending, ahead = ahead, launch(*chunks[i + 1]) if i + 1 < len(chunks) else None
+        size = min(chunk, n - start)
+        tables = {}
+        for name, p in prepared[d].items():
+            done = pending[name] is None
+            if done:
+                tables[name] = store.read(name, d, c)
+                resumed += 1
+            else:
+                tables[name] = patient_table(p, pending[name].result(), d, n_doses, labels)
+                if store is None:
+                    kept.append(tables[name])
+                else:
+                    store.write(name, d, c, tables[name])
+            if progress is not None:
+                progress(size, resumed=done)
+        counts.add(d, tables)
+        if d == 0 and start < SAMPLE_PATIENTS:
+            sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
+    if store is not None:
+        store.finish()
+    if resumed:
+        log.info("resumed %d of %d chunks from %s", resumed, len(chunks) * len(arms), store.root)
+    courses = {}
+    if settings.trajectories > 0:
+        for name, p in prepared[0].items():
+            twin_cov = population.twins_covariates(twins, p.population) if twins is not None else None
+            courses[name] = _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed, twin_cov)
+    summary = annotate_summary(counts.summary(settings.seed), arms, periods, published.load())
+    return TrialResult(arms, reference_arm, summary, counts.comparisons(settings.seed), periods,
+                       {name: p.compiled.administrations for name, p in prepared[0].items()},
+                       {name: response_kind(p) for name, p in prepared[0].items()},
+                       pd.concat(sample, ignore_index=True),
+                       patients=pd.concat(kept, ignore_index=True) if store is None else None,
+                       dataset=store.dataset if store is not None else None, time_courses=courses)

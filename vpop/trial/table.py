@@ -1,0 +1,101 @@
+"""The patient table: one row per virtual patient with covariates, per-dose CRS and exposure,
+response and every binary endpoint (the contract of patients.parquet)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vpop import endpoints
+from vpop.simulate import PreparedArm
+from vpop.trial.arms import response_kind
+
+MAIN_ENDPOINTS = ("orr", "cr", "crs_any", "crs_grade2plus", "crs_grade3plus", "toci_rescue")
+
+
+def response_margins(prepared: PreparedArm, red: dict, cov: dict) -> endpoints.ResponseMargins:
+    """The response margins of an arm's patients (see `endpoints.response_margins`)."""
+    residual = float(prepared.population.response.get("cr_residual_volume_ml", 0.0))
+    return endpoints.response_margins(response_kind(prepared), red["malignant_fraction_at"], red["marrow_malignant_fraction_at"],
+                                      cov["tumour_volume_ml"], cov["marrow_malignant_percent"], residual)
+
+
+PER_DOSE_VALUES = ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml")
+
+
+def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None = None,
+                  patient_labels: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per patient: covariates, per-dose-period CRS and exposure, response and endpoints.
+
+    n_doses: per-dose columns to write (default: the arm's own); doses the arm does not have are
+    null, so arms with different schedules share one table layout (one parquet schema).
+    `dose<k>` names the k-th administration by its calendar ("C1D15 60 mg").
+    patient_labels: the ids written for internal ids 0..n-1 (digital twins keep the user's ids).
+    """
+    red, cov = result.reductions, result.covariates
+    n, n_periods = red["crs_grade"].shape
+    n_doses = n_periods if n_doses is None else n_doses
+    ids = result.patient_id if patient_labels is None else np.asarray(patient_labels)[result.patient_id]
+    cols: dict[str, Any] = {"arm": prepared.arm.name, "draw": draw, "patient_id": ids, **cov}
+    grades = red["crs_grade"]
+    missing = {"int": pd.array([pd.NA] * n, dtype="Int64"), "bool": pd.array([pd.NA] * n, dtype="boolean"),
+               "float": np.full(n, np.nan, np.float32), "str": pd.array([pd.NA] * n, dtype="string")}
+    periods = prepared.compiled.periods
+    for k in range(n_doses):
+        d = f"_dose{k + 1}"
+        if k >= n_periods:
+            cols[f"dose{k + 1}"] = missing["str"]
+            cols["crs_grade" + d] = missing["int"]
+            cols["crs_onset_day" + d] = cols["crs_duration_day" + d] = missing["float"]
+            cols["toci_rescue" + d] = missing["bool"]
+            for name in PER_DOSE_VALUES:
+                cols[name + d] = missing["float"]
+            continue
+        cols[f"dose{k + 1}"] = pd.array([periods[k].label] * n, dtype="string")
+        cols["crs_grade" + d] = grades[:, k].astype(int)
+        cols["crs_onset_day" + d] = np.where(red["crs_onset_day"][:, k] >= 0, red["crs_onset_day"][:, k], np.nan)
+        cols["crs_duration_day" + d] = red["crs_duration_day"][:, k]
+        cols["toci_rescue" + d] = red["toci_rescue"][:, k] > 0
+        for name in PER_DOSE_VALUES:
+            cols[name + d] = red[name][:, k]
+    kind = response_kind(prepared)
+    margins = response_margins(prepared, red, cov)
+    delta = red["assessment_log_bias"]
+    best = endpoints.best_response(margins, delta)
+    first_pd = np.where(margins.progressed, margins.first_pd, -1)
+    # Best change as assessed: the smallest burden before progression, read through the assessment effect.
+    best_fraction = np.exp(margins.best_log + delta)
+    best_change = (endpoints.spd_fraction(best_fraction) if kind == "lymphoma" else best_fraction) - 1.0
+    blasts = (endpoints.marrow_blast_percent(best_fraction, cov["marrow_malignant_percent"]) if kind == "leukaemia"
+              else np.full(n, np.nan))
+    days = result.assessment_day
+    worst = red["crs_max_grade"]
+    cols.update(
+        best_response=np.asarray(endpoints.RESPONSES)[best],
+        best_change_percent=100.0 * best_change,
+        best_marrow_blast_percent=blasts,  # leukaemia only (CR/CRh below 5%)
+        progression_day=np.where(first_pd >= 0, days[np.maximum(first_pd, 0)], np.nan),
+        crs_max_grade=worst.astype(int),
+        crs_first_dose=endpoints.first_crs_dose(grades),  # administration after which the first CRS starts (0: none)
+        orr=best <= 1,
+        cr=best == 0,
+        crs_any=worst >= 1,
+        crs_grade2plus=worst >= 2,
+        crs_grade3plus=worst >= 3,
+        toci_rescue=red["toci_rescue"].max(axis=1) > 0,
+        progression=first_pd >= 0,
+        b_cell_depletion=red["blood_b_min_fraction"] < endpoints.B_CELL_DEPLETION_FRACTION,
+    )
+    for k in range(n_doses):
+        cols[f"crs_any_dose{k + 1}"] = grades[:, k] >= 1 if k < n_periods else missing["bool"]
+        cols[f"crs_grade2plus_dose{k + 1}"] = grades[:, k] >= 2 if k < n_periods else missing["bool"]
+    return pd.DataFrame(cols)
+
+
+def endpoint_columns(df: pd.DataFrame) -> list[str]:
+    """The binary endpoint columns, main endpoints first."""
+    per_dose = sorted((c for c in df.columns if c.startswith(("crs_any_dose", "crs_grade2plus_dose"))),
+                      key=lambda c: (c.startswith("crs_grade2plus"), int(c.rsplit("dose", 1)[1])))
+    return [*MAIN_ENDPOINTS, "progression", "b_cell_depletion", *per_dose]
