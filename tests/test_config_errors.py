@@ -92,3 +92,28 @@ def test_named_regimens_of_the_catalogue_compile():
     ]:
         compiled = regimen.compile_arm(name, drug, route, population_assessment_every_days=42.0)
         assert compiled.periods, name
+
+
+@pytest.mark.parametrize("dose, message", [
+    ({"amout": 1}, r"regimen.doses\[0\]: unknown key\(s\) \['amout'\]; did you mean 'amount'\? allowed: day, amount, unit"),
+    ({"day": "monday"}, r"regimen.doses\[0\].day must be a number, got 'monday'"),
+    ({"amount": True}, r"regimen.doses\[0\].amount must be a number, got True"),
+    ({"cycles": 2.5, "cycle": None}, r"regimen.doses\[0\].cycles must be a whole number or text, got 2.5"),
+])
+def test_a_dose_is_read_against_its_schema(dose, message):
+    """Every block (arm, regimen, dose, premedication, prophylaxis, objective) is checked by one
+    schema reader: unknown keys with the nearest allowed one, then missing keys, then kinds of value."""
+    base = {"cycle": 1, "day": 1, "amount": 1, "unit": "mg"}
+    entry = {k: v for k, v in {**base, **dose}.items() if v is not None}
+    if "amout" in dose:
+        del entry["amount"]
+    with pytest.raises(ConfigError, match=message):
+        prepare_arm(Arm("a", "mosunetuzumab", "iv", "fl_rr", {"cycle_days": 21, "cycles": 3, "doses": [entry]}))
+
+
+def test_premedication_and_prophylaxis_blocks_name_their_fields():
+    premed = {"drug": "dexamethasone", "amount": 20, "unit": "mg", "hours_before": 1, "administration": "1-3"}
+    msg = _error(premedication=premed)
+    assert "arms.a.premedication: unknown key(s) ['administration']; did you mean 'administrations'?" in msg
+    toci = {"drug": "tocilizumab", "amount": 8, "unit": "mg/kg", "hours_before": 4, "before_dose": "first"}
+    assert "arms.a.prophylaxis.before_dose must be a whole number, got 'first'" in _error(prophylaxis=toci)

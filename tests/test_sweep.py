@@ -96,7 +96,7 @@ def test_objective_spec_takes_the_reference_arm_from_the_experiment():
     ({"no_worse_than": "pfs"}, "objective.no_worse_than 'pfs' is not an endpoint; allowed: crs_grade2plus, orr"),
     ({"margin_pp": -1}, "objective.margin_pp must be a number of percentage points >= 0"),
     ({"margin_pp": None}, "objective.margin_pp is missing"),
-    ({"maximise": "orr"}, "objective: unknown key(s) ['maximise']; allowed: minimise, arm, no_worse_than, margin_pp"),
+    ({"maximise": "orr"}, "objective: unknown key(s) ['maximise']; did you mean 'minimise'? allowed: minimise, arm, no_worse_than, margin_pp, reference_arm"),
 ])
 def test_objective_errors_name_the_field_and_allowed_values(change, message):
     with pytest.raises(ConfigError) as err:

@@ -233,7 +233,11 @@ experiment:
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    import jax
+
+    # The suite's compilation cache (conftest), so the subprocess and this process share kernels.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     return subprocess.run([sys.executable, "-m", "vpop.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from omegaconf import DictConfig, OmegaConf
 
 from vpop import catalogue, endpoints
+from vpop import schema
 from vpop.catalogue import ConfigError
 from vpop.model import cells, cytokines, engagement, pk, supportive
 from vpop.model.compartments import ByCompartment
@@ -47,9 +48,7 @@ def _get(cfg: DictConfig, key: str, where: str, default: Any = None) -> float:
 
 
 def _check_keys(cfg: DictConfig, allowed: set[str], where: str) -> None:
-    extra = set(cfg.keys()) - allowed
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+    schema.refuse_unknown(cfg.keys(), sorted(allowed), where)
 
 
 def _fill(cls, cfg: DictConfig, where: str, **computed):

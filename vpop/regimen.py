@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vpop import catalogue, parameters
+from vpop import catalogue, parameters, schema
 from vpop.catalogue import ConfigError
 from vpop.model.solver import INPUT_CHANNELS, Schedule, Steps
 
@@ -49,8 +49,6 @@ RATE_UNITS = {  # continuous-infusion unit -> (mg/day, mg/day per kg, mg/day per
     "mg/m2/day": (0.0, 0.0, 1.0),
     "ug/m2/day": (0.0, 0.0, 1e-3),
 }
-DOSE_KEYS = {"cycle", "cycles", "day", "hour", "amount", "unit", "drug", "route", "duration_days", "infusion_hours", "max_mg"}
-REGIMEN_KEYS = {"cycle_days", "cycles", "doses", "then", "assessment_every_days", "description", "route"}
 # (drug kind, route) -> input channel
 _CHANNEL = {
     ("bispecific", "iv"): "drugs.bispecific.central",
@@ -134,12 +132,7 @@ def load_regimen(spec: str | DictConfig | dict, field_name: str = "regimen") -> 
 
 
 def _check_block(cfg: DictConfig, field_name: str) -> None:
-    extra = set(cfg.keys()) - REGIMEN_KEYS
-    if extra:
-        raise ConfigError(f"{field_name}: unknown key(s) {sorted(extra)}; allowed: {sorted(REGIMEN_KEYS)}")
-    for k in ("cycle_days", "cycles", "doses"):
-        if k not in cfg:
-            raise ConfigError(f"{field_name}.{k} is missing")
+    schema.check(cfg, schema.Regimen, field_name)
     if not (isinstance(cfg.cycle_days, (int, float)) and cfg.cycle_days > 0):
         raise ConfigError(f"{field_name}.cycle_days must be a positive number of days, got {cfg.cycle_days!r}")
     if not (isinstance(cfg.cycles, int) and cfg.cycles > 0):
@@ -191,9 +184,7 @@ def _expand_block(regimen: DictConfig, cycles_before: int, days_before: float, b
     first, last = cycles_before + 1, cycles_before + regimen.cycles
     for i, dose in enumerate(regimen.doses):
         w = f"{where}.doses[{i}]"
-        extra = set(dose.keys()) - DOSE_KEYS
-        if extra:
-            raise ConfigError(f"{w}: unknown key(s) {sorted(extra)}; allowed: {sorted(DOSE_KEYS)}")
+        schema.check(dose, schema.Dose, w)
         if ("cycle" in dose) == ("cycles" in dose):
             raise ConfigError(f"{w}: give exactly one of 'cycle' (a number) or 'cycles' (a range like \"3-8\")")
         key = "cycle" if "cycle" in dose else "cycles"
@@ -256,10 +247,7 @@ def _premedication(spec, periods: list[Administration], where: str) -> list[Admi
     if spec in (None, "none"):
         return []
     cfg = catalogue.load("premedication", spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
-    allowed = {"drug", "amount", "unit", "route", "hours_before", "administrations", "cycles", "days_after", "description"}
-    extra = set(cfg.keys()) - allowed
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+    schema.check(cfg, schema.Premedication, where)
     drug = parameters.load_drug(cfg.drug, f"{where}.drug")
     route = cfg.get("route", "iv")
     if (drug.kind, route) not in _CHANNEL:
@@ -288,10 +276,7 @@ def _prophylaxis(spec, periods: list[Administration], where: str) -> list[Admini
     if spec in (None, "none"):
         return []
     cfg = catalogue.load("prophylaxis", spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
-    allowed = {"drug", "amount", "unit", "before_dose", "hours_before", "max_mg", "description"}
-    extra = set(cfg.keys()) - allowed
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+    schema.check(cfg, schema.Prophylaxis, where)
     drug = parameters.load_drug(cfg.drug, f"{where}.drug")
     if cfg.unit not in BOLUS_UNITS:
         raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
@@ -309,10 +294,10 @@ def _hours_before(cfg: DictConfig, where: str) -> float:
     """How many hours before its administration a co-medication is given: the labels differ (e.g.
     dexamethasone 1 h before mosunetuzumab, tocilizumab 4 h before teclistamab in its prophylaxis
     cohort), so every premedication and prophylaxis says so."""
-    h = cfg.get("hours_before")
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or h < 0:
-        raise ConfigError(f"{where}.hours_before must be given: hours (>= 0) before the administration, got {h!r}")
-    return float(h)
+    h = float(cfg.hours_before)  # required by the schema
+    if h < 0:
+        raise ConfigError(f"{where}.hours_before must be hours (>= 0) before the administration, got {h:g}")
+    return h
 
 
 def _calendar(anchor: Administration, offset_days: float) -> dict:

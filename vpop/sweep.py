@@ -30,6 +30,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vpop import schema
 from vpop.catalogue import ConfigError
 
 log = logging.getLogger("vpop.sweep")
@@ -37,8 +38,6 @@ log = logging.getLogger("vpop.sweep")
 SUMMARY_COLUMNS = ("arm", "endpoint", "estimate", "lower", "upper", "n")
 PLOT_ENDPOINTS = ("orr", "cr", "crs_any", "crs_grade2plus")
 TABLE_ENDPOINTS = ("orr", "crs_grade2plus")
-OBJECTIVE_FIELDS = ("minimise", "arm", "no_worse_than", "margin_pp")  # required
-OBJECTIVE_OPTIONAL = ("reference_arm",)  # default: the experiment's reference arm
 # Rates are percentages, so a feasible objective is at most 100: adding this to an infeasible point
 # ranks it behind every feasible one whatever the sampler proposes.
 INFEASIBLE_PENALTY = 100.0
@@ -224,13 +223,7 @@ def objective_spec(objective: Mapping | DictConfig, experiment: Mapping | DictCo
     Arm names are checked here; endpoint names only once a summary exists (`objective()`).
     """
     spec = OmegaConf.to_container(objective, resolve=True) if isinstance(objective, DictConfig) else dict(objective)
-    allowed = (*OBJECTIVE_FIELDS, *OBJECTIVE_OPTIONAL)
-    unknown = sorted(set(spec) - set(allowed))
-    if unknown:
-        raise ConfigError(f"objective: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
-    for field in OBJECTIVE_FIELDS:
-        if spec.get(field) is None:
-            raise ConfigError(f"objective.{field} is missing; the objective needs {', '.join(OBJECTIVE_FIELDS)}")
+    schema.check(spec, schema.Objective, "objective")
     margin = spec["margin_pp"]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise ConfigError(f"objective.margin_pp must be a number of percentage points >= 0, got {margin!r}")

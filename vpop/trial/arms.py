@@ -9,12 +9,9 @@ from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, OmegaConf
 
-from vpop import catalogue, endpoints, parameters
+from vpop import catalogue, endpoints, parameters, schema
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, PreparedArm, prepare_arm
-
-ARM_KEYS = {"drug", "route", "population", "regimen", "premedication", "prophylaxis", "description"}
-
 
 @dataclass
 class TrialSettings:
@@ -29,22 +26,15 @@ class TrialSettings:
 def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str]:
     """Arms and reference arm of an `experiment:` block; errors name the field and allowed values."""
     exp = OmegaConf.create(experiment) if not isinstance(experiment, DictConfig) else experiment
-    extra = set(exp.keys()) - {"arms", "reference_arm", "description", "name"}
-    if extra:
-        raise ConfigError(f"experiment: unknown key(s) {sorted(extra)}; allowed: arms, reference_arm, description, name")
     if "arms" not in exp or not exp.arms:
         raise ConfigError("experiment.arms is missing or empty: give at least one arm")
+    schema.check(exp, schema.Experiment, "experiment")
     arms = {}
     for name, a in exp.arms.items():
         where = f"experiment.arms.{name}"
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
             raise ConfigError(f"{where}: arm names may use letters, digits and _ . + - only (they name folders of patients.parquet)")
-        extra = set(a.keys()) - ARM_KEYS
-        if extra:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(ARM_KEYS)}")
-        for required in ("drug", "population", "regimen"):
-            if required not in a:
-                raise ConfigError(f"{where}.{required} is missing")
+        schema.check(a, schema.Arm, where)
         reg = a.regimen if isinstance(a.regimen, str) else OmegaConf.to_container(a.regimen, resolve=True)
         route = a.get("route") or (catalogue.load("regimen", reg, f"{where}.regimen").get("route") if isinstance(reg, str) else reg.get("route"))
         if route is None:
