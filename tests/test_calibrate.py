@@ -53,7 +53,7 @@ def test_a_recalled_rate_weighs_as_a_smaller_trial(tmp_path):
 
 
 def test_parameter_paths_reach_the_right_arms():
-    fl = parameters.ArmSpec("mosunetuzumab", "iv", "fl_rr")
+    fl = parameters.ParameterScope("mosunetuzumab", "iv", "fl_rr")
     assert parameters.params_path("population.fl_rr.malignant.kill_factor", fl) == "malignant.kill_factor"
     assert parameters.params_path("population.dlbcl_rr.malignant.kill_factor", fl) is None
     assert parameters.params_path("drug.mosunetuzumab.routes.sc.ka_per_day", fl) is None
@@ -63,11 +63,11 @@ def test_parameter_paths_reach_the_right_arms():
 
 
 def test_rates_respond_to_parameters_smoothly(problem):
-    lo = problem.rates({"model.crs.grade1_pg_ml": 20.0, "population.fl_rr.malignant.kill_factor": 0.3})
-    hi = problem.rates({"model.crs.grade1_pg_ml": 200.0, "population.fl_rr.malignant.kill_factor": 0.3})
+    lo = problem.target_rates({"model.crs.grade1_pg_ml": 20.0, "population.fl_rr.malignant.kill_factor": 0.3})
+    hi = problem.target_rates({"model.crs.grade1_pg_ml": 200.0, "population.fl_rr.malignant.kill_factor": 0.3})
     assert float(lo["T03"]) > float(hi["T03"])  # a higher grade-1 threshold means less CRS
-    strong = problem.rates({"model.crs.grade1_pg_ml": 60.0, "population.fl_rr.malignant.kill_factor": 3.0})
-    weak = problem.rates({"model.crs.grade1_pg_ml": 60.0, "population.fl_rr.malignant.kill_factor": 0.03})
+    strong = problem.target_rates({"model.crs.grade1_pg_ml": 60.0, "population.fl_rr.malignant.kill_factor": 3.0})
+    weak = problem.target_rates({"model.crs.grade1_pg_ml": 60.0, "population.fl_rr.malignant.kill_factor": 0.03})
     assert float(strong["T01"]) > float(weak["T01"])  # stronger killing, more responses
 
 
@@ -98,7 +98,7 @@ def test_recovers_known_parameters_from_simulated_data(problem):
 
     truth_u = jnp.asarray([0.4, -0.6])  # on the unconstrained prior scale
     truth = constrain_all(problem.parameters, truth_u)
-    rates = problem.rates(truth)
+    rates = problem.target_rates(truth)
     synthetic = problem.targets.copy()
     synthetic["n"] = 500
     synthetic["k"] = [int(round(float(rates[i]) * 500)) for i in synthetic.id]
@@ -185,7 +185,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
     cfg = _cfg(only_targets=["T01", "T03", "T04", "T09", "T10", "E01"], horizon_days=None, patients_per_cohort=n)
     prob = calibration.build_problem(cfg)
     nominal = {p.config_path: float(parameters.config_entry(p.config_path).nominal) for p in prob.parameters}
-    per_patient = prob.patient_rates(nominal)
+    per_patient = prob.patient_expectations(nominal)
     for cohort in prob.cohorts:
         arm = cohort.arm
         trial = run_trial({arm.name: arm}, arm.name, TrialSettings(n=n, horizon_days=cohort.horizon_days, trajectories=0),

@@ -160,7 +160,7 @@ def test_a_model_value_an_arm_sets_for_itself_does_not_reach_it():
     model's value must not overwrite it, and the population's own path must."""
     from vpop import parameters
 
-    all_arm, fl_arm = parameters.ArmSpec("blinatumomab", "civ", "b_all_rr"), parameters.ArmSpec("mosunetuzumab", "iv", "fl_rr")
+    all_arm, fl_arm = parameters.ParameterScope("blinatumomab", "civ", "b_all_rr"), parameters.ParameterScope("mosunetuzumab", "iv", "fl_rr")
     assert parameters.params_path("model.cytokines.myeloid_capacity", all_arm) is None
     assert parameters.params_path("model.cytokines.myeloid_capacity", fl_arm) == "cytokines.myeloid_capacity"
     assert parameters.params_path("population.b_all_rr.cytokines.myeloid_capacity", all_arm) == "cytokines.myeloid_capacity"

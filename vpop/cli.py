@@ -396,5 +396,58 @@ def calibrate(cfg: DictConfig) -> None:
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
 
 
+# ---------------------------------------------------------------------------------------------
+# vpop-export
+# ---------------------------------------------------------------------------------------------
+
+EXPORT_KEYS = ("arm", "patients", "draw")
+
+
+def run_export(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]:
+    """The export app without Hydra's wrapping: plan the trial (every check), then write the chosen
+    arm's patients as SBML and Antimony (`vpop.export`)."""
+    from omegaconf import open_dict
+
+    from vpop import export
+
+    export.require_libsbml()  # before any work
+    draw = cfg.draw
+    if isinstance(draw, bool) or not isinstance(draw, int) or draw < 0:
+        raise ConfigError(f"draw must be a whole number >= 0, got {draw!r}")
+    which = cfg.patients
+    if which != "typical":
+        ids = list(which) if not isinstance(which, (str, int)) else None
+        if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ConfigError(f"patients must be typical or a list of patient ids >= 0 (e.g. [0,1]), got {which!r}")
+        which = ids
+    with open_dict(cfg):
+        cfg.draws = 1 if cfg.posterior in (None, "none") else draw + 1  # draw k is the same for any count above k
+    p = plan(cfg, [*experiment_keys, *EXPORT_KEYS])
+    arm = cfg.arm if cfg.arm is not None else p.reference_arm
+    if arm not in p.arms:
+        raise ConfigError(f"arm '{arm}' is not an arm of the experiment; allowed: {', '.join(p.arms)}")
+    return export.write_arm(p.prepared[min(draw, len(p.prepared) - 1)][arm], which, cfg.seed, out_dir, draw)
+
+
+@hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="export")
+def _export_app(cfg: DictConfig) -> None:
+    _use_user_config_dirs()
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        written = run_export(cfg, out_dir, experiment_keys(HydraConfig.get().runtime.choices.get("experiment")))
+    except ConfigError as err:
+        _discard_run_dir(out_dir)
+        print(f"vpop-export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    log.info("wrote %s", ", ".join(str(f) for f in written))
+
+
+def export() -> None:
+    """vpop-export +experiment=NAME [arm=ARM patients=typical|[ids] draw=K ...]: SBML and Antimony of an arm's patients."""
+    _export_app()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    {"calibrate": calibrate}.get(sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] == "calibrate" else "", trial)()
+    {"calibrate": calibrate, "export": export}.get(sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in ("calibrate", "export")
+                                                   else "", trial)()

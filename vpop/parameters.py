@@ -116,8 +116,9 @@ def pk_params(drug: DictConfig, route: str) -> pk.PKParams:
 # ---------------------------------------------------------------------------------------------
 
 
-class ArmSpec(NamedTuple):
-    """What `typical_params` needs to know about an arm."""
+class ParameterScope(NamedTuple):
+    """The configs an arm's parameters come from: its drug (and route) and its population, over the
+    model's defaults (`typical_params`, `params_path`)."""
 
     drug: str
     route: str
@@ -145,7 +146,40 @@ def with_overrides(cfg: DictConfig, scope: str, name: str | None, overrides: dic
     return cfg
 
 
-def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dict[str, float] | None = None) -> Params:
+def _engagement_params(arm: ParameterScope, drug: DictConfig, model: DictConfig, dis: DictConfig) -> engagement.EngagementParams:
+    """The drug's engagement (its values over the model's defaults) against the population's cells."""
+    target = drug.get("target")
+    if target not in TARGETS:
+        raise ConfigError(f"drug/{arm.drug}.target must be one of {TARGETS}, got {target!r}")
+    eng_cfg = OmegaConf.merge(model.engagement, drug.get("engagement", {}))
+    return _fill(
+        engagement.EngagementParams,
+        eng_cfg,
+        f"drug/{arm.drug}.engagement",
+        binds_normal_b=1.0 if target in ("CD20", "CD19") else 0.0,
+        binds_malignant=value(dis.get("antigens", {}).get(target, 0.0), f"population/{arm.population}.malignant.antigens.{target}"),
+        partition=_by_compartment(1.0, value(eng_cfg.partition_lymphoid), value(eng_cfg.partition_marrow), value(eng_cfg.partition_tumour)),
+    )
+
+
+def _supportive_params(sc: DictConfig, toci: DictConfig, dex: DictConfig, dis: DictConfig) -> supportive.SupportiveParams:
+    """Tocilizumab, dexamethasone and anti-CD20 pretreatment effects (`model.supportive`)."""
+    kill_blood = value(sc.anti_cd20_k_kill_blood_per_day)
+    kill_tissue = value(sc.anti_cd20_k_kill_tissue_per_day)
+    return _fill(
+        supportive.SupportiveParams,
+        sc,
+        "model.supportive",
+        tocilizumab_kd_mg_per_l=value(sc.tocilizumab_kd_nm) * value(toci.molecular_weight_kda) / 1000.0,
+        dexamethasone_mw_g_per_mol=value(dex.molecular_weight_kda) * 1000.0,
+        anti_cd20_k_kill_per_day=_by_compartment(kill_blood, kill_tissue, kill_tissue, kill_tissue),
+        # Most relapsed/refractory lymphomas are refractory to anti-CD20 antibodies: the population says
+        # how much of the antibody's killing of normal B cells still reaches its malignant cells.
+        anti_cd20_binds_malignant=value(dis.get("antigens", {}).get("CD20", 0.0)) * value(dis.get("anti_cd20_sensitivity", 1.0)),
+    )
+
+
+def typical_params(arm: ParameterScope, model: DictConfig | None = None, overrides: dict[str, float] | None = None) -> Params:
     """Population-typical parameters of one arm (scalar leaves); `overrides` set config values
     (see `with_overrides`)."""
     model = with_overrides(model if model is not None else catalogue.load("model", "default"), "model", None, overrides)
@@ -156,20 +190,7 @@ def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dic
     pop = with_overrides(catalogue.load("population", arm.population, "population"), "population", arm.population, overrides)
     dis = pop.malignant
 
-    antigens = dis.get("antigens", {})
-    target = drug.get("target")
-    if target not in TARGETS:
-        raise ConfigError(f"drug/{arm.drug}.target must be one of {TARGETS}, got {target!r}")
-    eng_cfg = OmegaConf.merge(model.engagement, drug.get("engagement", {}))
-    eng = _fill(
-        engagement.EngagementParams,
-        eng_cfg,
-        f"drug/{arm.drug}.engagement",
-        binds_normal_b=1.0 if target in ("CD20", "CD19") else 0.0,
-        binds_malignant=value(antigens.get(target, 0.0), f"population/{arm.population}.malignant.antigens.{target}"),
-        partition=_by_compartment(1.0, value(eng_cfg.partition_lymphoid), value(eng_cfg.partition_marrow), value(eng_cfg.partition_tumour)),
-    )
-
+    eng = _engagement_params(arm, drug, model, dis)
     tc = model.tcells
     infiltration = value(dis.t_cell_infiltration, f"population/{arm.population}.malignant.t_cell_infiltration")
     tcells = _fill(
@@ -185,24 +206,8 @@ def typical_params(arm: ArmSpec, model: DictConfig | None = None, overrides: dic
     # A population may set its own values of cytokine parameters (e.g. a smaller myeloid pool).
     cyto = _fill(cytokines.CytokineParams, OmegaConf.merge(model.cytokines, pop.get("cytokines") or {}), "model.cytokines")
 
-    toci = load_drug("tocilizumab")
-    dex = load_drug("dexamethasone")
-    cd20 = load_drug("obinutuzumab")
-    sc = model.supportive
-    kill_blood = value(sc.anti_cd20_k_kill_blood_per_day)
-    kill_tissue = value(sc.anti_cd20_k_kill_tissue_per_day)
-    sup = _fill(
-        supportive.SupportiveParams,
-        sc,
-        "model.supportive",
-        tocilizumab_kd_mg_per_l=value(sc.tocilizumab_kd_nm) * value(toci.molecular_weight_kda) / 1000.0,
-        dexamethasone_mw_g_per_mol=value(dex.molecular_weight_kda) * 1000.0,
-        anti_cd20_k_kill_per_day=_by_compartment(kill_blood, kill_tissue, kill_tissue, kill_tissue),
-        # Most relapsed/refractory lymphomas are refractory to anti-CD20 antibodies: the population says
-        # how much of the antibody's killing of normal B cells still reaches its malignant cells.
-        anti_cd20_binds_malignant=value(antigens.get("CD20", 0.0)) * value(dis.get("anti_cd20_sensitivity", 1.0)),
-    )
-
+    toci, dex, cd20 = load_drug("tocilizumab"), load_drug("dexamethasone"), load_drug("obinutuzumab")
+    sup = _supportive_params(model.supportive, toci, dex, dis)
     # Body and baselines come from each patient's covariates (population.individual_params).
     zero = jnp.zeros((), _float())
     z = ByCompartment.full(zero)
@@ -259,7 +264,7 @@ class Variability(NamedTuple):
     omegas: tuple[float, ...]
 
 
-def variability(arm: ArmSpec, overrides: dict[str, float] | None = None) -> Variability:
+def variability(arm: ParameterScope, overrides: dict[str, float] | None = None) -> Variability:
     """Random effects of an arm: the drug's PK (bispecific_pk.*) and the population's (any path)."""
     drug = with_overrides(load_drug(arm.drug), "drug", arm.drug, overrides)
     pop = with_overrides(catalogue.load("population", arm.population, "population"), "population", arm.population, overrides)
@@ -337,7 +342,7 @@ def apply_variability(p: Params, paths: tuple[str, ...], omegas, key: jax.Array)
 # Calibrated parameters: config paths <-> parameter-pytree paths
 # ---------------------------------------------------------------------------------------------
 
-def params_path(config_path: str, arm: ArmSpec) -> str | None:
+def params_path(config_path: str, arm: ParameterScope) -> str | None:
     """Where a config value lives in an arm's `Params` ('model.crs.grade2_fold' -> 'crs.grade2_fold');
     None when it does not concern the arm (another drug's potency, another population's kill, a
     model value the arm's drug or population sets for itself)."""
@@ -371,7 +376,7 @@ def params_path(config_path: str, arm: ArmSpec) -> str | None:
                       "population.<name>.(malignant|cytokines).* and drug.<name>.(engagement|pk|routes.<route>).* map to parameters")
 
 
-def parameter_paths(config_paths, arm: ArmSpec) -> dict[str, str]:
+def parameter_paths(config_paths, arm: ParameterScope) -> dict[str, str]:
     """Config path -> `Params` path of the values that concern the arm (`params_path`)."""
     return {c: pp for c in config_paths if (pp := params_path(c, arm)) is not None}
 

@@ -243,17 +243,27 @@ def _expand_block(regimen: DictConfig, cycles_before: int, days_before: float, b
     return out
 
 
-def _premedication(spec, periods: list[Administration], where: str) -> list[Administration]:
+def _co_medication(spec, group: str, block, where: str) -> tuple[DictConfig, DictConfig] | None:
+    """A premedication or prophylaxis block (named in `group`, or inline) checked against its schema,
+    and its drug; None for none."""
     if spec in (None, "none"):
-        return []
-    cfg = catalogue.load("premedication", spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
-    schema.check(cfg, schema.Premedication, where)
+        return None
+    cfg = catalogue.load(group, spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
+    schema.check(cfg, block, where)
     drug = parameters.load_drug(cfg.drug, f"{where}.drug")
+    if cfg.unit not in BOLUS_UNITS:
+        raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
+    return cfg, drug
+
+
+def _premedication(spec, periods: list[Administration], where: str) -> list[Administration]:
+    given = _co_medication(spec, "premedication", schema.Premedication, where)
+    if given is None:
+        return []
+    cfg, drug = given
     route = cfg.get("route", "iv")
     if (drug.kind, route) not in _CHANNEL:
         raise ConfigError(f"{where}.route: {cfg.drug} cannot be given by '{route}'")
-    if cfg.unit not in BOLUS_UNITS:
-        raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
     # A selection may name more administrations or cycles than a (short) regimen has.
     n = len(periods)
     chosen = set(range(1, n + 1))
@@ -273,13 +283,10 @@ def _premedication(spec, periods: list[Administration], where: str) -> list[Admi
 
 
 def _prophylaxis(spec, periods: list[Administration], where: str) -> list[Administration]:
-    if spec in (None, "none"):
+    given = _co_medication(spec, "prophylaxis", schema.Prophylaxis, where)
+    if given is None:
         return []
-    cfg = catalogue.load("prophylaxis", spec, where) if isinstance(spec, str) else OmegaConf.create(spec)
-    schema.check(cfg, schema.Prophylaxis, where)
-    drug = parameters.load_drug(cfg.drug, f"{where}.drug")
-    if cfg.unit not in BOLUS_UNITS:
-        raise ConfigError(f"{where}.unit: unknown unit {cfg.unit!r}; allowed: {', '.join(BOLUS_UNITS)}")
+    cfg, drug = given
     k = cfg.get("before_dose", 1)
     if not isinstance(k, int) or not 1 <= k <= len(periods):
         raise ConfigError(f"{where}.before_dose must be an administration number 1-{len(periods)}, got {k!r}")

@@ -67,7 +67,7 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
     pop = parameters.with_overrides(population.load(arm.population), "population", arm.population, overrides)
     compiled = regimen.compile_arm(arm.regimen, arm.drug, arm.route, arm.premedication, arm.prophylaxis,
                                    horizon_days, assessment_every_days, where, float(pop.response.assessment_every_days))
-    spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
+    spec = parameters.ParameterScope(arm.drug, arm.route, arm.population)
     typical = parameters.typical_params(spec, model, overrides)
     typical = typical._replace(first_dose_day=jnp.asarray(compiled.periods[0].day, parameters._float()))
     var = parameters.variability(spec, overrides)

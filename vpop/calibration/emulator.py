@@ -106,6 +106,6 @@ class Emulator:
         mean = g["beta"][:, 0] + jnp.sum(g["beta"][:, 1:] * um, -1) + jnp.sum(k * g["alpha"], -1)
         return mean * self.y_scale + self.y_mean
 
-    def rates(self, u: jax.Array) -> dict[str, jax.Array]:
+    def target_rates(self, u: jax.Array) -> dict[str, jax.Array]:
         z = jax.nn.sigmoid(self.logits(u))
         return {t: z[i] for i, t in enumerate(self.target_ids)}

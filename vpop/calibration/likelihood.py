@@ -28,7 +28,7 @@ def numpyro_model(problem: Problem, fit: bool = True, emulator=None):
     values = constrain_all(problem.parameters, u)
     for name, v in values.items():
         numpyro.deterministic(name, v)
-    rates = emulator.rates(u) if emulator is not None else problem.rates(values)
+    rates = emulator.target_rates(u) if emulator is not None else problem.target_rates(values)
     for t in problem.targets.itertuples():
         rate = numpyro.deterministic("rate:" + t.id, jnp.clip(rates[t.id], 1e-6, 1 - 1e-6))
         if t.role == "calibration":

@@ -79,18 +79,18 @@ class Problem:
         `EMULATED_RATE_FLOOR` (what the emulator models)."""
 
         def logits(u):
-            r = self.rates(constrain_all(self.parameters, u))
+            r = self.target_rates(constrain_all(self.parameters, u))
             return jnp.stack([jax.scipy.special.logit(jnp.clip(r[t], EMULATED_RATE_FLOOR, 1 - EMULATED_RATE_FLOOR))
                               for t in self.targets.id])
 
         return jax.jit(logits)
 
-    def rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def target_rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Predicted rate (0-1) of every target (the expectation of the trial runner's 0/1 endpoint
         over its virtual cohort), for calibrated values by config path."""
-        return {t: jnp.mean(p) for t, p in self.patient_rates(values).items()}
+        return {t: jnp.mean(p) for t, p in self.patient_expectations(values).items()}
 
-    def patient_rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def patient_expectations(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per target, each virtual patient's expected 0/1 endpoint ([patients])."""
         typicals = [parameters.substitute(typ, cohort.paths, values) for cohort, typ in zip(self.cohorts, self._typicals)]
         inputs = self.inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
@@ -146,8 +146,8 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
         arm = Arm(f"{spec['drug']}_{spec['population']}_{spec['regimen']}", spec["drug"], spec["route"], spec["population"],
                   spec["regimen"], _none(spec["premedication"]), _none(spec["prophylaxis"]))
         prepared = prepare_arm(arm, model, float(spec["horizon_days"]))
-        arm_spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
-        paths = parameters.parameter_paths([p.config_path for p in params], arm_spec)
+        scope = parameters.ParameterScope(arm.drug, arm.route, arm.population)
+        paths = parameters.parameter_paths([p.config_path for p in params], scope)
         response = population.load(arm.population).response
         cohorts.append(Cohort(arm, float(spec["horizon_days"]), prepared, group, paths, str(response.kind),
                               float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),

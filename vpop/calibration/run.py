@@ -24,13 +24,9 @@ log = logging.getLogger("vpop")
 def run(cfg: DictConfig, out_dir: Path, progress: bool = False, model: DictConfig | None = None) -> dict[str, Path]:
     """Calibrate and write posterior.nc, diagnostics.csv, ppc.csv and figures/ into out_dir. `cfg` is
     the `calibration` group, `model` the `model` group (default the shipped configs/model/default.yaml)."""
-
-    import xarray as xr
-
     from vpop.posterior import arviz
 
     az = arviz()
-
     started = time.perf_counter()
     method = str(cfg.method)
     if method not in ("emulator", "simulator"):
@@ -61,17 +57,7 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False, model: DictConfi
     seconds = time.perf_counter() - started
 
     names = [p.config_path for p in fit_problem.parameters]
-    idata = az.from_numpyro(mcmc)
-    idata.posterior = idata.posterior[names]  # the parameters by config path (the sampler's u-scale dropped)
-    rng = np.random.default_rng(int(cfg.seed))
-    pp = {t.id: (("chain", "draw"), rng.binomial(int(t.n), np.clip(post_rates[t.id], 0, 1))[None, :])
-          for t in full_problem.targets.itertuples()}
-    pp_rates = {f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in post_rates.items()}
-    idata.add_groups(posterior_predictive=xr.Dataset({**pp, **pp_rates}),
-                     prior_predictive=xr.Dataset({f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in prior_rates.items()}))
-    idata.attrs.update(targets=str(cfg.targets), patients_per_cohort=int(cfg.patients_per_cohort), method=method,
-                       wall_seconds=float(seconds), model_version=model_version)
-
+    idata = inference_data(mcmc, names, full_problem, prior_rates, post_rates, cfg, seconds)
     summary = az.summary(idata, var_names=names, kind="all", round_to="none")
     summary.insert(0, "parameter", summary.index)
     summary["divergences"] = int(np.asarray(idata.sample_stats.diverging).sum())
@@ -84,6 +70,33 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False, model: DictConfi
         ppc["emulator_gap_percent"] = ppc.target.map(gap)
     prior_ppc = ppc_table(full_problem.targets, prior_rates, int(cfg.seed))
 
+    files = _write(out_dir, idata, summary, ppc, prior_ppc, emulator_error, design_u, design_y, fit_problem, cfg)
+    figures(idata, names, ppc, prior_ppc, Path(out_dir) / "figures")
+    return files
+
+
+def inference_data(mcmc, names: list[str], problem, prior_rates: dict, post_rates: dict, cfg: DictConfig, seconds: float):
+    """ArviZ InferenceData of a calibration: the posterior by config path (the sampler's u-scale
+    dropped), NUTS sample_stats, observed counts, and the prior and posterior predictive rates
+    (posterior predictive counts drawn for a trial of each target's size)."""
+    import xarray as xr
+
+    from vpop.posterior import arviz
+
+    idata = arviz().from_numpyro(mcmc)
+    idata.posterior = idata.posterior[names]
+    rng = np.random.default_rng(int(cfg.seed))
+    pp = {t.id: (("chain", "draw"), rng.binomial(int(t.n), np.clip(post_rates[t.id], 0, 1))[None, :])
+          for t in problem.targets.itertuples()}
+    pp_rates = {f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in post_rates.items()}
+    idata.add_groups(posterior_predictive=xr.Dataset({**pp, **pp_rates}),
+                     prior_predictive=xr.Dataset({f"rate:{t}": (("chain", "draw"), v[None, :]) for t, v in prior_rates.items()}))
+    idata.attrs.update(targets=str(cfg.targets), patients_per_cohort=int(cfg.patients_per_cohort), method=str(cfg.method),
+                       wall_seconds=float(seconds), model_version=model_version)
+    return idata
+
+
+def _write(out_dir, idata, summary, ppc, prior_ppc, emulator_error, design_u, design_y, fit_problem, cfg) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = dict(posterior=out_dir / "posterior.nc", diagnostics=out_dir / "diagnostics.csv", ppc=out_dir / "ppc.csv",
@@ -97,5 +110,4 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False, model: DictConfi
         emulator_error.to_csv(files["emulator"], index=False, float_format="%.4f")
         files["design"] = out_dir / "design.npz"  # reusable with emulator.design=<this file>
         np.savez(files["design"], u=design_u, y=design_y, **design_identity(fit_problem, cfg))
-    figures(idata, names, ppc, prior_ppc, out_dir / "figures")
     return files

@@ -67,7 +67,7 @@ def prepare_draws(arms: dict[str, Arm], settings: TrialSettings, model: DictConf
     out = [{} for _ in draws]
     for name, arm in arms.items():
         base = prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days)
-        spec = parameters.ArmSpec(arm.drug, arm.route, arm.population)
+        spec = parameters.ParameterScope(arm.drug, arm.route, arm.population)
         paths = parameters.parameter_paths(draws[0], spec)  # every draw of a posterior names the same parameters
         for by_arm, values in zip(out, draws):
             typical = parameters.substitute(base.inputs.typical, paths, values)

@@ -92,6 +92,16 @@ def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n
     return run_key(parts)
 
 
+def _open_store(checkpoint_dir, arms, prepared, settings: TrialSettings, n: int, twins, resume: bool) -> PatientStore:
+    """The run's chunk store under checkpoint_dir/<trial key>/ (emptied unless resuming)."""
+    store = PatientStore(Path(checkpoint_dir) / trial_key(prepared, settings, n, twins))
+    if not resume:
+        store.clear()
+    store.open({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
+                "chunk_size": settings.chunk_size, "draws": len(prepared)})
+    return store
+
+
 def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings, model: DictConfig | None = None,
               draws: list[dict[str, float]] | None = None, twins: pd.DataFrame | None = None,
               progress: Callable[..., None] | None = None, checkpoint_dir: str | Path | None = None,
@@ -115,13 +125,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
     check_sizes(n, settings.chunk_size)
     chunk = min(settings.chunk_size, n)
     n_doses = max(len(p.compiled.periods) for p in prepared[0].values())
-    store = None
-    if checkpoint_dir is not None:
-        store = PatientStore(Path(checkpoint_dir) / trial_key(prepared, settings, n, twins))
-        if not resume:
-            store.clear()
-        store.open({"arms": {k: vars(a) for k, a in arms.items()}, "n": n, "seed": settings.seed,
-                        "chunk_size": settings.chunk_size, "draws": len(draws)})
+    store = None if checkpoint_dir is None else _open_store(checkpoint_dir, arms, prepared, settings, n, twins, resume)
     periods = {name: p.compiled.periods for name, p in prepared[0].items()}
     counts = EndpointCounts(list(arms), reference_arm, periods)
     kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
@@ -161,11 +165,9 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
         store.finish()
     if resumed:
         log.info("resumed %d of %d chunks from %s", resumed, len(chunks) * len(arms), store.root)
-    courses = {}
-    if settings.trajectories > 0:
-        for name, p in prepared[0].items():
-            twin_cov = population.twins_covariates(twins, p.population) if twins is not None else None
-            courses[name] = _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed, twin_cov)
+    courses = {name: _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed,
+                                        population.twins_covariates(twins, p.population) if twins is not None else None)
+               for name, p in prepared[0].items()} if settings.trajectories > 0 else {}
     summary = annotate_summary(counts.summary(settings.seed), arms, periods, published.load())
     return TrialResult(arms, reference_arm, summary, counts.comparisons(settings.seed), periods,
                        {name: p.compiled.administrations for name, p in prepared[0].items()},
