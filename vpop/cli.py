@@ -303,6 +303,24 @@ def _discard_run_dir(out_dir: Path) -> None:
             break
 
 
+def _in_run_dir(app: str, work):
+    """Run an app's work in its Hydra run folder, with the user's --config-dir folders searched; bad
+    input (a ConfigError) prints one line on stderr, removes the folder and exits with status 2."""
+    _use_user_config_dirs()
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" on CPU
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return out_dir, work(out_dir)
+    except ConfigError as err:
+        _discard_run_dir(out_dir)
+        print(f"{app}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _chosen_experiment_keys() -> list[str]:
+    return experiment_keys(HydraConfig.get().runtime.choices.get("experiment"))
+
+
 def experiment_keys(name: str | None) -> list[str]:
     """Top-level keys of an experiment file (an `# @package _global_` file may add its own)."""
     if not name:
@@ -319,15 +337,7 @@ def _trial_app(cfg: DictConfig) -> float | None:
 
     from vpop import sweep
 
-    _use_user_config_dirs()
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "TPU not found" on CPU
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        written = run(cfg, out_dir, experiment_keys(HydraConfig.get().runtime.choices.get("experiment")))
-    except ConfigError as err:
-        _discard_run_dir(out_dir)
-        print(f"vpop-trial: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    out_dir, written = _in_run_dir("vpop-trial", lambda out: run(cfg, out, _chosen_experiment_keys()))
     if not written:  # a dry run
         _discard_run_dir(out_dir)
         return None
@@ -381,18 +391,13 @@ def calibrate(cfg: DictConfig) -> None:
     """vpop-calibrate [calibration.samples=N calibration.chains=C calibration.patients_per_cohort=P model.GROUP.KEY=V ...]"""
     from vpop import calibration
 
-    _use_user_config_dirs()
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    def work(out_dir: Path):
         show = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
         model = _plain(cfg.model)
         _check_model_overrides(model)
-        files = calibration.run(cfg.calibration, out_dir, progress=show, model=model)
-    except ConfigError as err:
-        _discard_run_dir(out_dir)
-        print(f"vpop-calibrate: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return calibration.run(cfg.calibration, out_dir, progress=show, model=model)
+
+    _, files = _in_run_dir("vpop-calibrate", work)
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
 
 
@@ -431,15 +436,7 @@ def run_export(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]
 
 @hydra.main(version_base="1.3", config_path=catalogue.hydra_config_path(), config_name="export")
 def _export_app(cfg: DictConfig) -> None:
-    _use_user_config_dirs()
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        written = run_export(cfg, out_dir, experiment_keys(HydraConfig.get().runtime.choices.get("experiment")))
-    except ConfigError as err:
-        _discard_run_dir(out_dir)
-        print(f"vpop-export: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    _, written = _in_run_dir("vpop-export", lambda out: run_export(cfg, out, _chosen_experiment_keys()))
     log.info("wrote %s", ", ".join(str(f) for f in written))
 
 
