@@ -56,8 +56,15 @@ def leaf_names(tree, prefix: str = "") -> list[str]:
 # jaxpr -> infix (the subset of primitives the model uses; anything else raises naming it)
 # ---------------------------------------------------------------------------------------------
 
-_BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-_COMPARE = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
+# Primitive -> infix (SBML Level 3 formula syntax, which Antimony shares), arguments in order.
+_INFIX = {
+    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})", "neg": "(-{0})",
+    "gt": "({0} > {1})", "lt": "({0} < {1})", "ge": "({0} >= {1})", "le": "({0} <= {1})", "eq": "({0} == {1})",
+    "ne": "({0} != {1})", "max": "piecewise({0}, {0} > {1}, {1})", "min": "piecewise({0}, {0} < {1}, {1})",
+    "exp": "exp({0})", "sqrt": "sqrt({0})", "abs": "abs({0})", "log": "ln({0})", "log1p": "ln(1 + {0})",
+    "logistic": "(1 / (1 + exp(-{0})))", "pow": "({0})^({1})",
+    "select_n": "piecewise({2}, {0}, {1})",  # select_n(which, case0, case1): case1 where `which` holds
+}
 
 
 def _number(x) -> str:
@@ -108,32 +115,12 @@ class _Writer:
 
     def _apply(self, eqn, a: list[str]) -> list[str]:
         name = eqn.primitive.name
-        if name in _BINARY:
-            return [f"({a[0]} {_BINARY[name]} {a[1]})"]
-        if name in _COMPARE:
-            return [f"({a[0]} {_COMPARE[name]} {a[1]})"]
-        if name == "neg":
-            return [f"(-{a[0]})"]
-        if name == "max":
-            return [f"piecewise({a[0]}, {a[0]} > {a[1]}, {a[1]})"]
-        if name == "min":
-            return [f"piecewise({a[0]}, {a[0]} < {a[1]}, {a[1]})"]
-        if name in ("exp", "sqrt", "abs"):
-            return [f"{name}({a[0]})"]
-        if name == "log":
-            return [f"ln({a[0]})"]
-        if name == "log1p":
-            return [f"ln(1 + {a[0]})"]
-        if name == "logistic":
-            return [f"(1 / (1 + exp(-{a[0]})))"]
+        if name == "select_n" and len(a) != 3:
+            raise NotImplementedError("select_n with more than two cases")
+        if name in _INFIX:
+            return [_INFIX[name].format(*a)]
         if name == "integer_pow":
             return [f"({a[0]})^{int(eqn.params['y'])}"]
-        if name == "pow":
-            return [f"({a[0]})^({a[1]})"]
-        if name == "select_n":  # select_n(which, case0, case1): case1 where `which` holds
-            if len(a) != 3:
-                raise NotImplementedError("select_n with more than two cases")
-            return [f"piecewise({a[2]}, {a[0]}, {a[1]})"]
         if name == "convert_element_type":
             if eqn.invars[0].aval.dtype == np.bool_:
                 return [f"piecewise(1, {a[0]}, 0)"]
