@@ -171,18 +171,12 @@ def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
     obs_values = writer.expressions(observed.jaxpr, inputs, observed.consts)
 
     channels = {path: path.replace(".", "_") for path in INPUT_CHANNELS}
-    rates = {}
-    for name, expr in zip(state_names, derivatives):
-        infusion = f"infusion_{name}" if name in channels.values() and name.startswith("drugs_") else None
-        rates[name] = f"{expr} + {infusion}" if infusion else expr
-
     events = _dosing_events(p, schedule, channels)
-    infusions = sorted({v for _, v, _ in events if v.startswith("infusion_")})
+    infused = {v for _, v, _ in events if v.startswith("infusion_")}  # infusion_<state> rates the regimen sets
+    rates = {name: f"{expr} + infusion_{name}" if f"infusion_{name}" in infused else expr
+             for name, expr in zip(state_names, derivatives)}
     parameters = {n: float(np.asarray(v)) for n, v in zip(param_names, jax.tree_util.tree_leaves(p))}
-    parameters.update({n: 0.0 for n in infusions})
-    for name in list(rates):
-        if f"infusion_{name}" in rates[name] and f"infusion_{name}" not in parameters:
-            rates[name] = rates[name].rsplit(" + ", 1)[0]  # this channel is never infused
+    parameters.update({n: 0.0 for n in sorted(infused)})
     t0 = float(np.asarray(schedule.steps.t_start)[0])
     return Model(states={n: float(np.asarray(v)) for n, v in zip(state_names, jax.tree_util.tree_leaves(y0))},
                  parameters=parameters, assignments=writer.assignments, rates=rates,

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Union
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from vpop.catalogue import ConfigError
 
@@ -161,8 +161,6 @@ def _accepted(hint) -> tuple[type, ...] | None:
 
 
 def _is(value, kinds: tuple[type, ...]) -> bool:
-    from omegaconf import ListConfig
-
     if isinstance(value, bool):  # YAML's true is not a number
         return bool in kinds
     if isinstance(value, (int, float)):
