@@ -144,3 +144,19 @@ def test_time_grid_resolves_every_dose_and_coarsens_between_them():
     assert steps[inside].max() <= float(solver.fine_max_step_days) + 1e-9  # fine for days after a dose
     assert steps.max() <= float(solver.max_step_days) + 1e-9
     assert steps[~inside].max() == pytest.approx(float(solver.max_step_days))  # and coarse between doses
+
+
+def test_every_dose_starts_a_step_of_its_own_period_when_premedication_precedes_it():
+    """Teclistamab's step-up doses come 2 h after dexamethasone: the steps growing from the premedication
+    land 0.3 min short of the dose, and that point, not the dose's, must give way (before 0.9.0 the dose
+    fell inside a step of the previous period, so no CRS index was recorded at the dose and a running
+    episode counted as new CRS after it)."""
+    from vpop.simulate import Arm, prepare_arm
+
+    prepared = prepare_arm(Arm("t", "teclistamab", "sc", "mm_rr", "teclistamab_mm", premedication="dexamethasone_16mg_step_up"))
+    s = prepared.inputs.schedule
+    t_start, period = np.asarray(s.steps.t_start), np.asarray(s.steps.period)
+    for k, day in enumerate(np.asarray(s.period_start_day)):
+        assert np.any((np.abs(t_start - day) < 1e-6) & (period == k)), f"dose {k + 1} (day {day}) starts no step"
+    dt = np.asarray(s.steps.dt)
+    assert dt[dt > 0].min() >= regimen.MIN_STEP_DAYS

@@ -346,6 +346,13 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     return CompiledRegimen(admins, horizon, assessments)
 
 
+# Shortest grid step (one minute). A point the step growth would place closer than this to the next
+# dose, infusion end or assessment is left out rather than the dose's own point: dropping the dose's
+# point put teclistamab's step-up doses (after premedication 2 h before) inside a step of the previous
+# dose period, so no CRS index was recorded at those doses and a running episode counted as new CRS.
+MIN_STEP_DAYS = 1.0 / 1440.0
+
+
 def time_grid(events: list[float], anchors: list[float], t0: float, horizon: float, solver: DictConfig) -> np.ndarray:
     """Grid points from t0 to the horizon. After each event the step starts at `first_step_hours`
     and grows geometrically (`step_growth`) up to `fine_max_step_days`, which it keeps until
@@ -367,13 +374,13 @@ def time_grid(events: list[float], anchors: list[float], t0: float, horizon: flo
             if h is None:  # continuing: the step the grid would have reached by now
                 h = min(first * growth ** max(math.log(max(since, first) / first, growth), 0), fine_max) if since < window else coarse_max
             t += h
-            if t >= b - 1e-9:
+            if t >= b - MIN_STEP_DAYS:  # a remainder under a minute joins this step: the stop b stays a grid point
                 break
             points.append(np.asarray([t]))
             since_now = since + (t - a)
             h = min(h * growth, fine_max if since_now < window else coarse_max)
     grid = np.unique(np.concatenate(points))
-    keep = np.concatenate([[True], np.diff(grid) > 1.0 / 1440.0])  # floating-point duplicates
+    keep = np.concatenate([[True], np.diff(grid) > MIN_STEP_DAYS])  # stops within a minute of each other
     return grid[keep]
 
 
