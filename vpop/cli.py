@@ -364,7 +364,7 @@ def trial_help() -> str:
     lines += [f"  {f'{k}={v[0]}':<{width}}  {v[1]}" for k, v in OVERRIDES.items()]
     lines += ["",
               f"Experiments: {', '.join(catalogue.available('experiment'))}",
-              "Outputs: outputs/<experiment>/<date_time>/ (patients.parquet/, summary.csv, comparisons.csv, doses.csv, figures/)",
+              "Outputs: outputs/<experiment>/<date_time>/ (patients.parquet/, summary.csv, comparisons.csv, doses.csv, onsets.csv, monitoring.csv, figures/)",
               "Hydra's own options: vpop-trial --hydra-help"]
     return "\n".join(lines)
 

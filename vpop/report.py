@@ -22,8 +22,8 @@ from vpop import endpoints  # noqa: E402
 from vpop.store import DATASET, PatientStore  # noqa: E402
 from vpop.trial import MAIN_ENDPOINTS, SAMPLE_PATIENTS, TrialResult  # noqa: E402
 
-OUTPUT_FILES = ("summary.csv", "comparisons.csv", "doses.csv")
-FIGURES = ("crs_by_dose.png", "time_courses.png", "waterfall.png", "forest.png")
+OUTPUT_FILES = ("summary.csv", "comparisons.csv", "doses.csv", "onsets.csv", "monitoring.csv")
+FIGURES = ("crs_by_dose.png", "crs_onsets.png", "time_courses.png", "waterfall.png", "forest.png")
 DOSE_COLUMNS = ["arm", "role", "drug", "dose", "cycle", "day", "hour", "day_from_start", "amount", "unit", "route",
                 "duration_days", "label"]
 
@@ -41,9 +41,12 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
         result.summary.to_csv(staging / "summary.csv", index=False, float_format="%.3f")
         result.comparisons.to_csv(staging / "comparisons.csv", index=False, float_format="%.3f")
         dose_table(result).to_csv(staging / "doses.csv", index=False)
+        result.onsets.to_csv(staging / "onsets.csv", index=False, float_format="%.3f")
+        result.monitoring.to_csv(staging / "monitoring.csv", index=False, float_format="%.3f")
         figs = staging / "figures"
         figs.mkdir()
         crs_by_dose(result, figs / "crs_by_dose.png")
+        crs_onsets(result, figs / "crs_onsets.png")
         time_courses(result, figs / "time_courses.png")
         waterfall(result, figs / "waterfall.png")
         forest(result, figs / "forest.png")
@@ -108,6 +111,47 @@ def crs_by_dose(result: TrialResult, path: Path) -> None:
         ax.set_ylim(0, max(10.0, 1.15 * max(s.loc[arm].upper.max() if arm in s.index.get_level_values(0) else 0.0, 1.0)))
         ax.set_xlim(-0.7, len(labels) - 0.3)
         ax.legend(fontsize=7, frameon=False, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def crs_onsets(result: TrialResult, path: Path) -> None:
+    """When CRS starts after each dose: patients with an onset within 24 h, 24-48 h, 48-72 h and later
+    (stacked, % of patients), the median onset above each bar and the published median (diamond,
+    right axis) where there is one; doses after which under 0.5% of patients start CRS are left out."""
+    from vpop.trial.monitoring import WINDOWS_HOURS
+
+    arms = list(result.arms)
+    fig, axes = plt.subplots(len(arms), 1, figsize=(9.0, 2.9 * len(arms)), squeeze=False)
+    edges = [0, *WINDOWS_HOURS, None]
+    shades = plt.get_cmap("Reds")(np.linspace(0.85, 0.3, len(edges) - 1))
+    for ax, arm in zip(axes[:, 0], arms):
+        t = result.onsets[(result.onsets.arm == arm) & (result.onsets.dose != "all")]
+        t = t[t.onsets_per_100_patients >= 0.5]
+        x = np.arange(len(t))
+        total = t.onsets_per_100_patients.to_numpy()
+        within = [np.zeros(len(t))] + [np.nan_to_num(t[f"within_{w}h_percent"].to_numpy()) / 100 * total for w in WINDOWS_HOURS] + [total]
+        for j, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+            label = f"{a}-{b} h" if b is not None else f"> {a} h"
+            ax.bar(x, within[j + 1] - within[j], bottom=within[j], color=shades[j], width=0.6, label=f"onset {label}")
+        for xi, h, m in zip(x, total, t.median_onset_hours):
+            ax.text(xi, h + 0.5, f"{m:.0f} h", ha="center", va="bottom", fontsize=6.5)
+        ax2 = ax.twinx()
+        ax2.plot(x, t.median_onset_hours, "o", color="k", ms=3, label="median onset (model)")
+        ax2.plot(x, t.published_median_onset_hours, "D", color="tab:blue", ms=5, label="median onset (published)")
+        pooled = result.onsets[(result.onsets.arm == arm) & (result.onsets.dose == "all")]
+        if len(pooled) and np.isfinite(pooled.published_median_onset_hours.iloc[0]):
+            ax2.axhline(pooled.published_median_onset_hours.iloc[0], color="tab:blue", ls="--", lw=1,
+                        label="median onset, all doses (published)")
+        ax2.set_ylabel("median onset (h)", fontsize=8)
+        ax2.set_ylim(0, max(96.0, 1.1 * np.nanmax([*t.median_onset_hours, *t.published_median_onset_hours, 1.0])))
+        ax.set_xticks(x, t.label, fontsize=7, rotation=45 if len(t) > 8 else 0, ha="right" if len(t) > 8 else "center")
+        ax.set_ylabel("patients with CRS starting (%)", fontsize=8)
+        ax.set_ylim(0, max(5.0, 1.2 * (total.max() if len(total) else 0.0)))
+        ax.set_title(f"{arm}: when CRS starts after each dose", fontsize=10)
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=6.5, frameon=False, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -285,6 +285,10 @@ def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observa
         return _update_at(arr, j, lambda old: jnp.where(at, val, old))
 
     crs = in_period & (z[0] + red.crs_log_susceptibility >= 0.0)
+    # Onset within the step: where the grade-1 index, linear between the step's ends, crosses the
+    # patient's threshold (the step end alone would put onsets up to a step, 6-12 h, late).
+    before = jnp.clip((z[0] + red.crs_log_susceptibility) / jnp.maximum(z[0] - z_start[0], 1e-12), 0.0, 1.0)
+    onset = jnp.maximum(t_end - before * step.dt - start, 0.0)
     lower_nadir = m_frac < red.malignant_nadir_fraction
     return red._replace(
         peak_il6_signalling_pg_ml=period_max(red.peak_il6_signalling_pg_ml, sig),
@@ -296,7 +300,7 @@ def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observa
         min_blood_t_fraction=_update_at(red.min_blood_t_fraction, i, lambda old: jnp.where(in_period, jnp.minimum(old, t_frac), old)),
         crs_index_peak=_update_at(red.crs_index_peak, i, lambda old: jnp.where(in_period, jnp.maximum(jnp.maximum(old, z), jnp.where(first_step, z_start, old)), old)),
         crs_index_at_dose=_update_at(red.crs_index_at_dose, i, lambda old: jnp.where(first_step, z_start, old)),
-        crs_onset_day=_update_at(red.crs_onset_day, i, lambda old: jnp.where(crs & (old < 0), t_end - start, old)),
+        crs_onset_day=_update_at(red.crs_onset_day, i, lambda old: jnp.where(crs & (old < 0), onset, old)),
         crs_duration_day=_update_at(red.crs_duration_day, i, lambda old: old + jnp.where(crs, step.dt, 0.0)),
         malignant_nadir_fraction=jnp.where(lower_nadir, m_frac, red.malignant_nadir_fraction),
         malignant_nadir_day=jnp.where(lower_nadir, t_end, red.malignant_nadir_day),

@@ -19,6 +19,7 @@ from vpop import targets as published
 from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_ids, simulate_trajectories
 from vpop.store import PatientStore, run_key
 from vpop.trial.arms import TrialSettings, prepare_draws, response_kind
+from vpop.trial.monitoring import OnsetCounts
 from vpop.trial.statistics import EndpointCounts, annotate_summary
 from vpop.trial.table import patient_table
 
@@ -40,6 +41,8 @@ class TrialResult:
     administrations: dict[str, list]  # per arm, every administration (co-medications too)
     response_kinds: dict[str, str]  # per arm: lymphoma | leukaemia | myeloma
     sample: pd.DataFrame
+    onsets: pd.DataFrame  # onsets.csv: when CRS starts after each dose (`vpop.trial.monitoring`)
+    monitoring: pd.DataFrame  # monitoring.csv: CRS onsets outside a monitoring policy
     patients: pd.DataFrame | None = None
     dataset: Path | None = None
     time_courses: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -128,6 +131,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
     store = None if checkpoint_dir is None else _open_store(checkpoint_dir, arms, prepared, settings, n, twins, resume)
     periods = {name: p.compiled.periods for name, p in prepared[0].items()}
     counts = EndpointCounts(list(arms), reference_arm, periods)
+    onsets = OnsetCounts(periods)
     kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
     twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
                 for by_arm in prepared]
@@ -159,6 +163,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
             if progress is not None:
                 progress(size, resumed=done)
         counts.add(d, tables)
+        onsets.add(d, tables)
         if d == 0 and start < SAMPLE_PATIENTS:
             sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
     if store is not None:
@@ -173,5 +178,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                        {name: p.compiled.administrations for name, p in prepared[0].items()},
                        {name: response_kind(p) for name, p in prepared[0].items()},
                        pd.concat(sample, ignore_index=True),
+                       onsets.onsets_table({name: (a.drug, a.route) for name, a in arms.items()}, settings.seed),
+                       onsets.monitoring_table(settings.seed),
                        patients=pd.concat(kept, ignore_index=True) if store is None else None,
                        dataset=store.dataset if store is not None else None, time_courses=courses)

@@ -16,13 +16,17 @@ SUMMARY_COLUMNS = ["arm", "endpoint", "estimate", "lower", "upper", "n"]
 COMPARISON_COLUMNS = ["endpoint", "arm", "reference_arm", "difference", "lower", "upper", "reference_endpoint", "dose", "reference_dose"]
 
 
-def pooled_interval(k: np.ndarray, n: int, rng: np.random.Generator, samples: int = 4000) -> tuple[float, float, float]:
-    """Estimate and 95% interval of a rate (fraction) from per-draw event counts k out of n."""
+def pooled_interval(k: np.ndarray, n, rng: np.random.Generator, samples: int = 4000) -> tuple[float, float, float]:
+    """Estimate and 95% interval of a rate (fraction) from per-draw event counts k out of n (one n
+    for all draws, or one per draw; draws with n = 0 are left out)."""
     k = np.asarray(k, float)
+    n = np.broadcast_to(np.asarray(n, float), k.shape)
+    k, n = k[n > 0], n[n > 0]
     if len(k) == 1:
-        lo, hi = stats.beta.ppf([0.025, 0.975], k[0] + 0.5, n - k[0] + 0.5)
-        return k[0] / n, (0.0 if k[0] == 0 else lo), (1.0 if k[0] == n else hi)
-    draws = rng.beta(np.repeat(k + 0.5, samples // len(k) + 1), np.repeat(n - k + 0.5, samples // len(k) + 1))
+        lo, hi = stats.beta.ppf([0.025, 0.975], k[0] + 0.5, n[0] - k[0] + 0.5)
+        return k[0] / n[0], (0.0 if k[0] == 0 else lo), (1.0 if k[0] == n[0] else hi)
+    m = samples // len(k) + 1
+    draws = rng.beta(np.repeat(k + 0.5, m), np.repeat(n - k + 0.5, m))
     return float(np.mean(k / n)), *np.percentile(draws, [2.5, 97.5])
 
 

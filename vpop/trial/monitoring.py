@@ -1,0 +1,153 @@
+"""When CRS starts after each dose, and where it would start under a monitoring policy.
+
+Clinics hospitalise or monitor patients for a window after the doses that carry most CRS (the labels:
+24 h after epcoritamab's first full dose, 48 h after each teclistamab step-up dose). Two tables answer
+what such a policy misses:
+
+- onsets.csv, per arm and dose (and all doses pooled): the patients whose CRS starts after the dose,
+  the share of those onsets within 24, 48 and 72 h of the administration, and the median and quartiles
+  of the onset time, beside the published median onset where there is one (vpop/data/onsets.csv);
+- monitoring.csv, per arm and monitoring policy (W hours after each of the first m doses, or after dose m
+  only, for W = 24, 48, 72 h and m up to 4): the share of all CRS onsets that start outside monitoring
+  (at home), and the share of patients with at least one such onset.
+
+Onset is the time from the administration to the first moment the grade-1 criterion is met in the dose
+period (`vpop.endpoints`; a running episode is not counted again at the next dose). Counts are added
+chunk by chunk, per posterior draw, as in `statistics.EndpointCounts`; intervals pool the draws.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+
+from vpop.trial.statistics import pooled_interval
+
+WINDOWS_HOURS = (24, 48, 72)  # monitoring windows after a dose (labels hospitalise for 24 or 48 h)
+POLICY_DOSES = 4  # policies monitor after the first 1..4 doses (the step-up doses and the first full dose)
+BIN_HOURS = 0.25  # resolution of the onset-time histogram behind the medians
+
+
+def onset_hours(table: pd.DataFrame, dose: int) -> np.ndarray:
+    """Hours from administration `dose` (1-based) to the onset of CRS starting after it (NaN: none)."""
+    return 24.0 * table[f"crs_onset_day_dose{dose}"].to_numpy(dtype=float, na_value=np.nan)
+
+
+def published_onsets() -> pd.DataFrame:
+    """Published median onset times (vpop/data/onsets.csv: drug, route, dose or 'all', hours, source)."""
+    with resources.files("vpop.data").joinpath("onsets.csv").open() as f:
+        return pd.read_csv(f, comment="#", dtype={"dose": str})
+
+
+class OnsetCounts:
+    """Per arm, draw and dose: patients, CRS onsets, onsets within each window and a histogram of onset
+    hours; per arm, draw and policy (W hours after each of the first m doses): onsets and patients
+    with an onset outside monitoring."""
+
+    def __init__(self, periods: dict[str, list]):
+        self.periods = periods
+        self.patients = defaultdict(lambda: defaultdict(int))  # arm -> draw -> patients
+        self.onsets = defaultdict(lambda: defaultdict(lambda: np.zeros(1 + len(WINDOWS_HOURS))))  # (arm, dose) -> draw -> [all, within W...]
+        self.histogram = defaultdict(lambda: np.zeros(0))  # (arm, dose) -> counts per BIN_HOURS, draws pooled
+        self.policies = {arm: policies(len(p)) for arm, p in periods.items()}
+        self.home = defaultdict(lambda: defaultdict(lambda: np.zeros(2)))  # (arm, policy) -> draw -> [onsets, patients] at home
+
+    def add(self, draw: int, tables: dict[str, pd.DataFrame]) -> None:
+        for arm, t in tables.items():
+            self.patients[arm][draw] += len(t)
+            hours = np.stack([onset_hours(t, k + 1) for k in range(len(self.periods[arm]))], axis=1)  # [n, doses]
+            started = ~np.isnan(hours)
+            for k in range(hours.shape[1]):
+                h = hours[started[:, k], k]
+                self.onsets[arm, k][draw] += [len(h), *(np.sum(h <= w) for w in WINDOWS_HOURS)]
+                self._histogram(arm, k, h)
+            for name, watch in self.policies[arm]:
+                limit = np.full(hours.shape[1], -np.inf)  # hours after each dose under watch (none: -inf)
+                limit[:len(watch)] = [w if w > 0 else -np.inf for w in watch]
+                at_home = started & ~(np.nan_to_num(hours, nan=np.inf) <= limit)
+                self.home[arm, name][draw] += [at_home.sum(), at_home.any(axis=1).sum()]
+
+    def _histogram(self, arm: str, dose: int, hours: np.ndarray) -> None:
+        counts = np.bincount((hours / BIN_HOURS).astype(int), minlength=0)
+        old = self.histogram[arm, dose]
+        size = max(len(old), len(counts))
+        self.histogram[arm, dose] = np.pad(old, (0, size - len(old))) + np.pad(counts, (0, size - len(counts)))
+
+    def onsets_table(self, drugs: dict[str, tuple[str, str]], seed: int = 0) -> pd.DataFrame:
+        """onsets.csv; `drugs` gives each arm's (drug, route) for the published medians."""
+        rng = np.random.default_rng(seed)
+        published = published_onsets()
+        rows = []
+        for arm, periods in self.periods.items():
+            draws = sorted(self.patients[arm])
+            n = np.array([self.patients[arm][d] for d in draws], float)
+            doses = [(str(k + 1), periods[k].label, [k]) for k in range(len(periods))]
+            for dose, label, ks in [*doses, ("all", "all doses", list(range(len(periods))))]:
+                counts = sum(np.array([self.onsets[arm, k][d] for d in draws]) for k in ks)
+                hist = _pooled([self.histogram[arm, k] for k in ks])
+                row = {"arm": arm, "dose": dose, "label": label, "patients": int(n[0]),
+                       "onsets_per_100_patients": 100 * float(np.mean(counts[:, 0] / n))}
+                for j, w in enumerate(WINDOWS_HOURS):
+                    est, lo, hi = pooled_interval(counts[:, 1 + j], counts[:, 0], rng) if counts[:, 0].sum() else (np.nan,) * 3
+                    row |= {f"within_{w}h_percent": 100 * est, f"within_{w}h_lower": 100 * lo, f"within_{w}h_upper": 100 * hi}
+                q25, q50, q75 = _quantiles(hist, (0.25, 0.5, 0.75))
+                drug, route = drugs[arm]
+                match = published[(published.drug == drug) & (published.route == route) & (published.dose == dose)]
+                row |= {"median_onset_hours": q50, "onset_q25_hours": q25, "onset_q75_hours": q75,
+                        "published_median_onset_hours": float(match.median_onset_hours.iloc[0]) if len(match) else np.nan,
+                        "published_source": match.source.iloc[0] if len(match) else ""}
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def monitoring_table(self, seed: int = 0) -> pd.DataFrame:
+        """monitoring.csv: per arm and policy, CRS onsets starting outside monitoring (% of all onsets)
+        and patients with at least one such onset (% of patients)."""
+        rng = np.random.default_rng(seed + 1)
+        rows = []
+        for arm, periods in self.periods.items():
+            draws = sorted(self.patients[arm])
+            n = np.array([self.patients[arm][d] for d in draws], float)
+            onsets = sum(np.array([self.onsets[arm, k][d][0] for d in draws]) for k in range(len(periods)))
+            for name, watch in self.policies[arm]:
+                home = np.array([self.home[arm, name][d] for d in draws])
+                share = pooled_interval(home[:, 0], onsets, rng) if onsets.sum() else (np.nan,) * 3
+                patients = pooled_interval(home[:, 1], n, rng)
+                rows.append({"arm": arm, "policy": name, "hours_after_dose": "/".join(f"{w:g}" for w in watch),
+                             "home_onsets_percent": 100 * share[0], "home_onsets_lower": 100 * share[1],
+                             "home_onsets_upper": 100 * share[2], "home_patients_percent": 100 * patients[0],
+                             "home_patients_lower": 100 * patients[1], "home_patients_upper": 100 * patients[2]})
+        return pd.DataFrame(rows)
+
+
+def policies(doses: int) -> list[tuple[str, tuple[float, ...]]]:
+    """Monitoring policies as hours watched after each of the first doses (0: not watched): W hours
+    after each of doses 1..m, and after dose m only, for every window W and m up to POLICY_DOSES."""
+    out = []
+    for w in WINDOWS_HOURS:
+        for m in range(1, min(POLICY_DOSES, doses) + 1):
+            out.append((f"{w} h after each of doses 1-{m}" if m > 1 else f"{w} h after dose 1", (w,) * m))
+            if m > 1:
+                out.append((f"{w} h after dose {m} only", (0,) * (m - 1) + (w,)))
+    return out
+
+
+def _pooled(histograms: list[np.ndarray]) -> np.ndarray:
+    size = max((len(h) for h in histograms), default=0)
+    return sum((np.pad(h, (0, size - len(h))) for h in histograms), np.zeros(size))
+
+
+def _quantiles(hist: np.ndarray, qs) -> list[float]:
+    """Quantiles (hours) of a histogram in BIN_HOURS bins, interpolated within the bin."""
+    total = hist.sum()
+    if total == 0:
+        return [np.nan] * len(qs)
+    cum = np.cumsum(hist)
+    out = []
+    for q in qs:
+        i = int(np.searchsorted(cum, q * total))
+        below = cum[i - 1] if i > 0 else 0.0
+        out.append(BIN_HOURS * (i + (q * total - below) / hist[i]))
+    return out
