@@ -400,8 +400,11 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
     rate = np.zeros((3, k_pad, c))
     cap = np.full((k_pad, c), np.inf)
 
-    def at(t):  # grid index of an event time (every event time is a grid point)
-        return int(np.argmin(np.abs(grid - t)))
+    def at(t):  # grid index of an event time: every event time must be a grid point
+        i = int(np.argmin(np.abs(grid - t)))
+        if abs(grid[i] - t) > 1e-9:  # snapping would move the dose into another step (and dose period)
+            raise AssertionError(f"administration at day {t:g} is not a grid point (nearest {grid[i]:g})")
+        return i
 
     for a in admins:
         ch = INPUT_CHANNELS.index(_CHANNEL[(a.drug_kind, a.route)])

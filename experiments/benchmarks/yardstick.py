@@ -220,25 +220,31 @@ def _run_worker(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def accuracy(candidate: str, ref: str) -> dict:
-    """Per-patient error against the reference on the patients both solved.
+BASELINE_PEAK_PG_ML = 3.0  # twice baseline IL-6 signalling: below it a period's peak is baseline, its error meaningless
 
-    IL-6: |log(peak / reference peak)| over dose periods with a reference peak above 3 pg/mL (twice
-    baseline; below that the peak is baseline and any error is meaningless). Tumour: whether the
-    nadir falls below the PR threshold (volume x 0.354, SPD halved) in both, and |nadir difference|."""
+
+def peak_log_errors(x: np.ndarray, y: np.ndarray) -> dict:
+    """|log(peak / reference peak)| of IL-6 signalling over the dose periods whose reference peak is
+    above BASELINE_PEAK_PG_ML (periods where either is NaN, a failed solve, are left out): how many,
+    median, p90, p99 and max."""
+    keep = (y > BASELINE_PEAK_PG_ML) & np.isfinite(x) & np.isfinite(y)
+    err = np.abs(np.log(np.maximum(x[keep], 1e-9) / y[keep]))
+    stats = dict(median=np.median, p90=lambda e: np.percentile(e, 90), p99=lambda e: np.percentile(e, 99), max=np.max)
+    return dict(periods=int(keep.sum()), **{k: float(f(err)) if keep.any() else float("nan") for k, f in stats.items()})
+
+
+def accuracy(candidate: str, ref: str) -> dict:
+    """Per-patient error against the reference on the patients both solved: the IL-6 peak errors
+    (`peak_log_errors`); tumour: whether the nadir falls below the PR threshold (volume x 0.354, SPD
+    halved) in both, and |nadir difference|."""
     a, r = np.load(candidate), np.load(ref)
     n = min(len(a[ACCURACY_KEYS[0]]), len(r[ACCURACY_KEYS[0]]))
-    x, y = a["peak_il6_signalling_pg_ml"][:n], r["peak_il6_signalling_pg_ml"][:n]
-    keep = y > 3.0
-    log_err = np.abs(np.log(np.maximum(x[keep], 1e-9) / y[keep]))
+    il6 = peak_log_errors(a["peak_il6_signalling_pg_ml"][:n], r["peak_il6_signalling_pg_ml"][:n])
     nx, ny = a["malignant_nadir_fraction"][:n], r["malignant_nadir_fraction"][:n]
     return dict(
         patients=int(n),
-        il6_periods=int(keep.sum()),
-        il6_log_error_median=float(np.median(log_err)) if keep.any() else float("nan"),
-        il6_log_error_p90=float(np.percentile(log_err, 90)) if keep.any() else float("nan"),
-        il6_log_error_p99=float(np.percentile(log_err, 99)) if keep.any() else float("nan"),
-        il6_log_error_max=float(log_err.max()) if keep.any() else float("nan"),
+        il6_periods=il6["periods"],
+        **{f"il6_log_error_{k}": il6[k] for k in ("median", "p90", "p99", "max")},
         nadir_abs_error_median=float(np.median(np.abs(nx - ny))),
         response_agreement=float(np.mean((nx <= 0.354) == (ny <= 0.354))),
     )

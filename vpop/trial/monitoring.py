@@ -71,10 +71,7 @@ class OnsetCounts:
                 self.home[arm, name][draw] += [at_home.sum(), at_home.any(axis=1).sum()]
 
     def _histogram(self, arm: str, dose: int, hours: np.ndarray) -> None:
-        counts = np.bincount((hours / BIN_HOURS).astype(int), minlength=0)
-        old = self.histogram[arm, dose]
-        size = max(len(old), len(counts))
-        self.histogram[arm, dose] = np.pad(old, (0, size - len(old))) + np.pad(counts, (0, size - len(counts)))
+        self.histogram[arm, dose] = _pooled([self.histogram[arm, dose], np.bincount((hours / BIN_HOURS).astype(int))])
 
     def onsets_table(self, drugs: dict[str, tuple[str, str]], seed: int = 0) -> pd.DataFrame:
         """onsets.csv; `drugs` gives each arm's (drug, route) for the published medians."""
@@ -135,6 +132,7 @@ def policies(doses: int) -> list[tuple[str, tuple[float, ...]]]:
 
 
 def _pooled(histograms: list[np.ndarray]) -> np.ndarray:
+    """Sum of histograms of different lengths (same bins from zero)."""
     size = max((len(h) for h in histograms), default=0)
     return sum((np.pad(h, (0, size - len(h))) for h in histograms), np.zeros(size))
 
