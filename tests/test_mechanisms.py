@@ -8,6 +8,7 @@ from conftest import doses
 
 from vpop.model import pk, solver, system
 from vpop.simulate import Arm, prepare_arm, simulate_arm, simulate_trajectories
+from vpop.trial import patient_table
 
 N = 300
 MOSUNETUZUMAB_C1_C2 = doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), (2, 1, 60, "mg"), cycle_days=21, cycles=2)
@@ -55,15 +56,20 @@ def test_three_weekly_doses_of_a_short_lived_drug_give_little_new_crs():
 
 
 def test_a_restart_after_a_long_gap_primes_again():
-    """The same 60 mg again after 3 weeks or after ~6 months off drug: the primed level is forgotten
-    (tau_P ~ months), so CRS returns at the late restart."""
-    soon = doses((1, 1, 60, "mg"), (1, 22, 60, "mg"), cycle_days=30, cycles=7)
-    late = doses((1, 1, 60, "mg"), (7, 1, 60, "mg"), cycle_days=30, cycles=7)
-    r_soon = _run(Arm("soon", "mosunetuzumab", "iv", "fl_rr", soon), n=200, horizon=190)
-    r_late = _run(Arm("late", "mosunetuzumab", "iv", "fl_rr", late), n=200, horizon=190)
-    assert _starts(r_soon, 0) == pytest.approx(_starts(r_late, 0))  # the same patients, the same first dose
-    assert _starts(r_late, 1) > 2 * _starts(r_soon, 1) + 0.02
-    assert _starts(r_late, 1) > 0.3 * _starts(r_late, 0)
+    """Mosunetuzumab's step-up and two 60 mg doses, then treatment held and resumed with 60 mg 3 weeks
+    or ~6 months after the last dose (a `delay`): the primed level is forgotten off drug (tau_P ~
+    months), so CRS returns at the late restart; the patient table counts it as CRS after the restart."""
+    hold = lambda days: dict(after_dose=4, days=days, restart_from=4)  # noqa: E731 - the 60 mg given again
+    soon = prepare_arm(Arm("soon", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2, delay=hold(21)))
+    late = prepare_arm(Arm("late", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2, delay=hold(180)))
+    assert soon.compiled.restart_period == late.compiled.restart_period == 4
+    r_soon, r_late = (simulate_arm(p, 200, seed=3, chunk_size=200) for p in (soon, late))
+    for k in range(4):  # the same patients and the same doses before the hold
+        assert _starts(r_soon.reductions, k) == pytest.approx(_starts(r_late.reductions, k))
+    assert _starts(r_late.reductions, 4) > 2 * _starts(r_soon.reductions, 4) + 0.02
+    assert _starts(r_late.reductions, 4) > 0.3 * _starts(r_late.reductions, 2)  # vs the first 60 mg
+    table = patient_table(late, r_late, draw=0)
+    assert table.crs_any_after_restart.mean() == pytest.approx(_starts(r_late.reductions, 4))
 
 
 def test_cytokines_follow_new_engagement_not_the_activated_pool():

@@ -85,6 +85,47 @@ def test_prophylaxis_precedes_the_named_dose_and_is_capped():
         _compile(reg, prophylaxis={**toci, "before_dose": 4}, drug="teclistamab", route="sc")
 
 
+TECLISTAMAB = doses((1, 1, 0.06, "mg/kg"), (1, 4, 0.3, "mg/kg"), (1, 7, 1.5, "mg/kg"), (2, 7, 1.5, "mg/kg"),
+                   (3, 7, 1.5, "mg/kg"), (4, 7, 1.5, "mg/kg"), cycle_days=7, cycles=4)  # days 0, 3, 6, 13, 20, 27
+STEP_UP_PREMEDICATION = {"drug": "dexamethasone", "amount": 16, "unit": "mg", "hours_before": 2, "administrations": "1-3"}
+
+
+def test_a_delay_resumes_the_schedule_later_with_its_spacing():
+    """Held after the 4th dose (day 13) for 8 weeks: the 5th dose comes 56 days after the 4th, the 6th
+    a week after it, and the default horizon grows by as much as the last dose moved."""
+    plain = _compile(TECLISTAMAB, drug="teclistamab", route="sc")
+    held = _compile(TECLISTAMAB, drug="teclistamab", route="sc", delay={"after_dose": 4, "days": 56})
+    assert _days(held.periods) == [0.0, 3.0, 6.0, 13.0, 69.0, 76.0]
+    assert [a.dose_number for a in held.periods] == [1, 2, 3, 4, 5, 6]
+    assert held.restart_period == 4 and plain.restart_period is None
+    assert held.horizon_day == plain.horizon_day + (76.0 - 27.0)
+    assert held.periods[4].label == "restart day 70 1.5 mg/kg (dose 5)"
+
+
+def test_a_restart_repeats_the_step_up_with_its_premedication():
+    """Restarting at step-up dose 2 (the label's rule after a 29-56 day delay) gives 0.3 mg/kg, then
+    1.5 mg/kg 3 days later, each premedicated as the first time; doses after the first treatment dose
+    are not premedicated, the first time or after the restart."""
+    held = _compile(TECLISTAMAB, STEP_UP_PREMEDICATION, drug="teclistamab", route="sc",
+                    delay={"after_dose": 6, "days": 42, "restart_from": 2})
+    assert _days(held.periods) == [0.0, 3.0, 6.0, 13.0, 20.0, 27.0, 69.0, 72.0, 79.0, 86.0, 93.0]
+    assert [a.amount for a in held.periods[6:]] == [0.3, 1.5, 1.5, 1.5, 1.5]
+    assert [a.dose_number for a in held.periods[6:]] == [2, 3, 4, 5, 6]
+    two_hours = 2 / 24
+    assert _days(held.administrations, "premedication") == [round(d - two_hours, 6) for d in (0.0, 3.0, 6.0, 69.0, 72.0)]
+
+
+@pytest.mark.parametrize("delay, message", [
+    ({"after_dose": 7, "days": 28}, r"arm.delay.after_dose must be an administration number 1-6, got 7"),
+    ({"after_dose": 3, "days": 28, "restart_from": 5}, r"arm.delay.restart_from must be an administration number 1-4"),
+    ({"after_dose": 3, "days": 0}, r"arm.delay.days must be a positive number of days from dose 3 to the restart, got 0"),
+    ({"after_dose": 3, "days": 28, "restart": 1}, r"arm.delay: unknown key\(s\) \['restart'\]; did you mean 'restart_from'"),
+])
+def test_a_delay_that_cannot_be_given_is_refused(delay, message):
+    with pytest.raises(ConfigError, match=message):
+        _compile(TECLISTAMAB, drug="teclistamab", route="sc", delay=delay)
+
+
 @pytest.mark.parametrize("field", ["premedication", "prophylaxis"])
 def test_a_co_medication_without_its_timing_is_refused(field):
     spec = ({"drug": "dexamethasone", "amount": 20, "unit": "mg"} if field == "premedication"

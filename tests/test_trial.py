@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,8 @@ def test_contract_columns_and_endpoint_names(small_trial, tmp_path):
     comparisons = pd.read_csv(tmp_path / "comparisons.csv")
     patients = pd.read_parquet(tmp_path / "patients.parquet")
     assert list(summary.columns) == ["arm", "endpoint", "estimate", "lower", "upper", "n", "support", "cycle", "day", "hour",
-                                     "amount", "unit"]
+                                     "amount", "unit", "published", "published_lower", "published_upper", "published_n",
+                                     "published_targets", "published_horizon_days"]
     assert list(comparisons.columns) == ["endpoint", "arm", "reference_arm", "difference", "lower", "upper",
                                          "reference_endpoint", "dose", "reference_dose"]
     names = set(summary.endpoint)
@@ -60,6 +62,27 @@ def test_contract_columns_and_endpoint_names(small_trial, tmp_path):
     assert set(patients[patients.arm == "iv"].dose3) == {"C1D15 60 mg"}
     doses = pd.read_csv(tmp_path / "doses.csv")
     assert list(doses[(doses.arm == "iv") & (doses.role == "bispecific")].amount) == [1, 2, 60, 60]
+
+
+def test_published_rates_stand_beside_an_arm_that_is_a_published_cohort():
+    """Only an arm given exactly as a published cohort (regimen, premedication, prophylaxis, delay)
+    gets its published rates; targets of one endpoint from two trials are pooled."""
+    from vpop import targets
+
+    table = targets.load()
+    tec = Arm("tec", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up")
+    rates = targets.published_rates(table, tec).set_index("endpoint")
+    assert rates.loc["crs_any", ["published_n", "published_targets"]].tolist() == [165, "T07"]
+    assert rates.loc["crs_any", "published"] == pytest.approx(100 * 119 / 165)
+    assert rates.loc["crs_any", "published_lower"] < rates.loc["crs_any", "published"] < rates.loc["crs_any", "published_upper"]
+    blin = Arm("b", "blinatumomab", "civ", "b_all_rr", "blinatumomab_all", "dexamethasone_20mg_each_step")
+    cr = targets.published_rates(table, blin).set_index("endpoint").loc["cr"]
+    assert (cr.published_targets, cr.published_n, cr.published) == ("B01;B02", 189 + 271, pytest.approx(100 * (81 + 92) / 460))
+    for other in (replace(tec, premedication=None), replace(tec, prophylaxis="tocilizumab_before_dose2"),
+                  replace(tec, delay={"after_dose": 10, "days": 28})):
+        assert targets.published_rates(table, other).empty
+    restart = targets.published_rates(table, replace(tec, delay={"after_dose": 10, "days": 42}))
+    assert restart.endpoint.tolist() == ["crs_any_dose11"] and restart.published_targets.tolist() == ["R01"]
 
 
 def test_support_says_which_rates_rest_on_published_targets(small_trial):
@@ -290,10 +313,10 @@ def test_cli_dry_run_prints_the_dose_calendar_and_simulates_nothing(tmp_path):
     lines = run.stdout.splitlines()
     arm = lines.index(next(x for x in lines if x.startswith("arm before_dose1:")))
     toci = next(x for x in lines[arm:] if x.split()[:2] == ["prophylaxis", "tocilizumab"])
-    assert toci.split()[2:7] == ["1", "1", "-4", "8", "mg/kg"]  # C1D1, 4 h before step-up dose 1
+    assert toci.split()[2:8] == ["1", "1", "-4", "-0.17", "8", "mg/kg"]  # C1D1, 4 h before step-up dose 1
     assert "552" in toci  # mg for the typical 69 kg patient
     first = next(x for x in lines[arm:] if x.split()[:2] == ["bispecific", "teclistamab"])
-    assert first.split()[2:7] == ["1", "1", "0", "0.06", "mg/kg"]
+    assert first.split()[2:8] == ["1", "1", "0", "0.00", "0.06", "mg/kg"]
     assert "simulated" not in run.stderr + run.stdout and list(tmp_path.iterdir()) == []
 
 

@@ -25,7 +25,7 @@ from vpop import catalogue, posterior, report
 from vpop.catalogue import ConfigError
 from vpop.population import TWIN_FILL
 from vpop.simulate import Arm, PreparedArm, check_sizes
-from vpop.trial import MAIN_ENDPOINTS, TrialResult, TrialSettings, arms_from_config, prepare_draws, run_trial
+from vpop.trial import MAIN_ENDPOINTS, RESTART_ENDPOINTS, TrialResult, TrialSettings, arms_from_config, prepare_draws, run_trial
 
 log = logging.getLogger("vpop")
 
@@ -153,7 +153,8 @@ def _settings(cfg: DictConfig) -> TrialSettings:
 def trial_endpoints(prepared: PreparedArm) -> list[str]:
     """Every endpoint of summary.csv for one arm (what an objective may name)."""
     doses = range(1, len(prepared.compiled.periods) + 1)
-    return [*MAIN_ENDPOINTS, "progression", "b_cell_depletion", *(f"crs_any_dose{k}" for k in doses),
+    restart = RESTART_ENDPOINTS if prepared.compiled.restart_period is not None else ()
+    return [*MAIN_ENDPOINTS, *restart, "progression", "b_cell_depletion", *(f"crs_any_dose{k}" for k in doses),
             *(f"crs_grade2plus_dose{k}" for k in doses)]
 
 
@@ -226,12 +227,19 @@ def dose_calendar(p: Plan) -> str:
         arm = p.arms[name]
         lines.append(f"arm {name}: {arm.drug} {arm.route} in {arm.population} (mg for the population's typical "
                      f"{weight:g} kg, {bsa:.2f} m2)")
-        lines.append(f"  {'role':<14}{'drug':<15}{'cycle':>5}{'day':>5}{'hour':>6}{'amount':>10} {'unit':<10}{'mg':>9} route")
+        # cycle/day/hour as the regimen writes them (a dose resumed after a delay keeps its own); t: days from C1D1
+        lines.append(f"  {'role':<14}{'drug':<15}{'cycle':>5}{'day':>5}{'hour':>6}{'t (d)':>8}{'amount':>10} {'unit':<10}"
+                     f"{'mg':>9} route")
         for a in prepared.compiled.administrations:
             mg = a.mg_for(weight, bsa)
             unit = a.unit + (f" x {a.duration_days:g} d" if a.continuous else "")
-            lines.append(f"  {a.role:<14}{a.drug:<15}{a.cycle:>5}{a.cycle_day:>5g}{a.hour:>6g}{a.amount:>10g} {unit:<10}"
-                         f"{mg:>9.4g} {a.route}")
+            lines.append(f"  {a.role:<14}{a.drug:<15}{a.cycle:>5}{a.cycle_day:>5g}{a.hour:>6g}{a.day:>8.2f}{a.amount:>10g} "
+                         f"{unit:<10}{mg:>9.4g} {a.route}")
+        restart = prepared.compiled.restart_period
+        if restart is not None:
+            resumed = prepared.compiled.periods[restart]
+            lines.append(f"  treatment held after administration {restart}; resumed on t = {resumed.day:g} d with the "
+                         f"regimen's dose {resumed.dose_number} (dose period {restart + 1})")
         lines.append(f"  {len(prepared.compiled.periods)} administrations of {arm.drug} (dose periods); horizon "
                      f"{prepared.compiled.horizon_day:g} days; assessments on days "
                      f"{', '.join(f'{d:g}' for d in prepared.compiled.assessment_days)}")

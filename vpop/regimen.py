@@ -23,7 +23,7 @@ administrations. The time grid is fine after every administration and coarse in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +81,7 @@ class Administration:
     cycle_day: float = 1.0  # 1-based day within the cycle, as written in the regimen
     hour: float = 0.0  # hour of that day
     role: str = "bispecific"  # one of ROLES
+    dose_number: int = 0  # the bispecific: its 1-based place in the regimen as written (a dose repeated after a delay keeps it)
 
     @property
     def continuous(self) -> bool:
@@ -99,6 +100,7 @@ class CompiledRegimen:
     administrations: list[Administration]
     horizon_day: float
     assessment_days: list[float]
+    restart_period: int | None = None  # 0-based dose period in which treatment resumes after a delay
     periods: list[Administration] = field(init=False)
 
     def __post_init__(self):
@@ -264,17 +266,18 @@ def _premedication(spec, periods: list[Administration], where: str) -> list[Admi
     route = cfg.get("route", "iv")
     if (drug.kind, route) not in _CHANNEL:
         raise ConfigError(f"{where}.route: {cfg.drug} cannot be given by '{route}'")
-    # A selection may name more administrations or cycles than a (short) regimen has.
-    n = len(periods)
-    chosen = set(range(1, n + 1))
+    # Administrations are selected by their place in the regimen as written (`dose_number`), so a
+    # step-up dose repeated after a delay is premedicated as the first one was. A selection may name
+    # more administrations or cycles than a (short) regimen has.
+    chosen = periods
     if "administrations" in cfg:
-        chosen &= set(_parse_cycles(cfg.administrations, f"{where}.administrations", 1, 10**6))
+        numbers = set(_parse_cycles(cfg.administrations, f"{where}.administrations", 1, 10**6))
+        chosen = [a for a in chosen if a.dose_number in numbers]
     if "cycles" in cfg:
         cyc = set(_parse_cycles(cfg.cycles, f"{where}.cycles", 1, 10**6))
-        chosen = {k for k in chosen if periods[k - 1].cycle in cyc}
+        chosen = [a for a in chosen if a.cycle in cyc]
     out = []
-    for k in sorted(chosen):
-        a = periods[k - 1]
+    for a in chosen:
         for offset in [-_hours_before(cfg, where) / 24.0, *[float(d) for d in cfg.get("days_after", [])]]:
             out.append(Administration(a.day + offset, drug.kind, route, float(cfg.amount), cfg.unit, a.cycle,
                                       label=f"{cfg.drug} {cfg.amount:g} {cfg.unit}", drug=str(cfg.drug), role="premedication",
@@ -288,9 +291,10 @@ def _prophylaxis(spec, periods: list[Administration], where: str) -> list[Admini
         return []
     cfg, drug = given
     k = cfg.get("before_dose", 1)
-    if not isinstance(k, int) or not 1 <= k <= len(periods):
-        raise ConfigError(f"{where}.before_dose must be an administration number 1-{len(periods)}, got {k!r}")
-    a = periods[k - 1]
+    planned = max(a.dose_number for a in periods)
+    if not isinstance(k, int) or not 1 <= k <= planned:
+        raise ConfigError(f"{where}.before_dose must be an administration number 1-{planned}, got {k!r}")
+    a = next(a for a in periods if a.dose_number == k)  # before its first administration
     t = a.day - _hours_before(cfg, where) / 24.0
     return [Administration(t, drug.kind, "iv", float(cfg.amount), cfg.unit, a.cycle, max_mg=float(cfg.get("max_mg", math.inf)),
                            label=f"{cfg.drug} prophylaxis {cfg.amount:g} {cfg.unit}", drug=str(cfg.drug), role="prophylaxis",
@@ -316,10 +320,13 @@ def _calendar(anchor: Administration, offset_days: float) -> dict:
 
 def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophylaxis=None,
                 horizon_days: float | None = None, assessment_every_days: float | None = None,
-                where: str = "arm", population_assessment_every_days: float | None = None) -> CompiledRegimen:
+                where: str = "arm", population_assessment_every_days: float | None = None,
+                delay=None) -> CompiledRegimen:
     """All administrations of an arm (bispecific, pretreatment, premedication, prophylaxis), and its
     response assessment days: every `assessment_every_days` (a run's override), else the regimen's
-    own `assessment_every_days`, else the population's (`response.assessment_every_days`)."""
+    own `assessment_every_days`, else the population's (`response.assessment_every_days`). A `delay`
+    (`schema.Delay`) holds treatment and restarts it (`apply_delay`); the default horizon then
+    extends by as much as the last dose moved."""
     drug = parameters.load_drug(drug_name, f"{where}.drug")
     parameters.check_route(drug, route, f"{where}.route")
     reg = load_regimen(regimen, f"{where}.regimen")
@@ -327,9 +334,15 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     periods = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
     if not periods:
         raise ConfigError(f"{where}.regimen: no dose of {drug_name}")
+    numbers = {id(a): k for k, a in enumerate(periods, start=1)}
+    admins = [replace(a, dose_number=numbers[id(a)]) if id(a) in numbers else a for a in admins]
+    planned_end = max(a.day for a in admins if a.drug_kind == "bispecific")
+    admins, restart = apply_delay(delay, admins, f"{where}.delay")
+    periods = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
     admins += _premedication(premedication, periods, f"{where}.premedication")
     admins += _prophylaxis(prophylaxis, periods, f"{where}.prophylaxis")
-    horizon = float(horizon_days if horizon_days is not None else regimen_days(reg))
+    moved = periods[-1].day - planned_end
+    horizon = float(horizon_days if horizon_days is not None else regimen_days(reg) + moved)
     if not horizon > 0:
         raise ConfigError(f"{where}: horizon_days must be positive, got {horizon}")
     every = assessment_every_days or reg.get("assessment_every_days") or population_assessment_every_days
@@ -343,7 +356,46 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     if periods[0].day >= horizon:
         raise ConfigError(f"{where}: horizon_days={horizon:g} ends before the first dose of {drug_name} (day {periods[0].day + 1:g})")
     admins = [a for a in admins if a.day < horizon]
-    return CompiledRegimen(admins, horizon, assessments)
+    if restart is not None and periods[restart].day >= horizon:
+        raise ConfigError(f"{where}: horizon_days={horizon:g} ends before the restart on day {periods[restart].day + 1:g}")
+    return CompiledRegimen(admins, horizon, assessments, restart)
+
+
+def apply_delay(spec, admins: list[Administration], where: str = "delay") -> tuple[list[Administration], int | None]:
+    r"""Hold treatment after the `after_dose`-th administration of the bispecific and restart it
+    `days` later (from that dose's start, or an infusion's end) with the regimen's administration
+    `restart_from` (default: the next one; a smaller number repeats the step-up from there). The
+    administrations from `restart_from` on keep their planned spacing: with $t_j$ the planned days,
+    $t_r$ the held dose and $j_0$ = `restart_from`, dose $j \ge j_0$ is given on
+    $t_r + \mathrm{days} + (t_j - t_{j_0})$. Returns the administrations and the 0-based dose period of
+    the restart (None without a delay). Co-medications are placed afterwards, by dose number."""
+    if spec in (None, "none"):
+        return admins, None
+    cfg = OmegaConf.create(spec) if not isinstance(spec, DictConfig) else spec
+    schema.check(cfg, schema.Delay, where)
+    planned = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
+    n, k = len(planned), cfg.after_dose
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ConfigError(f"{where}.after_dose must be an administration number 1-{n}, got {k!r}")
+    j0 = cfg.get("restart_from") or k + 1
+    if not isinstance(j0, int) or not 1 <= j0 <= min(k + 1, n):
+        raise ConfigError(f"{where}.restart_from must be an administration number 1-{min(k + 1, n)} (<= after_dose + 1: "
+                          f"a restart repeats doses or resumes with the next one), got {j0!r}")
+    held = planned[k - 1]
+    if not (isinstance(cfg.days, (int, float)) and cfg.days > 0):
+        raise ConfigError(f"{where}.days must be a positive number of days from dose {k} to the restart, got {cfg.days!r}")
+    restart_day = held.day + held.duration_days + float(cfg.days)
+    later = [a for a in admins if a.drug_kind != "bispecific" and a.day > held.day]
+    if later:
+        raise ConfigError(f"{where}: {later[0].label} comes after the hold; a delay moves doses of the bispecific only")
+    kept = [a for a in admins if a.drug_kind != "bispecific" or a.dose_number <= k]
+    resumed = []
+    for a in planned[j0 - 1:]:
+        day = restart_day + a.day - planned[j0 - 1].day
+        calendar = f"day {math.floor(day) + 1:g}" + (f" {a.hour:g}h" if a.hour else "")
+        label = f"{'restart ' if not resumed else ''}{calendar} {a.amount:g} {a.unit} (dose {a.dose_number})"
+        resumed.append(replace(a, day=day, label=label))
+    return kept + resumed, k
 
 
 # Shortest grid step (one minute). A point the step growth would place closer than this to the next

@@ -24,6 +24,7 @@ from vpop.trial import MAIN_ENDPOINTS, SAMPLE_PATIENTS, TrialResult  # noqa: E40
 
 OUTPUT_FILES = ("summary.csv", "comparisons.csv", "doses.csv", "onsets.csv", "monitoring.csv")
 FIGURES = ("crs_by_dose.png", "crs_onsets.png", "time_courses.png", "waterfall.png", "forest.png")
+# and crs_after_restart.png when an arm holds and restarts treatment (a `delay`)
 DOSE_COLUMNS = ["arm", "role", "drug", "dose", "cycle", "day", "hour", "day_from_start", "amount", "unit", "route",
                 "duration_days", "label"]
 
@@ -50,6 +51,8 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
         time_courses(result, figs / "time_courses.png")
         waterfall(result, figs / "waterfall.png")
         forest(result, figs / "forest.png")
+        if any(a.delay is not None for a in result.arms.values()):
+            crs_after_restart(result, figs / "crs_after_restart.png")
         written = []
         dataset = staging / DATASET if result.patients is not None else result.dataset
         for source, target in [*((staging / f, out / f) for f in (*OUTPUT_FILES, "figures")), (dataset, out / DATASET)]:
@@ -111,6 +114,42 @@ def crs_by_dose(result: TrialResult, path: Path) -> None:
         ax.set_ylim(0, max(10.0, 1.15 * max(s.loc[arm].upper.max() if arm in s.index.get_level_values(0) else 0.0, 1.0)))
         ax.set_xlim(-0.7, len(labels) - 0.3)
         ax.legend(fontsize=7, frameon=False, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def crs_after_restart(result: TrialResult, path: Path) -> None:
+    """Per arm with a delay: patients whose CRS starts after treatment resumes (any grade and grade
+    >= 2, 95% intervals), labelled with the hold, how it restarts and the arm's CRS over the whole run."""
+    s = result.summary.set_index(["arm", "endpoint"])
+    arms = [a for a in result.arms if result.arms[a].delay is not None]
+    fig, ax = plt.subplots(figsize=(8.0, 0.55 * len(arms) + 1.6))
+    y = np.arange(len(arms))[::-1]
+    top = 5.0
+    for j, (name, text, color) in enumerate((("crs_any_after_restart", "any grade", "tab:red"),
+                                             ("crs_grade2plus_after_restart", "grade ≥ 2", "darkred"))):
+        rows = [s.loc[(a, name)] for a in arms]
+        est, hi = np.array([r.estimate for r in rows]), np.array([r.upper for r in rows])
+        offset = 0.18 * (1 - 2 * j)
+        ax.barh(y + offset, est, height=0.34, color=color, label=f"{text} (95% interval)")
+        ax.errorbar(est, y + offset, xerr=[np.maximum(est - [r.lower for r in rows], 0), np.maximum(hi - est, 0)],
+                    fmt="none", ecolor="k", elinewidth=0.7, capsize=1.5)
+        for yi, v, h in zip(y, est, hi):
+            ax.text(h + 0.1, yi + offset, f"{v:.1f}", va="center", fontsize=6.5)
+        top = max(top, 1.25 * hi.max())
+
+    def held(arm):
+        d = result.arms[arm].delay
+        resumed = result.periods[arm][d["after_dose"]]  # the first administration after the hold
+        return (f"{arm}: {d['days']:g} d after dose {d['after_dose']},\nresumes with dose {resumed.dose_number} "
+                f"(whole run: CRS {s.loc[(arm, 'crs_any')].estimate:.0f}%)")
+
+    ax.set_yticks(y, [held(a) for a in arms], fontsize=7)
+    ax.set_xlim(0, top)
+    ax.set_xlabel("patients whose CRS starts after the restart (%)")
+    ax.set_title("CRS when treatment resumes after a delay", fontsize=10)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -39,7 +39,15 @@ class Arm:
     route: str | None = None  # iv | sc | civ; default: the regimen's
     premedication: Named = None
     prophylaxis: Named = None
+    delay: dict | None = None  # a hold and restart (`Delay`)
     description: str | None = None
+
+
+@dataclass(frozen=True)
+class Delay:
+    after_dose: int  # treatment stops after the after_dose-th administration given (1-based)
+    days: Number  # from that administration (an infusion: its end) to the restart
+    restart_from: int | None = None  # the regimen's administration given first on restart; default the next one
 
 
 @dataclass(frozen=True)

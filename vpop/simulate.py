@@ -33,6 +33,7 @@ class Arm:
     regimen: Any  # a configs/regimen name or an inline regimen mapping
     premedication: Any = None  # a configs/premedication name, an inline mapping, or None
     prophylaxis: Any = None  # a configs/prophylaxis name, an inline mapping, or None
+    delay: Any = None  # a hold and restart {after_dose, days, restart_from} (`regimen.apply_delay`), or None
 
 
 class ArmInputs(NamedTuple):
@@ -66,7 +67,8 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
         raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")
     pop = parameters.with_overrides(population.load(arm.population), "population", arm.population, overrides)
     compiled = regimen.compile_arm(arm.regimen, arm.drug, arm.route, arm.premedication, arm.prophylaxis,
-                                   horizon_days, assessment_every_days, where, float(pop.response.assessment_every_days))
+                                   horizon_days, assessment_every_days, where, float(pop.response.assessment_every_days),
+                                   arm.delay)
     spec = parameters.ParameterScope(arm.drug, arm.route, arm.population)
     typical = parameters.typical_params(spec, model, overrides)
     typical = typical._replace(first_dose_day=jnp.asarray(compiled.periods[0].day, parameters._float()))

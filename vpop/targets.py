@@ -8,6 +8,10 @@ endpoint, k of n patients, its role and its citation. Roles: `calibration` (in t
 exists for the same drug, route, population and endpoint (per-dose endpoints match any per-dose target
 of that kind), `validated` when only a validation target does, else `extrapolated`.
 
+An optional column `delay` holds treatment and restarts it (`regimen.apply_delay`), written as
+`after_dose=10 days=42` (and optionally `restart_from=2`); per-dose endpoints then count the doses
+as given, the restart dose included.
+
 An optional column `likelihood_n` gives a calibration target less weight than its cohort size: the
 likelihood then counts round(k * likelihood_n / n) of likelihood_n, the same rate with the wider
 interval of a smaller trial. It is for rates known only approximately (a figure recalled from a label
@@ -17,17 +21,22 @@ and not seen in a stored copy); the note says why.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
 from vpop.catalogue import ConfigError
+from vpop.simulate import Arm
 
 ROLES = ("calibration", "validation", "excluded")
 COLUMNS = ("id", "drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days",
            "endpoint", "n", "k", "role", "trial", "citation", "note")
 SUPPORT = ("calibrated", "validated", "extrapolated")
+# The columns that define a target's virtual cohort (targets sharing them share one cohort).
+COHORT = ("drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days", "delay")
+DELAY_PATTERN = re.compile(r"after_dose=([0-9]+) days=([0-9.]+)(?: restart_from=([0-9]+))?")
 # Endpoints a target may name: the overall rates, and CRS starting after the k-th administration.
 # And the share of patients whose first CRS starts at dose k or later (the labels' "first CRS at a later dose").
 ENDPOINT_PATTERN = re.compile(r"(orr|cr|crs_any|crs_grade2plus|crs_grade3plus)|(crs_any|crs_grade2plus)_dose[1-9][0-9]*"
@@ -61,6 +70,12 @@ def load(name_or_path: str = "targets") -> pd.DataFrame:
         bad = df[df.likelihood_n.notna() & ~((lik >= 1) & (lik <= df.n))]
         if len(bad):
             raise ConfigError(f"targets {path}: likelihood_n of {bad.id.iloc[0]} must be empty or a whole number in 1..n")
+    if "delay" not in df.columns:
+        df["delay"] = None
+    bad = df[df.delay.notna() & ~df.delay.map(lambda d: bool(DELAY_PATTERN.fullmatch(str(d))))]
+    if len(bad):
+        raise ConfigError(f"targets {path}: delay of {bad.id.iloc[0]} is {bad.delay.iloc[0]!r}; expected empty or "
+                          "'after_dose=<k> days=<d>' with an optional ' restart_from=<j>'")
     if df.id.duplicated().any():
         raise ConfigError(f"targets {path}: duplicate id {df.id[df.id.duplicated()].iloc[0]}")
     return df
@@ -94,3 +109,36 @@ def support(targets: pd.DataFrame, drug: str, route: str, population: str, endpo
                    & (targets.endpoint.map(endpoint_family) == family)]
     roles = set(rows.role)
     return "calibrated" if "calibration" in roles else "validated" if "validation" in roles else "extrapolated"
+
+
+def cohort_arm(target, name: str | None = None) -> Arm:
+    """The arm of a target's virtual cohort (a row of targets.csv)."""
+    none = lambda v: None if v is None or (isinstance(v, float) and pd.isna(v)) or v == "none" else v  # noqa: E731
+    delay = none(getattr(target, "delay", None))
+    if delay is not None:
+        after, days, restart = DELAY_PATTERN.fullmatch(str(delay)).groups()
+        delay = {"after_dose": int(after), "days": float(days), **({"restart_from": int(restart)} if restart else {})}
+    return Arm(name or str(target.id), str(target.drug), str(target.route), str(target.population), target.regimen,
+               none(target.premedication), none(target.prophylaxis), delay)
+
+
+PUBLISHED_COLUMNS = ("published", "published_lower", "published_upper", "published_n", "published_targets", "published_horizon_days")
+
+
+def published_rates(targets: pd.DataFrame, arm: Arm) -> pd.DataFrame:
+    """The published rates of exactly this arm's cohort (drug, route, population, regimen by name,
+    premedication, prophylaxis and delay; the horizon may differ), by endpoint: `published` (%) with its
+    exact 95% interval, the patients, the target ids and the targets' horizon. Targets of one endpoint
+    from several trials are pooled (k and n summed)."""
+    from scipy import stats
+
+    same = lambda t: replace(cohort_arm(t), name=arm.name) == arm  # noqa: E731
+    rows = targets[(targets.role != "excluded") & targets.drug.eq(arm.drug)]
+    rows = rows[[same(t) for t in rows.itertuples()]] if len(rows) else rows
+    out = []
+    for endpoint, g in rows.groupby("endpoint", sort=False):
+        k, n = int(g.k.sum()), int(g.n.sum())
+        lo = 0.0 if k == 0 else stats.beta.ppf(0.025, k, n - k + 1)
+        hi = 1.0 if k == n else stats.beta.ppf(0.975, k + 1, n - k)
+        out.append((endpoint, 100 * k / n, 100 * lo, 100 * hi, n, ";".join(g.id), "/".join(f"{h:g}" for h in g.horizon_days.unique())))
+    return pd.DataFrame(out, columns=["endpoint", *PUBLISHED_COLUMNS])

@@ -43,7 +43,7 @@ class Simulator:
         self.cache: dict[str, pd.DataFrame] = {}
 
     def run(self, arm: Arm, horizon_days: float | None = None) -> pd.DataFrame:
-        key = repr((arm.drug, arm.route, arm.population, arm.regimen, arm.premedication, arm.prophylaxis, horizon_days))
+        key = repr((arm.drug, arm.route, arm.population, arm.regimen, arm.premedication, arm.prophylaxis, arm.delay, horizon_days))
         if key not in self.cache:
             settings = TrialSettings(n=self.patients, seed=self.seed, horizon_days=horizon_days, trajectories=0)
             result = run_trial({arm.name: arm}, arm.name, settings, draws=self.draws)
@@ -73,15 +73,10 @@ def predictive(rates: np.ndarray, n: int, rng) -> np.ndarray:
     return rng.binomial(n, np.repeat(rates, REPLICATES)) / n
 
 
-def target_arm(t) -> Arm:
-    none = lambda v: None if pd.isna(v) or v == "none" else v  # noqa: E731
-    return Arm(t.id, t.drug, t.route, t.population, t.regimen, none(t.premedication), none(t.prophylaxis))
-
-
 def targets_table(targets: pd.DataFrame, sim: Simulator, rng) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     rows, rates = [], {}
     for t in targets.itertuples():
-        r = per_draw_rate(sim.run(target_arm(t), float(t.horizon_days)), t.endpoint)
+        r = per_draw_rate(sim.run(published.cohort_arm(t), float(t.horizon_days)), t.endpoint)
         rates[t.id] = r
         pred = predictive(r, int(t.n), rng)
         lo, hi = exact_interval(int(t.k), int(t.n))
@@ -155,14 +150,15 @@ def per_dose_table(targets: pd.DataFrame, sim: Simulator, rng) -> pd.DataFrame:
     posterior interval and the predictive interval of a trial of the published size."""
     per = targets[targets.endpoint.str.startswith("crs_any_dose")]
     rows = []
-    for _, group in per.groupby(["drug", "population", "regimen", "route", "premedication", "prophylaxis"], dropna=False, sort=False):
+    for _, group in per.groupby(list(published.COHORT), dropna=False, sort=False):
         t = group.iloc[0]
-        patients = sim.run(target_arm(t), float(t.horizon_days))
-        periods = prepare_arm(target_arm(t), horizon_days=float(t.horizon_days)).compiled.periods
-        published = {int(r.endpoint.rsplit("dose", 1)[1]): r for r in group.itertuples()}
+        arm = published.cohort_arm(t)
+        patients = sim.run(arm, float(t.horizon_days))
+        periods = prepare_arm(arm, horizon_days=float(t.horizon_days)).compiled.periods
+        by_dose = {int(r.endpoint.rsplit("dose", 1)[1]): r for r in group.itertuples()}
         for k, a in enumerate(periods, start=1):
             r = per_draw_rate(patients, f"crs_any_dose{k}")
-            obs = published.get(k)
+            obs = by_dose.get(k)
             row = dict(drug=t.drug, regimen=t.regimen, period=k, dose=a.label, predicted=r.mean(), lower=np.percentile(r, 2.5),
                        upper=np.percentile(r, 97.5), target=obs.id if obs else "", role=obs.role if obs else "",
                        recalled="recalled" in str(obs.note) if obs else False)

@@ -14,7 +14,6 @@ consistent with the patient's rescue history, the response-assessment effect (`v
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 import jax
@@ -139,17 +138,15 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
         targets["horizon_days"] = np.minimum(targets.horizon_days.astype(float), float(cfg.horizon_days))
     model = model if model is not None else catalogue.load("model", "default")
     params = calibrated_parameters(list(cfg.parameters), float(cfg.prior_truncation_sd), model)
-    keys = ["drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days"]
     cohorts = []
-    for key, group in targets.groupby(keys, sort=False, dropna=False):
-        spec = dict(zip(keys, key))
-        arm = Arm(f"{spec['drug']}_{spec['population']}_{spec['regimen']}", spec["drug"], spec["route"], spec["population"],
-                  spec["regimen"], _none(spec["premedication"]), _none(spec["prophylaxis"]))
-        prepared = prepare_arm(arm, model, float(spec["horizon_days"]))
+    for _, group in targets.groupby(list(published.COHORT), sort=False, dropna=False):
+        t = group.iloc[0]
+        arm = published.cohort_arm(t, f"{t.drug}_{t.population}_{t.regimen}")
+        prepared = prepare_arm(arm, model, float(t.horizon_days))
         scope = parameters.ParameterScope(arm.drug, arm.route, arm.population)
         paths = parameters.parameter_paths([p.config_path for p in params], scope)
         response = population.load(arm.population).response
-        cohorts.append(Cohort(arm, float(spec["horizon_days"]), prepared, group, paths, str(response.kind),
+        cohorts.append(Cohort(arm, float(t.horizon_days), prepared, group, paths, str(response.kind),
                               float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),
                               _omega(prepared, "response.assessment_bias")))
     return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), model)
@@ -161,7 +158,3 @@ def _omega(prepared, path: str) -> float:
     if path not in paths:
         raise ConfigError(f"population/{prepared.arm.population}.variability must give {path}: the endpoints integrate over it")
     return float(prepared.inputs.omegas[paths.index(path)])
-
-
-def _none(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) or x == "none" else x

@@ -44,7 +44,7 @@ def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str
             return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
 
         arms[str(name)] = Arm(str(name), str(a.drug), str(route), str(a.population), reg,
-                              plain(a.get("premedication")), plain(a.get("prophylaxis")))
+                              plain(a.get("premedication")), plain(a.get("prophylaxis")), plain(a.get("delay")))
     ref = exp.get("reference_arm") or next(iter(arms))
     if ref not in arms:
         raise ConfigError(f"experiment.reference_arm '{ref}' is not an arm; allowed: {', '.join(arms)}")

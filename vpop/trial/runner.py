@@ -128,6 +128,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
     check_sizes(n, settings.chunk_size)
     chunk = min(settings.chunk_size, n)
     n_doses = max(len(p.compiled.periods) for p in prepared[0].values())
+    restarts = any(p.compiled.restart_period is not None for p in prepared[0].values())
     store = None if checkpoint_dir is None else _open_store(checkpoint_dir, arms, prepared, settings, n, twins, resume)
     periods = {name: p.compiled.periods for name, p in prepared[0].items()}
     counts = EndpointCounts(list(arms), reference_arm, periods)
@@ -155,7 +156,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                 tables[name] = store.read(name, d, c)
                 resumed += 1
             else:
-                tables[name] = patient_table(p, pending[name].result(), d, n_doses, labels)
+                tables[name] = patient_table(p, pending[name].result(), d, n_doses, labels, restarts)
                 if store is None:
                     kept.append(tables[name])
                 else:

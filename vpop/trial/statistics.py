@@ -142,7 +142,8 @@ class EndpointCounts:
 
 def annotate_summary(summary: pd.DataFrame, arms: dict[str, Arm], periods: dict[str, list], targets: pd.DataFrame) -> pd.DataFrame:
     """summary.csv's evidence and calendar columns: `support` (calibrated | validated | extrapolated,
-    from the published targets), and for per-dose endpoints the dose's cycle, day, hour, amount and unit."""
+    from the published targets), for per-dose endpoints the dose's cycle, day, hour, amount and unit, and
+    where the arm is a published cohort the published rate beside the model's (`targets.published_rates`)."""
     out = summary.copy()
     out["support"] = [published.support(targets, arms[r.arm].drug, arms[r.arm].route, arms[r.arm].population, r.endpoint)
                       for r in summary.itertuples()]
@@ -155,7 +156,10 @@ def annotate_summary(summary: pd.DataFrame, arms: dict[str, Arm], periods: dict[
             cal.append((pd.NA, np.nan, np.nan, np.nan, ""))
     calendar = pd.DataFrame(cal, columns=["cycle", "day", "hour", "amount", "unit"], index=out.index)
     calendar["cycle"] = calendar["cycle"].astype("Int64")
-    return pd.concat([out, calendar], axis=1)
+    observed = pd.concat([published.published_rates(targets, arm).assign(arm=name) for name, arm in arms.items()])
+    out = pd.concat([out, calendar], axis=1).merge(observed, on=["arm", "endpoint"], how="left")
+    out["published_n"] = out["published_n"].astype("Int64")
+    return out
 
 
 def count_endpoints(patients: pd.DataFrame, reference_arm: str | None = None) -> EndpointCounts:

@@ -13,6 +13,8 @@ from vpop.simulate import PreparedArm
 from vpop.trial.arms import response_kind
 
 MAIN_ENDPOINTS = ("orr", "cr", "crs_any", "crs_grade2plus", "crs_grade3plus", "toci_rescue")
+# CRS starting in any dose period from the restart after a delay on (written when an arm has a delay).
+RESTART_ENDPOINTS = ("crs_any_after_restart", "crs_grade2plus_after_restart")
 
 
 def response_margins(prepared: PreparedArm, red: dict, cov: dict) -> endpoints.ResponseMargins:
@@ -26,13 +28,15 @@ PER_DOSE_VALUES = ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng
 
 
 def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None = None,
-                  patient_labels: np.ndarray | None = None) -> pd.DataFrame:
+                  patient_labels: np.ndarray | None = None, restarts: bool | None = None) -> pd.DataFrame:
     """One row per patient: covariates, per-dose-period CRS and exposure, response and endpoints.
 
     n_doses: per-dose columns to write (default: the arm's own); doses the arm does not have are
     null, so arms with different schedules share one table layout (one parquet schema).
     `dose<k>` names the k-th administration by its calendar ("C1D15 60 mg").
     patient_labels: the ids written for internal ids 0..n-1 (digital twins keep the user's ids).
+    restarts: write the restart columns (`RESTART_ENDPOINTS`, null for an arm without a delay; default:
+    when this arm has a delay), so the arms of one trial share one layout.
     """
     red, cov = result.reductions, result.covariates
     n, n_periods = red["crs_grade"].shape
@@ -88,6 +92,10 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         progression=first_pd >= 0,
         b_cell_depletion=red["blood_b_min_fraction"] < endpoints.B_CELL_DEPLETION_FRACTION,
     )
+    restart = prepared.compiled.restart_period
+    if restarts or (restarts is None and restart is not None):
+        for name, g in zip(RESTART_ENDPOINTS, (1, 2)):
+            cols[name] = (grades[:, restart:] >= g).any(axis=1) if restart is not None else missing["bool"]
     for k in range(n_doses):
         cols[f"crs_any_dose{k + 1}"] = grades[:, k] >= 1 if k < n_periods else missing["bool"]
         cols[f"crs_grade2plus_dose{k + 1}"] = grades[:, k] >= 2 if k < n_periods else missing["bool"]
@@ -98,4 +106,5 @@ def endpoint_columns(df: pd.DataFrame) -> list[str]:
     """The binary endpoint columns, main endpoints first."""
     per_dose = sorted((c for c in df.columns if c.startswith(("crs_any_dose", "crs_grade2plus_dose"))),
                       key=lambda c: (c.startswith("crs_grade2plus"), int(c.rsplit("dose", 1)[1])))
-    return [*MAIN_ENDPOINTS, "progression", "b_cell_depletion", *per_dose]
+    restart = [c for c in RESTART_ENDPOINTS if c in df.columns]
+    return [*MAIN_ENDPOINTS, *restart, "progression", "b_cell_depletion", *per_dose]
