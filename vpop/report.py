@@ -24,7 +24,8 @@ from vpop.trial import MAIN_ENDPOINTS, SAMPLE_PATIENTS, TrialResult  # noqa: E40
 
 OUTPUT_FILES = ("summary.csv", "comparisons.csv", "doses.csv", "onsets.csv", "monitoring.csv")
 FIGURES = ("crs_by_dose.png", "crs_onsets.png", "time_courses.png", "waterfall.png", "forest.png")
-# and crs_after_restart.png when an arm holds and restarts treatment (a `delay`)
+# and crs_after_restart.png when an arm holds and restarts treatment (a `delay`), versus_published.png when an
+# arm is a published cohort (summary.csv `published`)
 DOSE_COLUMNS = ["arm", "role", "drug", "dose", "cycle", "day", "hour", "day_from_start", "amount", "unit", "route",
                 "duration_days", "label"]
 
@@ -53,6 +54,8 @@ def write_outputs(result: TrialResult, out_dir: str | Path) -> list[Path]:
         forest(result, figs / "forest.png")
         if any(a.delay is not None for a in result.arms.values()):
             crs_after_restart(result, figs / "crs_after_restart.png")
+        if result.summary.published.notna().any():
+            versus_published(result, figs / "versus_published.png")
         written = []
         dataset = staging / DATASET if result.patients is not None else result.dataset
         for source, target in [*((staging / f, out / f) for f in (*OUTPUT_FILES, "figures")), (dataset, out / DATASET)]:
@@ -150,6 +153,30 @@ def crs_after_restart(result: TrialResult, path: Path) -> None:
     ax.set_xlabel("patients whose CRS starts after the restart (%)")
     ax.set_title("CRS when treatment resumes after a delay", fontsize=10)
     ax.legend(fontsize=7, frameon=False, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def versus_published(result: TrialResult, path: Path) -> None:
+    """Every rate of an arm that is a published cohort beside the published one: the model's estimate
+    with its 95% interval (dot) and the published k/n with its exact 95% interval (diamond), grouped
+    by arm, with the target ids."""
+    rows = result.summary[result.summary.published.notna()].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(rows) + 1.4))
+    y = np.arange(len(rows))[::-1].astype(float)
+    for arm, color in zip(rows.arm.unique(), _colors(rows.arm.nunique())):
+        m = (rows.arm == arm).to_numpy()
+        r = rows[m]
+        ax.errorbar(r.estimate, y[m] + 0.12, xerr=[np.maximum(r.estimate - r.lower, 0), np.maximum(r.upper - r.estimate, 0)],
+                    fmt="o", color=color, ms=4, capsize=2, label=f"{arm} (model)")
+        ax.errorbar(r.published, y[m] - 0.12, xerr=[r.published - r.published_lower, r.published_upper - r.published],
+                    fmt="D", color=color, mfc="white", ms=4, capsize=2, elinewidth=0.8)
+    ax.set_yticks(y, [f"{r.arm}: {r.endpoint} ({r.published_targets})" for r in rows.itertuples()], fontsize=6.5)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("patients (%): model (dot) and published (diamond), 95% intervals")
+    ax.set_title("the model against the published cohorts", fontsize=10)
+    ax.grid(axis="x", lw=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
