@@ -159,7 +159,7 @@ def per_dose_table(targets: pd.DataFrame, sim: Simulator, rng) -> pd.DataFrame:
         for k, a in enumerate(periods, start=1):
             r = per_draw_rate(patients, f"crs_any_dose{k}")
             obs = by_dose.get(k)
-            row = dict(drug=t.drug, regimen=t.regimen, period=k, dose=a.label, predicted=r.mean(), lower=np.percentile(r, 2.5),
+            row = dict(drug=t.drug, regimen=cohort_name(t), period=k, dose=a.label, predicted=r.mean(), lower=np.percentile(r, 2.5),
                        upper=np.percentile(r, 97.5), target=obs.id if obs else "", role=obs.role if obs else "",
                        recalled="recalled" in str(obs.note) if obs else False)
             if obs:
@@ -207,6 +207,16 @@ def sensitivity_table(spec, draws: list[dict], patients: int, seed: int, bar) ->
 PER_DOSE_SHOWN = 10  # periods per regimen in the per-dose figure (the rest are repeated full doses; see the table)
 
 
+def cohort_name(target) -> str:
+    """The regimen's name, and its delay where the cohort restarts after one (a cohort of its own)."""
+    return target.regimen if pd.isna(target.delay) else f"{target.regimen}, restarted ({target.delay})"
+
+
+def shown(periods: pd.DataFrame) -> pd.DataFrame:
+    """The first PER_DOSE_SHOWN periods of a regimen, and any later one with a published rate."""
+    return periods[(periods.period <= PER_DOSE_SHOWN) | (periods.target != "")]
+
+
 def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -216,8 +226,9 @@ def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
     regs = list(dict.fromkeys(per.regimen))
     fig, axes = plt.subplots(len(regs), 1, figsize=(9, 2.5 * len(regs) + 0.6), squeeze=False)
     for ax, reg in zip(axes[:, 0], regs):
-        d = per[per.regimen == reg].head(PER_DOSE_SHOWN)
-        x = d.period.to_numpy()
+        d = shown(per[per.regimen == reg])
+        x = np.arange(len(d)) + 1.0  # shown periods side by side (a restart cohort skips to its published dose)
+        at = dict(zip(d.period, x))
         ax.bar(x, 100 * d.predicted, color="#9ecae1", label="model (95% posterior interval)")
         ax.errorbar(x, 100 * d.predicted, yerr=[100 * np.clip(d.predicted - d.lower, 0, None), 100 * np.clip(d.upper - d.predicted, 0, None)],
                     fmt="none", ecolor="#08519c", capsize=2)
@@ -229,7 +240,7 @@ def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
                                       ("validation", True, dict(fmt="D", color="#d62728", mfc="white", label="recalled (not seen in a source), validation"))):
             q = pub[(pub.role == role) & (pub.recalled == recalled)]
             if len(q):
-                ax.errorbar(q.period + 0.15, 100 * q.observed, yerr=[100 * (q.observed - q.observed_lower), 100 * (q.observed_upper - q.observed)],
+                ax.errorbar(q.period.map(at) + 0.15, 100 * q.observed, yerr=[100 * (q.observed - q.observed_lower), 100 * (q.observed_upper - q.observed)],
                             ms=5, capsize=2, **style)
         mae = 100 * np.mean(np.abs(pub.observed - pub.predicted)) if len(pub) else np.nan
         ax.set_xticks(x, d.dose, fontsize=7, rotation=20)
@@ -312,7 +323,7 @@ def per_dose_markdown(per: pd.DataFrame) -> str:
                   f"later doses: at most {100 * later.predicted.max():.1f}% new CRS per dose" if len(later) else
                   f"**{reg}** ({d.drug.iloc[0]}): mean absolute error {mae:.1f} pp over {len(pub)} published periods", "",
                   "| period | dose | published % (95% CI) | source | model % (95% PI) | abs. error |", "|---|---|---|---|---|---|"]
-        for r in d.head(PER_DOSE_SHOWN).itertuples():
+        for r in shown(d).itertuples():
             if r.target:
                 kind = f"{r.target} {r.role}" + (", recalled" if r.recalled else "")
                 obs = f"{_pct(r.observed)} ({_pct(r.observed_lower)}-{_pct(r.observed_upper)})"
@@ -408,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     targets = published.load("targets")
     targets = targets[targets.role.isin(["calibration", "validation"])]
-    n_arms = targets.groupby(["drug", "route", "population", "regimen", "premedication", "prophylaxis", "horizon_days"], dropna=False).ngroups
+    n_arms = targets.groupby(list(published.COHORT), dropna=False).ngroups
     n_arms += 2 * len(spec.experiments) + len(spec.approved_regimens) + 1
     with tqdm(total=n_arms, unit="arm", disable=not sys.stderr.isatty()) as bar:
         sim = Simulator(draws, args.patients, args.seed, bar)
