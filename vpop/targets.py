@@ -122,6 +122,15 @@ def cohort_arm(target, name: str | None = None) -> Arm:
                none(target.premedication), none(target.prophylaxis), delay)
 
 
+def exact_interval(k: int, n: int) -> tuple[float, float]:
+    """Clopper-Pearson 95% interval of an observed k of n."""
+    from scipy import stats
+
+    lo = 0.0 if k == 0 else stats.beta.ppf(0.025, k, n - k + 1)
+    hi = 1.0 if k == n else stats.beta.ppf(0.975, k + 1, n - k)
+    return float(lo), float(hi)
+
+
 PUBLISHED_COLUMNS = ("published", "published_lower", "published_upper", "published_n", "published_targets", "published_horizon_days")
 
 
@@ -130,15 +139,12 @@ def published_rates(targets: pd.DataFrame, arm: Arm) -> pd.DataFrame:
     premedication, prophylaxis and delay; the horizon may differ), by endpoint: `published` (%) with its
     exact 95% interval, the patients, the target ids and the targets' horizon. Targets of one endpoint
     from several trials are pooled (k and n summed)."""
-    from scipy import stats
-
     same = lambda t: replace(cohort_arm(t), name=arm.name) == arm  # noqa: E731
     rows = targets[(targets.role != "excluded") & targets.drug.eq(arm.drug)]
     rows = rows[[same(t) for t in rows.itertuples()]] if len(rows) else rows
     out = []
     for endpoint, g in rows.groupby("endpoint", sort=False):
         k, n = int(g.k.sum()), int(g.n.sum())
-        lo = 0.0 if k == 0 else stats.beta.ppf(0.025, k, n - k + 1)
-        hi = 1.0 if k == n else stats.beta.ppf(0.975, k + 1, n - k)
+        lo, hi = exact_interval(k, n)
         out.append((endpoint, 100 * k / n, 100 * lo, 100 * hi, n, ";".join(g.id), "/".join(f"{h:g}" for h in g.horizon_days.unique())))
     return pd.DataFrame(out, columns=["endpoint", *PUBLISHED_COLUMNS])

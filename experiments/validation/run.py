@@ -61,13 +61,6 @@ def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
     return patients.groupby("draw")[endpoint].mean().to_numpy(float)
 
 
-def exact_interval(k: int, n: int) -> tuple[float, float]:
-    """Clopper-Pearson 95% interval of an observed k/n."""
-    lo = 0.0 if k == 0 else stats.beta.ppf(0.025, k, n - k + 1)
-    hi = 1.0 if k == n else stats.beta.ppf(0.975, k + 1, n - k)
-    return float(lo), float(hi)
-
-
 def predictive(rates: np.ndarray, n: int, rng) -> np.ndarray:
     """Rates a trial of n patients would report, over posterior draws (rates: one per draw)."""
     return rng.binomial(n, np.repeat(rates, REPLICATES)) / n
@@ -79,7 +72,7 @@ def targets_table(targets: pd.DataFrame, sim: Simulator, rng) -> tuple[pd.DataFr
         r = per_draw_rate(sim.run(published.cohort_arm(t), float(t.horizon_days)), t.endpoint)
         rates[t.id] = r
         pred = predictive(r, int(t.n), rng)
-        lo, hi = exact_interval(int(t.k), int(t.n))
+        lo, hi = published.exact_interval(int(t.k), int(t.n))
         rows.append(dict(target=t.id, endpoint=t.endpoint, role=t.role, observed=t.k / t.n, observed_lower=lo, observed_upper=hi,
                          predicted=r.mean(), lower=np.percentile(pred, 2.5), upper=np.percentile(pred, 97.5),
                          drug=t.drug, population=t.population, route=t.route, n=int(t.n), trial=t.trial))
@@ -163,7 +156,7 @@ def per_dose_table(targets: pd.DataFrame, sim: Simulator, rng) -> pd.DataFrame:
                        upper=np.percentile(r, 97.5), target=obs.id if obs else "", role=obs.role if obs else "",
                        recalled="recalled" in str(obs.note) if obs else False)
             if obs:
-                lo, hi = exact_interval(int(obs.k), int(obs.n))
+                lo, hi = published.exact_interval(int(obs.k), int(obs.n))
                 pred = predictive(r, int(obs.n), rng)
                 row.update(observed=obs.k / obs.n, observed_lower=lo, observed_upper=hi, predictive_lower=np.percentile(pred, 2.5),
                            predictive_upper=np.percentile(pred, 97.5))
