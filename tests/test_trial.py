@@ -90,7 +90,8 @@ def test_support_says_which_rates_rest_on_published_targets(small_trial):
     assert support[("iv", "crs_any")] == "calibrated"  # T03: mosunetuzumab IV in R/R FL
     assert support[("iv", "orr")] == "calibrated"  # T01
     assert support[("sc", "crs_any")] == "validated"  # V01: the SC cohort is predicted, never fitted
-    assert support[("sc", "orr")] == "extrapolated"  # no SC response target
+    assert support[("sc", "orr")] == "validated"  # V31: SC response, predicted
+    assert support[("sc", "crs_grade2plus")] == "extrapolated"  # no SC grade >= 2 target
     assert support[("iv", "b_cell_depletion")] == "extrapolated"
 
 
@@ -394,7 +395,7 @@ def test_shipped_experiments_are_valid():
     from vpop import catalogue, cli
 
     for name in catalogue.available("experiment"):
-        p = cli.plan(_compose(f"+experiment={name}", "draws=2", "horizon_days=42"), cli.experiment_keys(name))
+        p = cli.plan(_compose(f"+experiment={name}", "draws=2"), cli.experiment_keys(name))
         assert p.reference_arm in p.arms and len(p.prepared) == 2, name
         for by_arm in p.prepared:
             for prepared in by_arm.values():
