@@ -32,7 +32,7 @@ def test_prcc_finds_monotone_and_irrelevant_inputs(validation):
     assert r[0] > 0.7 and r[1] < -0.7 and abs(r[2]) < 0.2  # signs and sizes; the third input is noise
 
 
-@pytest.mark.slow  # ~10 min on 2 CPU cores (about 20 arms, each its own compilation): python -m pytest -m slow
+@pytest.mark.slow  # ~5 min on 2 CPU cores (about 20 arms, each its own compilation): python -m pytest -m slow
 def test_report_on_a_tiny_population(validation, tmp_path):
     if not posterior.default_path().is_file():
         pytest.fail("the shipped posterior vpop/data/posterior_default.nc is missing")
