@@ -25,7 +25,8 @@ from vpop import catalogue, posterior, report
 from vpop.catalogue import ConfigError
 from vpop.population import TWIN_FILL
 from vpop.simulate import Arm, PreparedArm, check_sizes
-from vpop.trial import MAIN_ENDPOINTS, RESTART_ENDPOINTS, TrialResult, TrialSettings, arms_from_config, prepare_draws, run_trial
+from vpop.trial import MAIN_ENDPOINTS, TrialResult, TrialSettings, arms_from_config, prepare_draws, run_trial
+from vpop.trial.table import endpoint_names
 
 log = logging.getLogger("vpop")
 
@@ -152,10 +153,7 @@ def _settings(cfg: DictConfig) -> TrialSettings:
 
 def trial_endpoints(prepared: PreparedArm) -> list[str]:
     """Every endpoint of summary.csv for one arm (what an objective may name)."""
-    doses = range(1, len(prepared.compiled.periods) + 1)
-    restart = RESTART_ENDPOINTS if prepared.compiled.restart_period is not None else ()
-    return [*MAIN_ENDPOINTS, *restart, "progression", "b_cell_depletion", *(f"crs_any_dose{k}" for k in doses),
-            *(f"crs_grade2plus_dose{k}" for k in doses)]
+    return endpoint_names(len(prepared.compiled.periods), prepared.compiled.restart_period is not None)
 
 
 def plan(cfg: DictConfig, experiment_keys=()) -> Plan:

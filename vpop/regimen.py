@@ -331,17 +331,15 @@ def compile_arm(regimen, drug_name: str, route: str, premedication=None, prophyl
     parameters.check_route(drug, route, f"{where}.route")
     reg = load_regimen(regimen, f"{where}.regimen")
     admins = expand_doses(reg, drug, route, f"{where}.regimen")
-    periods = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
-    if not periods:
+    planned = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
+    if not planned:
         raise ConfigError(f"{where}.regimen: no dose of {drug_name}")
-    numbers = {id(a): k for k, a in enumerate(periods, start=1)}
-    admins = [replace(a, dose_number=numbers[id(a)]) if id(a) in numbers else a for a in admins]
-    planned_end = max(a.day for a in admins if a.drug_kind == "bispecific")
+    admins = [a for a in admins if a.drug_kind != "bispecific"] + [replace(a, dose_number=k) for k, a in enumerate(planned, 1)]
     admins, restart = apply_delay(delay, admins, f"{where}.delay")
     periods = sorted((a for a in admins if a.drug_kind == "bispecific"), key=lambda a: a.day)
     admins += _premedication(premedication, periods, f"{where}.premedication")
     admins += _prophylaxis(prophylaxis, periods, f"{where}.prophylaxis")
-    moved = periods[-1].day - planned_end
+    moved = periods[-1].day - planned[-1].day  # how far a delay pushed the last dose
     horizon = float(horizon_days if horizon_days is not None else regimen_days(reg) + moved)
     if not horizon > 0:
         raise ConfigError(f"{where}: horizon_days must be positive, got {horizon}")

@@ -12,7 +12,7 @@ endpoints), `statistics` (rates, paired differences, intervals) and `runner` (`r
 from vpop.trial.arms import TrialSettings, arms_from_config, prepare_draws
 from vpop.trial.runner import SAMPLE_PATIENTS, TrialResult, run_trial
 from vpop.trial.statistics import EndpointCounts, compare, count_endpoints
-from vpop.trial.table import MAIN_ENDPOINTS, RESTART_ENDPOINTS, patient_table
+from vpop.trial.table import MAIN_ENDPOINTS, patient_table
 
-__all__ = ["MAIN_ENDPOINTS", "RESTART_ENDPOINTS", "SAMPLE_PATIENTS", "EndpointCounts", "TrialResult", "TrialSettings", "arms_from_config",
+__all__ = ["MAIN_ENDPOINTS", "SAMPLE_PATIENTS", "EndpointCounts", "TrialResult", "TrialSettings", "arms_from_config",
            "compare", "count_endpoints", "patient_table", "prepare_draws", "run_trial"]

@@ -102,9 +102,14 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
     return pd.DataFrame(cols)
 
 
+def endpoint_names(n_doses: int, restarts: bool = False) -> list[str]:
+    """Every binary endpoint of an arm with `n_doses` dose periods (and a delay: `restarts`), main
+    endpoints first: the columns summary.csv counts and an objective may name."""
+    doses = range(1, n_doses + 1)
+    return [*MAIN_ENDPOINTS, *(RESTART_ENDPOINTS if restarts else ()), "progression", "b_cell_depletion",
+            *(f"crs_any_dose{k}" for k in doses), *(f"crs_grade2plus_dose{k}" for k in doses)]
+
+
 def endpoint_columns(df: pd.DataFrame) -> list[str]:
-    """The binary endpoint columns, main endpoints first."""
-    per_dose = sorted((c for c in df.columns if c.startswith(("crs_any_dose", "crs_grade2plus_dose"))),
-                      key=lambda c: (c.startswith("crs_grade2plus"), int(c.rsplit("dose", 1)[1])))
-    restart = [c for c in RESTART_ENDPOINTS if c in df.columns]
-    return [*MAIN_ENDPOINTS, *restart, "progression", "b_cell_depletion", *per_dose]
+    """The binary endpoint columns of a patient table (`endpoint_names` of its layout)."""
+    return endpoint_names(sum(c.startswith("crs_any_dose") for c in df.columns), RESTART_ENDPOINTS[0] in df.columns)
