@@ -151,6 +151,25 @@ def test_lymphoma_response_criteria():
     assert _best("lymphoma", burden[1:2], delta=0.4)[0] == ["SD"]
 
 
+def test_solid_tumour_response_by_recist():
+    """RECIST 1.1 reads diameters (volume^(1/3)): PR at a 30% fall of the sum (volume 0.343), PD at a 20%
+    rise from nadir (volume x 1.728), CR when the residual volume is below the population's threshold."""
+    burden = np.array([
+        [0.5, 0.2, 0.004],  # CR: 0.4 mL left, below the 0.5 mL residual
+        [0.3, 0.3, 0.3],  # PR: diameters 0.3^(1/3) = 0.67 <= 0.7
+        [0.5, 0.45, 0.4],  # SD: diameters 0.74 at best
+        [1.8, 2.0, 2.5],  # PD at the first assessment: diameters 1.22 >= 1.2
+        [0.3, 0.3, 0.53],  # PR, then PD: diameters 0.81 >= 1.2 x nadir 0.67
+        [0.3, 0.3, 0.5],  # PR, diameters 0.79 < 1.2 x 0.67: not progression
+    ])
+    best, first_pd = _best("solid", burden, residual=0.5)
+    assert best == ["CR", "PR", "SD", "PD", "PR", "PR"]
+    np.testing.assert_array_equal(first_pd, [-1, -1, -1, 0, 2, -1])
+    # At the PR edge: a 64% volume fall leaves diameters at 0.711 (SD), a 66% fall at 0.698 (PR).
+    assert _best("solid", np.array([[0.36]]), residual=0.5)[0] == ["SD"]
+    assert _best("solid", np.array([[0.34]]), residual=0.5)[0] == ["PR"]
+
+
 def test_regrowth_from_complete_response_is_not_progression_until_measurable():
     best, first_pd = _best("lymphoma", np.array([[0.001, 0.005, 0.01]]))  # 0.1 -> 1 mL: +50% but below the CR residual
     assert best == ["CR"] and first_pd[0] == -1

@@ -43,7 +43,10 @@ $\Phi(\log(c/b^*)/\omega_b)$.
   threshold, PD at >= 50% increase of SPD from nadir with a measurable lesion (Cheson 2007, as in the
   pivotal trials; Lugano 2014 judges lesion by lesion, which one tumour compartment cannot);
 - leukaemia: CR/CRh when marrow blasts fall below 5% (counts are not modelled, so CR and CRh are one);
-- myeloma: PR at >= 50% and CR at >= 99% reduction of the malignant burden (an M-protein proxy).
+- myeloma: PR at >= 50% and CR at >= 99% reduction of the malignant burden (an M-protein proxy);
+- solid (RECIST 1.1, Eisenhauer 2009 Eur J Cancer 45:228): the sum of target-lesion diameters ~
+  volume^(1/3); PR at >= 30% decrease, CR when the residual volume is below a threshold (lesions
+  gone), PD at >= 20% increase of the sum from its nadir with a measurable lesion.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import numpy as np
 from jax import Array
 
 RESPONSES = ("CR", "PR", "SD", "PD")
-RESPONSE_KINDS = ("lymphoma", "leukaemia", "myeloma")
+RESPONSE_KINDS = ("lymphoma", "leukaemia", "myeloma", "solid")
 GRADES = 4  # ASTCT grades 1-4
 
 # Response criteria (shared by the trial's 0/1 endpoints and the calibration's expectations).
@@ -67,6 +70,8 @@ LEUKAEMIA_PD_BLAST_FOLD = 1.25  # PD: blasts >= 125% of baseline [G]
 MYELOMA_PR_BURDEN_FRACTION = 0.5  # PR: >= 50% reduction (IMWG, Kumar 2016 Lancet Oncol 17:e328)
 MYELOMA_CR_BURDEN_FRACTION = 0.01  # CR proxy: >= 99% reduction of the malignant pool [G]
 MYELOMA_PD_BURDEN_FOLD = 1.25  # PD: >= 25% increase from nadir (IMWG)
+SOLID_PR_DIAMETER_FRACTION = 0.7  # PR: sum of diameters >= 30% below baseline (RECIST 1.1, Eisenhauer 2009)
+SOLID_PD_DIAMETER_FOLD = 1.2  # PD: sum of diameters >= 120% of nadir (RECIST 1.1)
 B_CELL_DEPLETION_FRACTION = 0.1  # B-cell depletion: blood B cells below 10% of baseline at any time [G]
 # PD also needs an absolute rise (IMWG asks >= 0.5 g/dL of M-protein besides the 25%): here a rise of at
 # least 5% of the baseline burden [G], so that regrowth from a (near-)zero nadir is not progression.
@@ -76,6 +81,18 @@ MYELOMA_PD_MIN_RISE_FRACTION = 0.05
 def spd_fraction(volume_fraction):
     """SPD relative to baseline from tumour volume relative to baseline (SPD ~ volume^(2/3))."""
     return volume_fraction ** (2.0 / 3.0)
+
+
+def diameter_fraction(volume_fraction):
+    """Sum of lesion diameters relative to baseline from tumour volume relative to baseline
+    (diameter ~ volume^(1/3); RECIST's measure)."""
+    return volume_fraction ** (1.0 / 3.0)
+
+
+def measured_fraction(kind: str, volume_fraction):
+    """What the response criteria of `kind` read from a burden relative to baseline: SPD (lymphoma),
+    the sum of diameters (solid), the burden itself (myeloma; leukaemia reads marrow blasts instead)."""
+    return {"lymphoma": spd_fraction, "solid": diameter_fraction}.get(kind, lambda v: v)(volume_fraction)
 
 
 def marrow_blast_percent(marrow_fraction, baseline_percent, xp=np):
@@ -241,13 +258,15 @@ def response_margins(kind: str, burden_at, marrow_fraction_at, baseline_volume_m
         return ResponseMargins(r, r, best, first, first < burden_at.shape[-1])
     assessed = ~xp.isnan(burden_at)
     b = xp.where(assessed, xp.maximum(burden_at, 0.0), 1.0)
-    if kind == "lymphoma":
-        spd = spd_fraction(b)
-        nadir = xp.concatenate([xp.ones_like(spd[..., :1]), spd[..., :-1]], axis=-1)
+    if kind in ("lymphoma", "solid"):  # lesions measured by SPD (volume^2/3) or by diameters (volume^1/3)
+        measured = measured_fraction(kind, b)
+        nadir = xp.concatenate([xp.ones_like(measured[..., :1]), measured[..., :-1]], axis=-1)
         nadir = _cummin(nadir, xp)
         measurable = b * baseline_volume_ml[..., None] > cr_residual_volume_ml
-        progressed = assessed & (spd >= LYMPHOMA_PD_SPD_FOLD * nadir) & measurable
-        pr, cr = LYMPHOMA_PR_SPD_FRACTION ** 1.5, cr_residual_volume_ml / xp.maximum(baseline_volume_ml, 1e-12)
+        pd_fold, pr_measured, power = ((LYMPHOMA_PD_SPD_FOLD, LYMPHOMA_PR_SPD_FRACTION, 1.5) if kind == "lymphoma"
+                                       else (SOLID_PD_DIAMETER_FOLD, SOLID_PR_DIAMETER_FRACTION, 3.0))
+        progressed = assessed & (measured >= pd_fold * nadir) & measurable
+        pr, cr = pr_measured ** power, cr_residual_volume_ml / xp.maximum(baseline_volume_ml, 1e-12)
     else:
         nadir = _cummin(xp.concatenate([xp.ones_like(b[..., :1]), b[..., :-1]], axis=-1), xp)
         progressed = assessed & (b >= MYELOMA_PD_BURDEN_FOLD * nadir) & (b - nadir >= MYELOMA_PD_MIN_RISE_FRACTION)

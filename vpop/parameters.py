@@ -26,7 +26,10 @@ from vpop.model.compartments import ByCompartment
 from vpop.model.system import Params, PatientCovariates
 
 ROUTES = ("iv", "sc", "civ", "oral")
-TARGETS = ("CD20", "CD19", "BCMA")
+# Engaged antigens. Normal B cells carry CD20 and CD19 (B-cell aplasia); BCMA and GPRC5D sit on plasma
+# cells, DLL3 on neuroendocrine tumour cells and gp100 (presented by HLA-A*02:01) on melanoma cells
+# and melanocytes, none of them on the modelled normal B cells.
+TARGETS = ("CD20", "CD19", "BCMA", "GPRC5D", "DLL3", "gp100")
 DRUG_KINDS = ("bispecific", "tocilizumab", "dexamethasone", "anti_cd20")
 
 
@@ -281,7 +284,8 @@ def mosteller_bsa_m2(height_cm, weight_kg):
 
 
 class PKCovariates(NamedTuple):
-    """Power covariate model of a drug's PK: theta x (weight/ref)^a x (BSA/ref)^b."""
+    """Covariate model of a drug's PK: theta x (weight/ref)^a x (BSA/ref)^b, and clearance times
+    `cl_female_factor` in women."""
 
     reference_weight_kg: float
     reference_bsa_m2: float
@@ -290,6 +294,7 @@ class PKCovariates(NamedTuple):
     v2_weight_exponent: float
     q_weight_exponent: float
     cl_bsa_exponent: float
+    cl_female_factor: float
 
 
 def pk_covariates(drug_name: str) -> PKCovariates:
@@ -305,13 +310,13 @@ def pk_covariates(drug_name: str) -> PKCovariates:
             raise ConfigError(f"drug/{drug_name}.covariates.{ref} is missing: {', '.join(used)} scale by it "
                               "(the population PK model's reference value)")
         references[ref] = given.get(ref, 1.0)  # 1.0 when unused: x ** 0 is 1 whatever the reference
-    return PKCovariates(**references, **exponents)
+    return PKCovariates(**references, **exponents, cl_female_factor=given.get("cl_female_factor", 1.0))
 
 
-def apply_pk_covariates(p: pk.PKParams, cov: PKCovariates, weight_kg, bsa_m2) -> pk.PKParams:
+def apply_pk_covariates(p: pk.PKParams, cov: PKCovariates, weight_kg, bsa_m2, female) -> pk.PKParams:
     w = weight_kg / cov.reference_weight_kg
     b = bsa_m2 / cov.reference_bsa_m2
-    cl_factor = w**cov.cl_weight_exponent * b**cov.cl_bsa_exponent
+    cl_factor = w**cov.cl_weight_exponent * b**cov.cl_bsa_exponent * jnp.where(female > 0.5, cov.cl_female_factor, 1.0)
     return p._replace(
         cl_l_per_day=p.cl_l_per_day * cl_factor,
         cl_decay_l_per_day=p.cl_decay_l_per_day * cl_factor,

@@ -265,7 +265,7 @@ def individual_params(typical: Params, cov: Covariates, phys: Physiology, pk_cov
     p = parameters.apply_variability(typical, paths, omegas, jax.random.fold_in(key, parameters.stream_id("random_effects")))
     bsa = cov.bsa_m2
     p = p._replace(
-        bispecific_pk=parameters.apply_pk_covariates(p.bispecific_pk, pk_cov, cov.weight_kg, bsa),
+        bispecific_pk=parameters.apply_pk_covariates(p.bispecific_pk, pk_cov, cov.weight_kg, bsa, cov.female),
         patient=PatientCovariates(weight_kg=cov.weight_kg, bsa_m2=bsa),
     )
     tumour_ml = jnp.maximum(cov.tumour_volume_ml, 1.0)  # keeps the (empty) tumour compartment finite

@@ -80,3 +80,36 @@ def draws(posterior: str | None, n_draws: int, seed: int = 0) -> list[dict[str, 
         raise ConfigError(f"draws={n_draws}: posterior '{posterior}' holds {total} draws; allowed: 1-{total}")
     idx = np.random.default_rng(seed).permutation(total)[:n_draws]
     return [{v: float(flat[v][i]) for v in names} for i in idx]
+
+
+def extend(base: str, addition, seed: int = 0):
+    """The InferenceData of posterior `base` (`default` or a path) with the posterior draws of
+    `addition` (a calibration of new parameters with the base's held at their medians,
+    `calibration.extends`) joined to it: every base draw gets one draw of the new parameters, picked at
+    random (without replacement where the addition has enough). The base's other groups are kept, and
+    the addition's predictive rates are added beside them where the draw counts agree.
+
+    The joint draws treat the new parameters as independent of the shared ones given the data; that
+    holds as far as the new targets barely inform the shared mechanism (they are left out of its fit)."""
+    import xarray as xr
+
+    az = arviz()
+    load(base)  # refuses a missing file or another model version
+    path = default_path() if base == DEFAULT else Path(base)
+    out = az.from_netcdf(path)
+    out.posterior.load()
+    shape = (out.posterior.sizes["chain"], out.posterior.sizes["draw"])
+    new = [v for v in addition.posterior.data_vars if "." in v]
+    flat = {v: np.asarray(addition.posterior[v]).reshape(-1) for v in new}
+    total = len(next(iter(flat.values())))
+    need = shape[0] * shape[1]
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(total)[:need] if total >= need else rng.integers(0, total, need)
+    out.posterior = out.posterior.assign({v: (("chain", "draw"), flat[v][idx].reshape(shape)) for v in new})
+    for group in ("posterior_predictive", "prior_predictive"):
+        if group in out.groups() and group in addition.groups():
+            mine, theirs = getattr(out, group), getattr(addition, group)
+            if dict(mine.sizes) == dict(theirs.sizes):
+                setattr(out, group, xr.merge([mine, theirs[[v for v in theirs.data_vars if v not in mine]]]))
+    out.posterior.attrs.update(extended_with=", ".join(new))
+    return out

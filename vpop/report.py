@@ -260,13 +260,14 @@ def time_courses(result: TrialResult, path: Path) -> None:
 _WATERFALL = {
     "lymphoma": ("best_change_percent", "best change of SPD from baseline (%)", [(-50, "PR: -50% SPD")]),
     "myeloma": ("best_change_percent", "best change of malignant burden (%)", [(-50, "PR: -50%"), (-99, "CR: -99%")]),
+    "solid": ("best_change_percent", "best change of the sum of diameters (%)", [(-30, "PR: -30%"), (20, "PD: +20%")]),
     "leukaemia": ("best_marrow_blast_percent", "lowest marrow blasts (%)", [(endpoints.LEUKAEMIA_CR_BLAST_PERCENT, "CR/CRh: blasts < 5%")]),
 }
 
 
 def waterfall(result: TrialResult, path: Path) -> None:
     """Best response per patient, sorted, per arm (draw 0, first SAMPLE_PATIENTS patients): change of
-    SPD (lymphoma) or malignant burden (myeloma), or the lowest marrow blast percentage (leukaemia),
+    SPD (lymphoma), sum of diameters (solid), malignant burden (myeloma), or the lowest marrow blast percentage (leukaemia),
     with the response criterion drawn."""
     p = result.sample
     arms = list(result.arms)

@@ -47,12 +47,14 @@ def design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]:
     """What a saved design must agree on to be reused: the model version and a digest of the model's
     numbers (the app's `model` group, overrides included; not the nominals of the calibrated ones,
     which the design sets), the fitted parameters (unconstrained scale), the targets (logit scale, in
-    this order) and the virtual cohorts (patients, seed, horizon cap; -1 for none)."""
+    this order), the virtual cohorts (patients, seed, horizon cap; -1 for none) and, with
+    `calibration.extends`, the base posterior's medians."""
     model = (problem.model if problem.model is not None else catalogue.load("model", "default")).copy()
     for p in problem.parameters:
         if p.config_path.startswith("model."):
             OmegaConf.update(model, p.config_path.removeprefix("model.") + ".nominal", None)
-    return {"model_version": np.asarray(model_version),
+    base = {"base_medians": np.asarray(run_key([repr(sorted(problem.fixed.items()))]))} if problem.fixed else {}
+    return {**base, "model_version": np.asarray(model_version),
             "model_config": np.asarray(run_key([OmegaConf.to_yaml(model, sort_keys=True)])),
             "parameters": np.asarray([p.config_path for p in problem.parameters]),
             "targets": np.asarray(list(problem.targets.id)),

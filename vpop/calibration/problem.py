@@ -14,7 +14,7 @@ consistent with the patient's rescue history, the response-assessment effect (`v
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from vpop import catalogue, endpoints, parameters, population
+from vpop import catalogue, endpoints, parameters, population, posterior
 from vpop import targets as published
 from vpop.calibration.priors import CalibratedParameter, calibrated_parameters, constrain_all
 from vpop.catalogue import ConfigError
@@ -58,6 +58,7 @@ class Problem:
     patients: int
     seed: int
     model: DictConfig | None = None  # the model config the cohorts were prepared with
+    fixed: dict = field(default_factory=dict)  # base-posterior medians held fixed (`calibration.extends`)
     inputs: object = None
     variability_paths: tuple = ()
     covariates: object = None
@@ -138,18 +139,37 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
         targets["horizon_days"] = np.minimum(targets.horizon_days.astype(float), float(cfg.horizon_days))
     model = model if model is not None else catalogue.load("model", "default")
     params = calibrated_parameters(list(cfg.parameters), float(cfg.prior_truncation_sd), model)
+    fixed = base_medians(cfg, params)
     cohorts = []
     for _, group in targets.groupby(list(published.COHORT), sort=False, dropna=False):
         t = group.iloc[0]
         arm = published.cohort_arm(t, f"{t.drug}_{t.population}_{t.regimen}")
         prepared = prepare_arm(arm, model, float(t.horizon_days))
         scope = parameters.ParameterScope(arm.drug, arm.route, arm.population)
+        if fixed:  # the base posterior's parameters held at their medians
+            typical = parameters.substitute(prepared.inputs.typical, parameters.parameter_paths(fixed, scope), fixed)
+            prepared = replace(prepared, inputs=prepared.inputs._replace(typical=typical))
         paths = parameters.parameter_paths([p.config_path for p in params], scope)
         response = population.load(arm.population).response
         cohorts.append(Cohort(arm, float(t.horizon_days), prepared, group, paths, str(response.kind),
                               float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),
                               _omega(prepared, "response.assessment_bias")))
-    return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), model)
+    return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), model, fixed)
+
+
+def base_medians(cfg: DictConfig, params: list[CalibratedParameter]) -> dict[str, float]:
+    """With `calibration.extends` (a posterior: `default` or a path), the medians of its parameters,
+    which the cohorts hold fixed while only `calibration.parameters` are fitted; refused when a fitted
+    parameter is already in it. Without it, nothing (every parameter not fitted stays at its nominal)."""
+    if not cfg.get("extends"):
+        return {}
+    base = posterior.load(str(cfg.extends))
+    names = [v for v in base.data_vars if "." in v]
+    again = sorted({p.config_path for p in params} & set(names))
+    if again:
+        raise ConfigError(f"calibration.extends: {', '.join(again)} already in posterior '{cfg.extends}'; "
+                          "extend a posterior with new parameters only, or recalibrate it whole")
+    return {v: float(np.median(np.asarray(base[v]))) for v in names}
 
 
 def _omega(prepared, path: str) -> float:

@@ -17,6 +17,7 @@ from vpop.calibration.problem import build_problem
 from vpop.calibration.sampling import nuts, predict, thin
 from vpop.catalogue import ConfigError
 from vpop.model import VERSION as model_version
+from vpop.posterior import extend
 
 log = logging.getLogger("vpop")
 
@@ -70,7 +71,9 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False, model: DictConfi
         ppc["emulator_gap_percent"] = ppc.target.map(gap)
     prior_ppc = ppc_table(full_problem.targets, prior_rates, int(cfg.seed))
 
-    files = _write(out_dir, idata, summary, ppc, prior_ppc, emulator_error, design_u, design_y, fit_problem, cfg)
+    # With `extends`, posterior.nc is the base posterior with the new parameters' draws joined to it.
+    written = extend(str(cfg.extends), idata, int(cfg.seed)) if cfg.get("extends") else idata
+    files = _write(out_dir, written, summary, ppc, prior_ppc, emulator_error, design_u, design_y, fit_problem, cfg)
     figures(idata, names, ppc, prior_ppc, Path(out_dir) / "figures")
     return files
 

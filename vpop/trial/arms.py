@@ -52,7 +52,7 @@ def arms_from_config(experiment: DictConfig | dict) -> tuple[dict[str, Arm], str
 
 
 def response_kind(prepared: PreparedArm) -> str:
-    """How the arm's population responds: lymphoma (SPD), leukaemia (marrow blasts) or myeloma."""
+    """How the arm's population responds: lymphoma (SPD), leukaemia (marrow blasts), myeloma or solid (RECIST)."""
     kind = prepared.population.get("response", {}).get("kind", "lymphoma")
     if kind not in endpoints.RESPONSE_KINDS:
         raise ConfigError(f"population/{prepared.arm.population}.response.kind must be one of {endpoints.RESPONSE_KINDS}")

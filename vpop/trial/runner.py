@@ -39,7 +39,7 @@ class TrialResult:
     comparisons: pd.DataFrame
     periods: dict[str, list]  # per arm, its administrations of the bispecific (regimen.Administration), in order
     administrations: dict[str, list]  # per arm, every administration (co-medications too)
-    response_kinds: dict[str, str]  # per arm: lymphoma | leukaemia | myeloma
+    response_kinds: dict[str, str]  # per arm: lymphoma | leukaemia | myeloma | solid
     sample: pd.DataFrame
     onsets: pd.DataFrame  # onsets.csv: when CRS starts after each dose (`vpop.trial.monitoring`)
     monitoring: pd.DataFrame  # monitoring.csv: CRS onsets outside a monitoring policy

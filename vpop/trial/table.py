@@ -71,7 +71,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
     first_pd = np.where(margins.progressed, margins.first_pd, -1)
     # Best change as assessed: the smallest burden before progression, read through the assessment effect.
     best_fraction = np.exp(margins.best_log + delta)
-    best_change = (endpoints.spd_fraction(best_fraction) if kind == "lymphoma" else best_fraction) - 1.0
+    best_change = endpoints.measured_fraction(kind, best_fraction) - 1.0
     blasts = (endpoints.marrow_blast_percent(best_fraction, cov["marrow_malignant_percent"]) if kind == "leukaemia"
               else np.full(n, np.nan))
     days = result.assessment_day
