@@ -263,10 +263,11 @@ def response_margins(kind: str, burden_at, marrow_fraction_at, baseline_volume_m
         nadir = xp.concatenate([xp.ones_like(measured[..., :1]), measured[..., :-1]], axis=-1)
         nadir = _cummin(nadir, xp)
         measurable = b * baseline_volume_ml[..., None] > cr_residual_volume_ml
-        pd_fold, pr_measured, power = ((LYMPHOMA_PD_SPD_FOLD, LYMPHOMA_PR_SPD_FRACTION, 1.5) if kind == "lymphoma"
-                                       else (SOLID_PD_DIAMETER_FOLD, SOLID_PR_DIAMETER_FRACTION, 3.0))
+        # PR threshold on the measure, and the power that turns the measure back into volume.
+        pd_fold, pr_measured, to_volume = ((LYMPHOMA_PD_SPD_FOLD, LYMPHOMA_PR_SPD_FRACTION, 1.5) if kind == "lymphoma"
+                                           else (SOLID_PD_DIAMETER_FOLD, SOLID_PR_DIAMETER_FRACTION, 3.0))
         progressed = assessed & (measured >= pd_fold * nadir) & measurable
-        pr, cr = pr_measured ** power, cr_residual_volume_ml / xp.maximum(baseline_volume_ml, 1e-12)
+        pr, cr = pr_measured ** to_volume, cr_residual_volume_ml / xp.maximum(baseline_volume_ml, 1e-12)
     else:
         nadir = _cummin(xp.concatenate([xp.ones_like(b[..., :1]), b[..., :-1]], axis=-1), xp)
         progressed = assessed & (b >= MYELOMA_PD_BURDEN_FOLD * nadir) & (b - nadir >= MYELOMA_PD_MIN_RISE_FRACTION)
