@@ -241,18 +241,17 @@ def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
 
 
 def test_extending_a_posterior_holds_its_medians_and_joins_the_new_draws(tmp_path):
-    """`calibration.extends`: the base posterior's parameters are held at their medians in every cohort,
-    a parameter already in it is refused, and the written posterior is the base's draws unchanged with
-    one draw of each new parameter per base draw."""
+    """`calibration.extends`: the base posterior's other parameters are held at their medians in every
+    cohort, and the written posterior is the base's draws unchanged with one draw of each fitted
+    parameter per base draw (replacing the base's draws of it)."""
     base = posterior.load("default")
     shared = "model.crs.grade1_pg_ml"
-    with pytest.raises(ConfigError, match="already in posterior"):
-        calibration.build_problem(_cfg(extends="default", parameters=[shared]), roles=("calibration",))
     new = "drug.tarlatamab.engagement.kd_activation_ng_ml"
     fit = calibration.build_problem(_cfg(extends="default", parameters=[new], only_targets=["N03"], horizon_days=7,
                                          patients_per_cohort=2), roles=("calibration",))
     held = parameters.get_path(fit._typicals[0], "crs.grade1_pg_ml")
     assert abs(float(held) / float(np.median(np.asarray(base[shared]))) - 1) < 1e-5
+    assert new not in fit.fixed and shared in fit.fixed
 
     addition = posterior.arviz().from_dict(posterior={new: np.random.default_rng(0).lognormal(3.0, 0.2, (2, 300))})
     joined = posterior.extend("default", addition, seed=1)

@@ -193,11 +193,12 @@ def test_myeloma_zero_burden_is_complete_response_not_progression():
     np.testing.assert_array_equal(first_pd, [2, -1, 2])
 
 
-def test_smooth_response_probabilities_are_the_expectation_over_the_assessment_effect():
+@pytest.mark.parametrize("kind", ["lymphoma", "solid"])
+def test_smooth_response_probabilities_are_the_expectation_over_the_assessment_effect(kind):
     rng = np.random.default_rng(2)
     burden = np.exp(rng.normal(-1.5, 1.5, (200, 4)))
     volume = np.exp(rng.normal(4.0, 1.0, 200))
-    m = endpoints.response_margins("lymphoma", burden, burden, volume, volume, 2.0)
+    m = endpoints.response_margins(kind, burden, burden, volume, volume, 2.0)
     p = endpoints.response_probabilities(endpoints.ResponseMargins(*(jnp.asarray(x) for x in m)), 0.3)
     delta = rng.normal(0.0, 0.3, (2000, 1))
     best = np.stack([endpoints.best_response(m, d) for d in np.broadcast_to(delta, (2000, 200))])

@@ -274,7 +274,9 @@ def response_margins(kind: str, burden_at, marrow_fraction_at, baseline_volume_m
         pr, cr = MYELOMA_PR_BURDEN_FRACTION, MYELOMA_CR_BURDEN_FRACTION
     first = _first_true(progressed, xp)
     best = _best_log(xp.where(assessed, b, xp.inf), first, xp)
-    return ResponseMargins(xp.log(pr) - best, xp.log(cr) - best, best, first, first < burden_at.shape[-1])
+    # A CR is a response: where the CR residual is the easier bar (a baseline tumour of a few mL), it
+    # sets the ORR margin too, as `best_response` counts it.
+    return ResponseMargins(xp.log(xp.maximum(pr, cr)) - best, xp.log(cr) - best, best, first, first < burden_at.shape[-1])
 
 
 def _cummin(x, xp):

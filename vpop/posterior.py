@@ -84,10 +84,11 @@ def draws(posterior: str | None, n_draws: int, seed: int = 0) -> list[dict[str, 
 
 def extend(base: str, addition, seed: int = 0):
     """The InferenceData of posterior `base` (`default` or a path) with the posterior draws of
-    `addition` (a calibration of new parameters with the base's held at their medians,
-    `calibration.extends`) joined to it: every base draw gets one draw of the new parameters, picked at
-    random (without replacement where the addition has enough). The base's other groups are kept, and
-    the addition's predictive rates are added beside them where the draw counts agree.
+    `addition` (a calibration of some parameters with the base's others held at their medians,
+    `calibration.extends`) joined to it: every base draw gets one draw of the added parameters, picked
+    at random (without replacement where the addition has enough), replacing the base's draws of any
+    it already had. The base's other groups are kept, and the addition's predictive rates are added
+    beside them where the draw counts agree (replacing the base's rates of the same targets).
 
     The joint draws treat the new parameters as independent of the shared ones given the data; that
     holds as far as the new targets barely inform the shared mechanism (they are left out of its fit)."""
@@ -110,6 +111,6 @@ def extend(base: str, addition, seed: int = 0):
         if group in out.groups() and group in addition.groups():
             mine, theirs = getattr(out, group), getattr(addition, group)
             if dict(mine.sizes) == dict(theirs.sizes):
-                setattr(out, group, xr.merge([mine, theirs[[v for v in theirs.data_vars if v not in mine]]]))
+                setattr(out, group, xr.merge([mine.drop_vars([v for v in theirs.data_vars if v in mine]), theirs]))
     out.posterior.attrs.update(extended_with=", ".join(new))
     return out

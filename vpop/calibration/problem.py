@@ -158,18 +158,15 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
 
 
 def base_medians(cfg: DictConfig, params: list[CalibratedParameter]) -> dict[str, float]:
-    """With `calibration.extends` (a posterior: `default` or a path), the medians of its parameters,
-    which the cohorts hold fixed while only `calibration.parameters` are fitted; refused when a fitted
-    parameter is already in it. Without it, nothing (every parameter not fitted stays at its nominal)."""
+    """With `calibration.extends` (a posterior: `default` or a path), the medians of its parameters
+    other than the fitted ones, which the cohorts hold fixed while only `calibration.parameters` are
+    fitted (a fitted parameter already in it is fitted again, and its draws replaced). Without it,
+    nothing: every parameter not fitted stays at its nominal."""
     if not cfg.get("extends"):
         return {}
     base = posterior.load(str(cfg.extends))
-    names = [v for v in base.data_vars if "." in v]
-    again = sorted({p.config_path for p in params} & set(names))
-    if again:
-        raise ConfigError(f"calibration.extends: {', '.join(again)} already in posterior '{cfg.extends}'; "
-                          "extend a posterior with new parameters only, or recalibrate it whole")
-    return {v: float(np.median(np.asarray(base[v]))) for v in names}
+    fitted = {p.config_path for p in params}
+    return {v: float(np.median(np.asarray(base[v]))) for v in base.data_vars if "." in v and v not in fitted}
 
 
 def _omega(prepared, path: str) -> float:
