@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from tqdm import tqdm
 
-from vpop import catalogue, posterior
+from vpop import catalogue, parameters, posterior
 from vpop import targets as published
 from vpop.simulate import Arm, prepare_arm
 from vpop.trial import TrialSettings, arms_from_config, run_trial
@@ -182,7 +182,9 @@ def sensitivity_table(spec, draws: list[dict], patients: int, seed: int, bar) ->
     a = spec.arm
     sim = Simulator(draws, patients, seed, bar)
     table = sim.run(Arm("sensitivity", a.drug, a.route, a.population, a.regimen, a.premedication, None))
-    names = sorted(draws[0])
+    # Only the parameters that enter this arm: another drug's potency cannot move it, and each one
+    # kept costs the partial correlations a degree of freedom (40 draws, 31 parameters leave 8).
+    names = sorted(parameters.parameter_paths(draws[0], parameters.ParameterScope(a.drug, a.route, a.population)))
     x = np.array([[d[n] for n in names] for d in draws])
     rows = []
     for endpoint in spec.endpoints:
