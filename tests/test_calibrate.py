@@ -261,3 +261,23 @@ def test_extending_a_posterior_holds_its_medians_and_joins_the_new_draws(tmp_pat
     assert set(np.unique(values)) <= set(np.asarray(addition.posterior[new]).reshape(-1))
     joined.to_netcdf(tmp_path / "posterior.nc")
     assert new in posterior.load(str(tmp_path / "posterior.nc")).data_vars  # model version kept, so it loads
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (catalogue.shipped_configs() / "calibration").glob("*.yaml")))
+def test_shipped_calibration_configs_name_calibratable_parameters_and_known_targets(name):
+    """Every shipped calibration config composes, fits only `{nominal, prior, unknown}` entries, names
+    targets that exist, and fits no parameter that none of its targets' cohorts uses (a few enter only
+    validation cohorts on purpose: their priors carry into predictions). Checked without simulating."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(catalogue.shipped_configs()), version_base="1.3"):
+        cfg = compose(config_name="calibrate", overrides=[f"calibration={name}"]).calibration
+    fitted = calibrated_parameters(list(cfg.parameters))
+    t = published.load(cfg.targets)
+    if cfg.only_targets:
+        assert set(cfg.only_targets) <= set(t.id)
+        t = t[t.id.isin(list(cfg.only_targets))]
+    assert (t.role == "calibration").any()
+    scopes = {(r.drug, r.route, r.population) for r in t[t.role != "excluded"].itertuples()}
+    for p in fitted:
+        assert any(parameters.params_path(p.config_path, parameters.ParameterScope(*s)) for s in scopes), p.config_path
