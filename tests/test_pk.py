@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import doses, patient
 
-from vpop import parameters
+from vpop import catalogue, parameters, targets
 from vpop.model import pk, reference, solver
 from vpop.simulate import Arm, _patient_params, cohort_covariates, prepare_arm
 
@@ -95,46 +95,51 @@ def _typical_course(drug, route, population, reg, weight_kg):
 
 def test_tarlatamab_matches_the_label_exposure():
     """Q and Vp come from the published t1/2 and the label's Vss, not from concentrations, so the
-    label's geometric means (Imdelltra USPI 12.3) test them: Cmax of the first 10 mg dose 2,900 ng/mL,
-    at steady state (10 mg every 2 weeks) Cmax 3,400 and Ctrough 495 ng/mL. Measured: 2,926, 3,425, 556."""
+    label's geometric means (vpop/data/exposure.csv) test them: Cmax of the first 10 mg dose, and Cmax
+    and Ctrough at steady state (10 mg every 2 weeks). Measured: 2,926, 3,425, 556 against 2,900, 3,400, 495."""
+    published = targets.exposure().typical
     reg = doses((1, 1, 1, "mg"), (1, 8, 10, "mg"), (1, 15, 10, "mg"), (2, 1, 10, "mg"), (2, 15, 10, "mg"),
                 (3, 1, 10, "mg"), cycle_days=28, cycles=3)
     t, c = _typical_course("tarlatamab", "iv", "sclc_2l", reg, 73.0)
     between = lambda a, b: (t >= a) & (t < b)  # noqa: E731
-    assert abs(c[between(7, 8)].max() / 2900 - 1) < 0.1
-    assert abs(c[between(42, 43)].max() / 3400 - 1) < 0.1
-    assert abs(c[between(55.9, 56)].max() / 495 - 1) < 0.2
+    assert abs(c[between(7, 8)].max() / published["tarlatamab_cmax_first_10mg"] - 1) < 0.1
+    assert abs(c[between(42, 43)].max() / published["tarlatamab_cmax_ss"] - 1) < 0.1
+    assert abs(c[between(55.9, 56)].max() / published["tarlatamab_ctrough_ss"] - 1) < 0.2
 
 
 def test_tebentafusp_matches_the_label_exposure():
-    """One compartment from the label's CL and V: Cmax after 68 ug within the label's 4.2-13.7 ng/mL,
-    and a week's AUC after it equal to dose / CL (no accumulation at t1/2 ~20 h)."""
+    """One compartment from the label's CL and V: Cmax after 68 ug within the label's range, and a
+    week's AUC after it equal to dose / CL (no accumulation at t1/2 ~20 h)."""
+    cmax = targets.exposure().loc["tebentafusp_cmax_68ug"]
     reg = doses((1, 1, 20, "ug"), (2, 1, 30, "ug"), (3, 1, 68, "ug"), cycle_days=7, cycles=4)
     t, c = _typical_course("tebentafusp", "iv", "um_metastatic", reg, 78.0)
     week3 = (t >= 14) & (t <= 21)
-    assert 4.2 <= c[week3].max() <= 13.7
+    assert cmax.low <= c[week3].max() <= cmax.high
+    p = catalogue.load("drug", "tebentafusp")
     auc_ng_day_ml = np.trapezoid(c[week3], t[week3])
-    assert abs(auc_ng_day_ml / (68.0 / 4.29) - 1) < 0.02
+    assert abs(auc_ng_day_ml / (68.0 / float(p.pk.cl_l_per_day)) - 1) < 0.02
 
 
 def test_talquetamab_reproduces_the_label_exposure_it_was_fitted_to():
     """The apparent one-compartment model was fitted outside vpop (experiments/pk/talquetamab_label_fit.py)
-    to the label's Cmax and AUCtau after the 1st and 7th weekly 0.4 mg/kg dose (geometric means 1,251
-    and 3,208 ng/mL; 5,981 and 21,587 ng.day/mL); vpop's solver must reproduce that fit (-9%, -2%,
-    +16%, -7%), within 20%. A check of the implementation, not of the model."""
+    to the label's Cmax and AUCtau after the 1st and 7th weekly 0.4 mg/kg dose (as geometric means);
+    vpop's solver must reproduce that fit (-9%, -2%, +16%, -7%), within 20%. A check of the
+    implementation, not of the model."""
+    published = targets.exposure().typical
     steps = [(1, 1, 0.01, "mg/kg"), (1, 4, 0.06, "mg/kg")] + [(c, 7, 0.4, "mg/kg") for c in range(1, 8)]
     t, c = _typical_course("talquetamab", "sc", "mm_rr", doses(*steps, cycle_days=7, cycles=8), 74.0)
-    for start, cmax, auc in ((6, 1251, 5981), (48, 3208, 21587)):
+    for start, dose in ((6, "dose1"), (48, "dose7")):
         w = (t >= start) & (t <= start + 7.001)
-        assert abs(c[w].max() / cmax - 1) < 0.2
-        assert abs(np.trapezoid(c[w], t[w]) / auc - 1) < 0.2
+        assert abs(c[w].max() / published[f"talquetamab_cmax_{dose}"] - 1) < 0.2
+        auc_ng_h_ml = 24.0 * np.trapezoid(c[w], t[w])
+        assert abs(auc_ng_h_ml / published[f"talquetamab_auc_{dose}"] - 1) < 0.2
 
 
 def test_elranatamab_free_peak_after_the_first_step_up_dose_matches_the_population():
-    """Hibma 2026 (Clin Pharmacokinet 65:1173, Section 3.8): geometric mean free elranatamab peak after
-    the 12 mg step-up dose 212 ng/mL (CV 90%); the day-4 trough is that peak. vpop's model (the paper's
-    PK with sBCMA binding as quasi-steady-state TMDD, women's lower clearance, the paper's IIV) over
-    300 virtual MM patients: within 20% (measured 232 ng/mL over 400 patients)."""
+    """Hibma 2026 (vpop/data/exposure.csv): geometric mean free elranatamab peak after the 12 mg step-up
+    dose 212 ng/mL (CV 90%); the day-4 trough is that peak. vpop's model (the paper's PK with sBCMA
+    binding as quasi-steady-state TMDD, women's lower clearance, the paper's IIV) over 300 virtual MM
+    patients: within 20% (measured 232 ng/mL over 400 patients)."""
     prepared = prepare_arm(Arm("elranatamab", "elranatamab", "sc", "mm_rr", doses((1, 1, 12, "mg"), (1, 4, 32, "mg"))))
     ids = jnp.arange(300)
     cov = cohort_covariates(prepared.inputs.covariate_params, ids, jnp.asarray(0), prepared.covariate_kinds)
@@ -149,7 +154,8 @@ def test_elranatamab_free_peak_after_the_first_step_up_dose_matches_the_populati
         return jnp.max(jnp.where(first_interval, free, 0.0))
 
     peaks = np.asarray(jax.jit(jax.vmap(free_peak))(ids, cov))
-    assert abs(np.exp(np.mean(np.log(peaks))) / 212 - 1) < 0.2
+    published = targets.exposure().typical["elranatamab_free_peak_12mg"]
+    assert abs(np.exp(np.mean(np.log(peaks))) / published - 1) < 0.2
 
 
 def test_female_clearance_factor_lowers_clearance_in_women_only():

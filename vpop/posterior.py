@@ -35,6 +35,11 @@ def arviz():
     return az
 
 
+def path_of(posterior: str) -> Path:
+    """The file of `default` (the shipped calibration) or of a path."""
+    return default_path() if posterior == DEFAULT else Path(posterior)
+
+
 def load(posterior: str):
     """The posterior group (an xarray Dataset of draws by config path) of `default` (the shipped
     calibration) or of a path, refused unless fitted under this model version. Only that group and
@@ -42,7 +47,7 @@ def load(posterior: str):
     whole InferenceData took ~4 s per run."""
     import xarray as xr
 
-    path = default_path() if posterior == DEFAULT else Path(posterior)
+    path = path_of(posterior)
     if not path.is_file():
         where = "the shipped default posterior is missing from the installation" if posterior == DEFAULT else f"no such file {path}"
         raise ConfigError(f"posterior '{posterior}': {where}; allowed: default, none or a path to a posterior.nc")
@@ -96,8 +101,7 @@ def extend(base: str, addition, seed: int = 0):
 
     az = arviz()
     load(base)  # refuses a missing file or another model version
-    path = default_path() if base == DEFAULT else Path(base)
-    out = az.from_netcdf(path)
+    out = az.from_netcdf(path_of(base))
     out.posterior.load()
     shape = (out.posterior.sizes["chain"], out.posterior.sizes["draw"])
     new = [v for v in addition.posterior.data_vars if "." in v]

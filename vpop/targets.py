@@ -131,6 +131,14 @@ def exact_interval(k: int, n: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def exposure() -> pd.DataFrame:
+    """Published PK exposure (`vpop/data/exposure.csv`) by id, with `typical`: the value a typical
+    patient should show (a published mean with SD read as a geometric mean, mean / sqrt(1 + CV^2))."""
+    df = pd.read_csv(resources.files("vpop.data") / "exposure.csv", comment="#").set_index("id")
+    df["typical"] = df.value.where(df.statistic != "mean", df.value / (1.0 + (df.sd / df.value) ** 2) ** 0.5)
+    return df
+
+
 PUBLISHED_COLUMNS = ("published", "published_lower", "published_upper", "published_n", "published_targets", "published_horizon_days")
 
 

@@ -13,21 +13,17 @@ label's mean and SD), for a 74-kg patient on the weekly step-up schedule (0.01, 
 import numpy as np
 from scipy.optimize import least_squares
 
-WEIGHT_KG = 74.0
+from vpop import targets
+
+WEIGHT_KG = 74.0  # the typical patient (Talvey is dosed by weight) [G]
 STEP_DAY = 0.005
-DOSE_DAYS_MG_PER_KG = {0.0: 0.01, 3.0: 0.06, **{6.0 + 7 * k: 0.4 for k in range(7)}}
-HALF_LIFE_FIRST_DAY, HALF_LIFE_SS_DAY = 7.56, 12.2
-
-
-def geometric_mean(mean, sd):
-    """Geometric mean of a log-normal with this arithmetic mean and SD."""
-    return mean / np.sqrt(1.0 + (sd / mean) ** 2)
-
-
-LABEL = {  # ng/mL and ng.day/mL
-    "cmax_dose1": geometric_mean(1568, 1185), "auc_dose1": geometric_mean(178101, 130802) / 24,
-    "cmax_dose7": geometric_mean(3799, 2411), "auc_dose7": geometric_mean(607297, 371399) / 24,
-    "tmax_dose1_day": 2.93,
+DOSE_DAYS_MG_PER_KG = {0.0: 0.01, 3.0: 0.06, **{6.0 + 7 * k: 0.4 for k in range(7)}}  # the label's weekly schedule
+PUBLISHED = targets.exposure().typical  # vpop/data/exposure.csv, with sources
+HALF_LIFE_FIRST_DAY, HALF_LIFE_SS_DAY = PUBLISHED["talquetamab_half_life_first"], PUBLISHED["talquetamab_half_life_ss"]
+LABEL = {  # ng/mL, ng.day/mL and day
+    "cmax_dose1": PUBLISHED["talquetamab_cmax_dose1"], "auc_dose1": PUBLISHED["talquetamab_auc_dose1"] / 24,
+    "cmax_dose7": PUBLISHED["talquetamab_cmax_dose7"], "auc_dose7": PUBLISHED["talquetamab_auc_dose7"] / 24,
+    "tmax_dose1_day": PUBLISHED["talquetamab_tmax_dose1"],
 }
 
 
