@@ -149,9 +149,16 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path, monkeypatch):
     assert written["u"].shape == (32, 2) and written["y"].shape == (32, 2) and np.isfinite(written["y"]).all()
     fit_problem = calibration.build_problem(cfg.calibration, roles=("calibration",))
     saved = design.load_design(files["design"], fit_problem, cfg.calibration)
+    simulate = design.simulate_design
     monkeypatch.setattr(design, "simulate_design", lambda *a: pytest.fail("a reused design was simulated"))
     _, error, u, y = design.sequential_design(fit_problem, cfg.calibration, jax.random.PRNGKey(0), False, saved)
     assert np.array_equal(u, written["u"]) and np.array_equal(y, written["y"]) and (error.design_points == 32).all()
+    # Asked for a round more than it holds, it simulates that round only, after the saved ones.
+    more, sizes = cfg.calibration.copy(), []
+    more.emulator.rounds = 3
+    monkeypatch.setattr(design, "simulate_design", lambda problem, u: sizes.append(len(u)) or simulate(problem, u))
+    _, error, u, y = design.sequential_design(fit_problem, more, jax.random.PRNGKey(0), False, saved)
+    assert sizes == [16] and np.array_equal(u[:32], written["u"]) and (error.design_points == 48).all()
     other = cfg.calibration.copy()
     other.only_targets = ["T01", "V01"]  # fits T01 alone
     other.emulator.design = str(files["design"])

@@ -1,6 +1,8 @@
 """Mechanistic behaviour the model must show, on paired virtual patients (nominal parameters, which
 configs/ sets to the shipped calibration's posterior medians)."""
 
+from dataclasses import replace
+
 import jax
 import numpy as np
 import pytest
@@ -196,3 +198,34 @@ def test_reductions_match_trajectory():
     end = prepared.compiled.periods[3].day
     window = (times > start) & (times <= end + 1e-9)
     assert np.allclose(np.asarray(obs.il6_signalling_pg_ml)[:, window].max(axis=1), red["peak_il6_signalling_pg_ml"][:, 2], rtol=1e-5)
+
+
+def test_the_refractory_clone_escapes_killing_and_regrows():
+    """Epcoritamab weekly in follicular lymphoma kills the susceptible clone deeply, but each patient's
+    refractory share (drawn logit-normal) is neither engaged nor killed: it follows its own logistic
+    growth exactly, so the burden never falls below it and a patient whose share has outgrown the CR
+    bar cannot reach CR at any exposure."""
+    arm = Arm("epco", "epcoritamab", "sc", "fl_rr", "epcoritamab_fl", premedication="epcoritamab_corticosteroid")
+    prepared = prepare_arm(arm, horizon_days=168)
+    assert float(prepared.inputs.typical.malignant.refractory_fraction) == 0.0  # off in the shipped configs
+    typical = prepared.inputs.typical  # switched on as a calibration would: median share 0.3%, logit SD 3.5
+    typical = typical._replace(malignant=typical.malignant._replace(refractory_fraction=np.float32(0.003),
+                                                                    refractory_logit_sd=np.float32(3.5)))
+    prepared = replace(prepared, inputs=prepared.inputs._replace(typical=typical))
+    times, states, params = simulate_trajectories(prepared, np.arange(40), seed=3)
+    p = _expand(params)
+    obs = system.observe(states, p)
+    f = np.asarray(params.malignant.refractory_fraction)
+    assert f.min() < 1e-3 < 0.05 < f.max()  # the shares differ between patients
+    m0 = np.asarray(params.body.malignant_baseline.total())[:, None]
+    k = np.asarray(params.malignant.k_growth_per_day)[:, None]
+    r0, cap = f[:, None] * m0, f[:, None] * m0 * np.asarray(params.malignant.capacity_fold)[:, None]
+    growth = np.exp(k * (times - times[0])[None, :])
+    logistic = cap * r0 * growth / (cap + r0 * (growth - 1.0))
+    assert np.allclose(np.asarray(states.host.cells.refractory), logistic, rtol=2e-3)
+    burden = np.asarray(obs.malignant_total) / m0
+    susceptible = np.asarray(states.host.cells.malignant.total()) / m0
+    assert np.median(susceptible[:, -1]) < 1e-3  # the drug clears the susceptible clone ...
+    assert np.all(burden >= logistic / m0 * (1 - 1e-4))  # ... never the refractory one
+    late = f * np.exp(np.asarray(params.malignant.k_growth_per_day) * 140) > 0.2  # outgrew any response bar
+    assert late.any() and np.all(burden[late, -1] > 0.2)

@@ -1,5 +1,6 @@
 """Virtual patients: reproducibility, chunk independence, digital twins."""
 
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,3 +115,24 @@ def test_malformed_twin_csv_is_rejected_with_the_column_named(tmp_path, content,
     with pytest.raises(ConfigError) as err:
         population.read_twins(path, fill="median")
     assert message in str(err.value)
+
+
+def test_refractory_share_is_logit_normal_around_the_typical_share():
+    """Each patient's refractory share: logit f_i = logit f + sd z_i, from the patient's own stream
+    (so the same patient has the same share in every arm and chunk)."""
+    import jax
+    from vpop.model.cells import MalignantParams
+
+    typical = MalignantParams(*(jnp.asarray(x) for x in (0.01, 0.5, 10.0, 0.0, 0.0, 0.004, 3.0)))
+    keys = jax.vmap(lambda i: population.patient_key(7, i))(jnp.arange(4000))
+    f = np.asarray(jax.vmap(lambda k: population.refractory_share(typical, k).refractory_fraction)(keys))
+    logit = np.log(f) - np.log1p(-f)
+    assert np.median(f) == pytest.approx(0.004, rel=0.1)
+    assert np.std(logit) == pytest.approx(3.0, rel=0.05)
+    again = np.asarray(jax.vmap(lambda k: population.refractory_share(typical, k).refractory_fraction)(keys[:10]))
+    assert np.array_equal(again, f[:10])
+    assert np.all(np.asarray(population.refractory_share(typical._replace(refractory_logit_sd=jnp.asarray(0.0)), keys[0]).refractory_fraction)
+                  == pytest.approx(0.004))
+    # A typical share of 0 (the shipped default) stays exactly 0 for every patient: one susceptible clone.
+    off = typical._replace(refractory_fraction=jnp.asarray(0.0))
+    assert not np.any(np.asarray(jax.vmap(lambda k: population.refractory_share(off, k).refractory_fraction)(keys)))

@@ -204,7 +204,8 @@ def typical_params(arm: ParameterScope, model: DictConfig | None = None, overrid
     )
     bc = model.bcells
     bcells = _fill(cells.BCellParams, bc, "model.bcells", partition=_by_compartment(1.0, value(bc.partition_lymphoid), value(bc.partition_marrow), 0.0))
-    malignant = _fill(cells.MalignantParams, dis, f"population/{arm.population}.malignant")
+    # The refractory clone's spread between patients is shared (model.malignant) unless a population sets its own.
+    malignant = _fill(cells.MalignantParams, OmegaConf.merge(model.get("malignant") or {}, dis), f"population/{arm.population}.malignant")
 
     # A population may set its own values of cytokine parameters (e.g. a smaller myeloid pool).
     cyto = _fill(cytokines.CytokineParams, OmegaConf.merge(model.cytokines, pop.get("cytokines") or {}), "model.cytokines")
@@ -356,10 +357,10 @@ def params_path(config_path: str, arm: ParameterScope) -> str | None:
         group, name = rest[0], ".".join(rest[1:])
         # Shadowed: typical_params merges the drug's engagement and the population's cytokines over the model's.
         own = (load_drug(arm.drug).get("engagement") if group == "engagement" else
-               catalogue.load("population", arm.population, "population").get("cytokines") if group == "cytokines" else None)
+               catalogue.load("population", arm.population, "population").get(group) if group in ("cytokines", "malignant") else None)
         if own is not None and OmegaConf.select(own, name) is not None:
             return None
-        if group in ("crs", "cytokines", "tcells", "bcells", "engagement", "supportive", "response"):
+        if group in ("crs", "cytokines", "malignant", "tcells", "bcells", "engagement", "supportive", "response"):
             return f"{group}.{name}"
     elif scope == "population":
         name, group, field = rest[0], rest[1], ".".join(rest[2:])
@@ -377,7 +378,7 @@ def params_path(config_path: str, arm: ParameterScope) -> str | None:
             return f"bispecific_pk.{'.'.join(field)}"
         if group == "routes":
             return f"bispecific_pk.{field[1]}" if field[0] == arm.route else None
-    raise ConfigError(f"'{config_path}' cannot be calibrated: only model.(crs|cytokines|tcells|bcells|engagement|supportive|response).*, "
+    raise ConfigError(f"'{config_path}' cannot be calibrated: only model.(crs|cytokines|malignant|tcells|bcells|engagement|supportive|response).*, "
                       "population.<name>.(malignant|cytokines).* and drug.<name>.(engagement|pk|routes.<route>).* map to parameters")
 
 

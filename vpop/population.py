@@ -257,12 +257,23 @@ def physiology(model: DictConfig, pop: DictConfig) -> Physiology:
     )
 
 
+def refractory_share(mp: cells.MalignantParams, key: jax.Array) -> cells.MalignantParams:
+    r"""The patient's refractory share $f_i$: logit-normal around the typical share,
+    $\mathrm{logit} f_i = \mathrm{logit} f + \sigma z_i$, $z_i \sim N(0, 1)$ from its own stream.
+    A typical share of 0 (the shipped default) stays exactly 0: one susceptible clone, as before 0.12.0."""
+    z = parameters.standard_normal(jax.random.fold_in(key, parameters.stream_id("malignant.refractory_fraction")))
+    f = jnp.clip(mp.refractory_fraction, 1e-9, 1.0 - 1e-9)
+    share = jax.nn.sigmoid(jnp.log(f) - jnp.log1p(-f) + mp.refractory_logit_sd * z)
+    return mp._replace(refractory_fraction=jnp.where(mp.refractory_fraction > 0, share, 0.0))
+
+
 def individual_params(typical: Params, cov: Covariates, phys: Physiology, pk_cov: parameters.PKCovariates,
                       paths: tuple[str, ...], omegas: jax.Array, key: jax.Array) -> Params:
     """One patient's parameters: compartments and baselines from covariates, PK covariate effects,
-    then log-normal random effects. Pure JAX; vmapped over patients."""
+    log-normal random effects and the refractory share. Pure JAX; vmapped over patients."""
     f = parameters._float()
     p = parameters.apply_variability(typical, paths, omegas, jax.random.fold_in(key, parameters.stream_id("random_effects")))
+    p = p._replace(malignant=refractory_share(p.malignant, key))
     bsa = cov.bsa_m2
     p = p._replace(
         bispecific_pk=parameters.apply_pk_covariates(p.bispecific_pk, pk_cov, cov.weight_kg, bsa, cov.female),

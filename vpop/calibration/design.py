@@ -83,7 +83,8 @@ def sequential_design(problem: Problem, cfg: DictConfig, key, progress: bool, de
     of the emulator fitted so far (where a posterior far in the prior's tail would otherwise be
     extrapolated). Returns the emulator on all rounds, its hold-out error per target (every
     fifth set of the last round left out of a refit) and the design (u, y). A given design (of an
-    earlier run, `load_design`) is used instead of simulating one."""
+    earlier run, `load_design`) is used instead of simulating its rounds, and continued with more
+    rounds when `rounds` exceeds the rounds it holds."""
     d = len(problem.parameters)
     ids = list(problem.targets.id)
     rng = np.random.default_rng(int(cfg.seed))
@@ -101,8 +102,13 @@ def sequential_design(problem: Problem, cfg: DictConfig, key, progress: bool, de
     started = time.perf_counter()
     if design is not None:
         u, y = design
-        rounds = 1
+        done = len(u) // m
+        if done * m != len(u):
+            raise ConfigError(f"calibration.emulator.design holds {len(u)} sets, not whole rounds of design_points={m}")
+        offset = done - 1  # the saved rounds count as the first
+        rounds = max(rounds - offset, 1)
     else:
+        offset = 0
         u = rng.normal(0.0, float(cfg.emulator.design_scale), size=(m, d))
         y = simulate_design(problem, u)
         log.info("design round 1 of %d simulated (%.0f s)", rounds, time.perf_counter() - started)
@@ -114,7 +120,7 @@ def sequential_design(problem: Problem, cfg: DictConfig, key, progress: bool, de
         draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
         u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, float(cfg.emulator.round_jitter), size=(m, d))
         u, y = np.concatenate([u, u_new]), np.concatenate([y, simulate_design(problem, u_new)])
-        log.info("design round %d of %d simulated (%.0f s)", r, rounds, time.perf_counter() - started)
+        log.info("design round %d of %d simulated (%.0f s)", r + offset, rounds + offset, time.perf_counter() - started)
     final = fit(u, y, start=None if emulator is None else emulator.gp)
     held = np.zeros(len(u), bool)
     held[len(u) - m::5] = True  # every fifth set of the last round, predicted from the rest (same hyperparameters)

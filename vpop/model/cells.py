@@ -20,9 +20,15 @@ homeostatic source in blood $k_{gen} R^0_{blood}(1 - T_{blood}/T^0_{blood})_+^2$
 above baseline.
 
 Normal B cells regrow towards their own baseline, $k_{regen} B^0 (1 - B/B^0)_+$, and are killed at
-$\kappa_c$. Malignant cells grow logistically, $k_{grow} M (1 - M/(\phi M^0))$, are killed at
-$\kappa_c$ scaled by a disease-specific susceptibility (and by an anti-CD20 antibody where
-present), and, for leukaemia, exchange between marrow and blood.
+$\kappa_c$. Malignant cells come in two clones. The susceptible clone $M$ grows logistically,
+$k_{grow} M (1 - M/(\phi (1-f) M^0))$, is killed at $\kappa_c$ scaled by a disease-specific
+susceptibility (and by an anti-CD20 antibody where present), and, for leukaemia, exchanges between
+marrow and blood. The refractory clone $R$, a share $f$ of the patient's burden $M^0$ at the start,
+grows alike, $k_{grow} R (1 - R/(\phi f M^0_{tot}))$, and is neither engaged nor killed: cells that
+lack the target or escape T-cell killing (antigen-negative clones, a protective niche). It is one
+total, distributed over the compartments as the burden was at the start. It caps how deep a
+response can go (a patient with $f$ above the PR or CR bar cannot reach it at any exposure) and
+regrows as the antigen-negative relapses seen after CD20, CD19 and BCMA engagers do.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ class Cells(NamedTuple):
     t_active: ByCompartment
     t_post: ByCompartment
     b_normal: ByCompartment
-    malignant: ByCompartment
+    malignant: ByCompartment  # the susceptible clone
+    refractory: Array  # the refractory clone, all compartments together (see the module docstring)
 
 
 class TCellParams(NamedTuple):
@@ -77,6 +84,8 @@ class MalignantParams(NamedTuple):
     capacity_fold: Array  # carrying capacity as a multiple of the baseline burden
     k_traffic_per_day: Array  # marrow-blood exchange of leukaemic blasts (0 for solid tumours)
     blood_partition: Array  # marrow:blood blast concentration ratio at rest
+    refractory_fraction: Array  # f: the refractory clone's share of the burden at the start (typical: the median)
+    refractory_logit_sd: Array  # SD of logit f between patients (population.individual_params draws each f)
 
 
 class Body(NamedTuple):
@@ -86,7 +95,7 @@ class Body(NamedTuple):
     exchange_volume_ml: ByCompartment  # V_ref of blood-tissue exchange (the volume, or a reference tumour)
     t_baseline: ByCompartment  # resting T cells at rest, 1e9
     b_baseline: ByCompartment  # normal B cells at rest, 1e9
-    malignant_baseline: ByCompartment  # malignant cells at treatment start, 1e9
+    malignant_baseline: ByCompartment  # malignant cells at treatment start (both clones), 1e9
 
 
 class _Exchange(NamedTuple):
@@ -152,9 +161,10 @@ def rates(
     p_b = ex_b.production(b) + regrowth * bp.k_regen_per_day
     l_b = ex_b.loss() + kill_normal_b
 
-    # Malignant cells: logistic growth in place, marrow<->blood exchange for leukaemia, killing.
+    # Malignant cells: logistic growth in place, marrow<->blood exchange for leukaemia, killing of the
+    # susceptible clone; each clone is capped at capacity_fold times its own start.
     m = cells.malignant
-    capacity = maximum(body.malignant_baseline * mp.capacity_fold, _TINY)
+    capacity = maximum(body.malignant_baseline * ((1.0 - mp.refractory_fraction) * mp.capacity_fold), _TINY)
     marrow_to_blood = mp.k_traffic_per_day
     blood_to_marrow = mp.k_traffic_per_day * mp.blood_partition * body.volume_ml.marrow / body.volume_ml.blood
     zero = jnp.zeros_like(m.blood)
@@ -163,6 +173,10 @@ def rates(
     p_m = m * mp.k_growth_per_day + traffic_in
     l_m = m / capacity * mp.k_growth_per_day + kill_malignant + traffic_loss
 
-    production = Cells(p_r, p_a, p_p, p_b, p_m)
-    loss = Cells(l_r, l_a, l_p, l_b, l_m)
+    refractory_capacity = jnp.maximum(body.malignant_baseline.total() * mp.refractory_fraction * mp.capacity_fold, _TINY)
+    p_res = cells.refractory * mp.k_growth_per_day
+    l_res = cells.refractory / refractory_capacity * mp.k_growth_per_day
+
+    production = Cells(p_r, p_a, p_p, p_b, p_m, p_res)
+    loss = Cells(l_r, l_a, l_p, l_b, l_m, l_res)
     return production, loss

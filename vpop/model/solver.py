@@ -115,6 +115,7 @@ class Reductions(NamedTuple):
     dex_rescue: Float[Array, " P"]  # 1 if dexamethasone was given for CRS in the period
     crs_log_susceptibility: Float[Array, ""]  # epsilon, the patient's CRS susceptibility
     assessment_log_bias: Float[Array, ""]  # delta, the patient's response-assessment effect
+    refractory_share: Float[Array, ""]  # f, the patient's refractory share of the burden at the start
     malignant_nadir_fraction: Float[Array, ""]  # smallest malignant burden relative to baseline
     malignant_nadir_day: Float[Array, ""]
     blood_b_min_fraction: Float[Array, ""]
@@ -235,6 +236,7 @@ def init_reductions(schedule: Schedule, p: Params, dtype) -> Reductions:
         dex_rescue=zp,
         crs_log_susceptibility=jnp.log(p.crs.susceptibility).astype(dtype),
         assessment_log_bias=jnp.log(p.response.assessment_bias).astype(dtype),
+        refractory_share=jnp.asarray(p.malignant.refractory_fraction, dtype),
         malignant_nadir_fraction=one,
         malignant_nadir_day=zero,
         blood_b_min_fraction=one,

@@ -85,7 +85,8 @@ def initial_state(p: Params) -> State:
         t_active=none,
         t_post=none,
         b_normal=body.b_baseline,
-        malignant=body.malignant_baseline,
+        malignant=body.malignant_baseline * (1.0 - p.malignant.refractory_fraction),
+        refractory=body.malignant_baseline.total() * p.malignant.refractory_fraction,
     )
     return State(drugs, Host(cells, cyto.baseline(p.cytokines), sup.SupportiveState(none.blood)))
 
@@ -100,13 +101,15 @@ class Observables(NamedTuple):
     myeloid_output_pg_ml: Array  # O: the myeloid pyrogens on the IL-6 scale (see `cytokines.myeloid_output`)
     t_blood: Array  # total blood T cells, 1e9
     b_blood: Array  # normal blood B cells, 1e9
-    malignant_total: Array  # malignant cells in all compartments, 1e9
-    marrow_malignant: Array
+    malignant_total: Array  # malignant cells of both clones in all compartments, 1e9
+    marrow_malignant: Array  # malignant cells of both clones in the marrow, 1e9
 
 
 def observe(y: State, p: Params) -> Observables:
     c, d = y.host.cells, y.drugs
     conc = pk.free_concentration(d.bispecific, p.bispecific_pk)
+    m0 = p.body.malignant_baseline  # the refractory clone sits where the burden was at the start
+    marrow_share = m0.marrow / jnp.maximum(m0.total(), 1e-12)
     theta = sup.il6_receptor_free_fraction(pk.free_concentration(d.tocilizumab, p.tocilizumab_pk), p.supportive)
     return Observables(
         bispecific_ng_ml=1000.0 * conc,
@@ -116,8 +119,8 @@ def observe(y: State, p: Params) -> Observables:
         myeloid_output_pg_ml=cyto.myeloid_output(y.host.cytokines, p.cytokines),
         t_blood=c.t_resting.blood + c.t_active.blood + c.t_post.blood,
         b_blood=c.b_normal.blood,
-        malignant_total=c.malignant.total(),
-        marrow_malignant=c.malignant.marrow,
+        malignant_total=c.malignant.total() + c.refractory,
+        marrow_malignant=c.malignant.marrow + c.refractory * marrow_share,
     )
 
 

@@ -80,6 +80,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         best_response=np.asarray(endpoints.RESPONSES)[best],
         best_change_percent=100.0 * best_change,
         best_marrow_blast_percent=blasts,  # leukaemia only (CR/CRh below 5%)
+        refractory_percent=100.0 * red["refractory_share"],  # the burden no exposure clears, at the start
         progression_day=np.where(first_pd >= 0, days[np.maximum(first_pd, 0)], np.nan),
         crs_max_grade=worst.astype(int),
         crs_first_dose=endpoints.first_crs_dose(grades),  # administration after which the first CRS starts (0: none)
