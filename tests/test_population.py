@@ -123,7 +123,9 @@ def test_refractory_share_is_logit_normal_around_the_typical_share():
     import jax
     from vpop.model.cells import MalignantParams
 
-    typical = MalignantParams(*(jnp.asarray(x) for x in (0.01, 0.5, 10.0, 0.0, 0.0, 0.004, 3.0)))
+    typical = MalignantParams(**{k: jnp.asarray(v) for k, v in dict(
+        k_growth_per_day=0.01, kill_factor=0.5, capacity_fold=10.0, k_traffic_per_day=0.0, blood_partition=0.0,
+        refractory_fraction=0.004, refractory_logit_sd=3.0).items()})
     keys = jax.vmap(lambda i: population.patient_key(7, i))(jnp.arange(4000))
     f = np.asarray(jax.vmap(lambda k: population.refractory_share(typical, k).refractory_fraction)(keys))
     logit = np.log(f) - np.log1p(-f)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
@@ -262,8 +263,8 @@ def refractory_share(mp: cells.MalignantParams, key: jax.Array) -> cells.Maligna
     $\mathrm{logit} f_i = \mathrm{logit} f + \sigma z_i$, $z_i \sim N(0, 1)$ from its own stream.
     A typical share of 0 (the shipped default) stays exactly 0: one susceptible clone, as before 0.12.0."""
     z = parameters.standard_normal(jax.random.fold_in(key, parameters.stream_id("malignant.refractory_fraction")))
-    f = jnp.clip(mp.refractory_fraction, 1e-9, 1.0 - 1e-9)
-    share = jax.nn.sigmoid(jnp.log(f) - jnp.log1p(-f) + mp.refractory_logit_sd * z)
+    f = jnp.clip(mp.refractory_fraction, 1e-9, 1.0 - 1e-9)  # finite logit (f = 0 is restored below)
+    share = jax.nn.sigmoid(jax.scipy.special.logit(f) + mp.refractory_logit_sd * z)
     return mp._replace(refractory_fraction=jnp.where(mp.refractory_fraction > 0, share, 0.0))
 
 
