@@ -109,6 +109,19 @@ def simulate_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: ja
 
 
 @partial(jax.jit, static_argnames=("paths",))
+def simulate_draws_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed: jax.Array,
+                         paths: tuple[str, ...]) -> solver.Reductions:
+    """Reductions [draws, patients, ...] of patients `ids` under posterior draws stacked on the leading
+    axis of `inputs.typical`: a draw changes only the typical parameters, so the patients' covariates,
+    random effects and the schedule are shared by every draw."""
+
+    def draw(typical):
+        return simulate_chunk(inputs._replace(typical=typical), covariates, ids, seed, paths)
+
+    return jax.vmap(draw)(inputs.typical)
+
+
+@partial(jax.jit, static_argnames=("paths",))
 def trajectories_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed: jax.Array,
                        paths: tuple[str, ...]):
     """The state at every grid point for a (small) set of patients: (State with [n, K] leaves, Params)."""
@@ -184,6 +197,27 @@ def dispatch_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_si
     cov = jax.device_put(_covariates_for(prepared, padded, seed, twins), sharding)
     red = simulate_chunk(prepared.inputs, cov, dev_ids, jnp.asarray(seed), prepared.variability_paths)
     return PendingChunk(prepared, ids, red, cov)
+
+
+def dispatch_draws(draws: list[PreparedArm], ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
+                   twins: population.Covariates | None = None, block: int | None = None) -> list[PendingChunk]:
+    """Start simulating the patients `ids` under several posterior draws of one arm (`draws`: the arm
+    prepared per draw, `trial.prepare_draws`) in one device call, draws stacked on a leading axis.
+
+    Patients are padded as in `dispatch_ids`, draws to `block` (repeating the last), so every call of a
+    run reuses one compilation; a patient's result is the same as in a call of its own draw.
+    """
+    ids = np.asarray(ids)
+    block = max(block or len(draws), len(draws))
+    size = padded_chunk_size(max(chunk_size or len(ids), len(ids)))
+    padded = np.concatenate([ids, np.full(size - len(ids), ids[-1])])
+    stacked = draws + [draws[-1]] * (block - len(draws))
+    sharding = patient_sharding()
+    dev_ids = jax.device_put(jnp.asarray(padded), sharding)
+    cov = jax.device_put(_covariates_for(draws[0], padded, seed, twins), sharding)
+    inputs = draws[0].inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(d.inputs.typical for d in stacked)))
+    red = simulate_draws_chunk(inputs, cov, dev_ids, jnp.asarray(seed), draws[0].variability_paths)
+    return [PendingChunk(d, ids, jax.tree_util.tree_map(lambda x: x[j], red), cov) for j, d in enumerate(draws)]
 
 
 def simulate_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,

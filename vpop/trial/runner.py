@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vpop import catalogue, population
 from vpop import targets as published
-from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_ids, simulate_trajectories
+from vpop.simulate import Arm, PreparedArm, check_sizes, dispatch_draws, simulate_trajectories
 from vpop.store import PatientStore, run_key
 from vpop.trial.arms import TrialSettings, prepare_draws, response_kind
 from vpop.trial.monitoring import OnsetCounts
@@ -95,6 +95,23 @@ def trial_key(prepared: list[dict[str, PreparedArm]], settings: TrialSettings, n
     return run_key(parts)
 
 
+def _draw_tables(by_arm: dict[str, PreparedArm], pending: dict, d: int, c: int, store: PatientStore | None,
+                 n_doses: int, labels, restarts: bool) -> tuple[dict[str, pd.DataFrame], list[bool]]:
+    """Every arm's patient rows of draw d, chunk c: tabulated from the device's result (`pending`, by
+    arm) and written to the store, or read back from it where the chunk was resumed (pending None);
+    and, per arm, whether it was resumed."""
+    tables, from_disk = {}, []
+    for name, p in by_arm.items():
+        from_disk.append(pending[name] is None)
+        if from_disk[-1]:
+            tables[name] = store.read(name, d, c)
+        else:
+            tables[name] = patient_table(p, pending[name].result(), d, n_doses, labels, restarts)
+            if store is not None:
+                store.write(name, d, c, tables[name])
+    return tables, from_disk
+
+
 def _open_store(checkpoint_dir, arms, prepared, settings: TrialSettings, n: int, twins, resume: bool) -> PatientStore:
     """The run's chunk store under checkpoint_dir/<trial key>/ (emptied unless resuming)."""
     store = PatientStore(Path(checkpoint_dir) / trial_key(prepared, settings, n, twins))
@@ -133,44 +150,44 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
     periods = {name: p.compiled.periods for name, p in prepared[0].items()}
     counts = EndpointCounts(list(arms), reference_arm, periods)
     onsets = OnsetCounts(periods)
-    kept, sample, resumed = [], [], 0  # sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
+    kept, sample, resumed = [], [], 0  # kept: ((draw, chunk), rows) in memory; sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
     twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
                 for by_arm in prepared]
-    chunks = [(d, c, start) for d in range(len(prepared)) for c, start in enumerate(range(0, n, chunk))]
+    # Draws of an arm share one device call up to chunk_size patient simulations (small n, many draws).
+    block = max(1, settings.chunk_size // chunk)
+    jobs = [(range(b, min(b + block, len(prepared))), c, start)
+            for b in range(0, len(prepared), block) for c, start in enumerate(range(0, n, chunk))]
 
-    def launch(d, c, start):
-        """Dispatch the chunk's arms that are not on disk yet (None: resume from disk)."""
+    def launch(draws, c, start):
+        """Dispatch the job's arms and draws that are not on disk yet (None: resume from disk)."""
         ids = np.arange(start, min(start + chunk, n))
-        return {name: None if store is not None and store.has(name, d, c) else
-                dispatch_ids(p, ids, settings.seed, chunk, twin_cov[d].get(name)) for name, p in prepared[d].items()}
+        pending = {}
+        for name in arms:
+            todo = [d for d in draws if store is None or not store.has(name, d, c)]
+            runs = dispatch_draws([prepared[d][name] for d in todo], ids, settings.seed, chunk,
+                                  twin_cov[todo[0]].get(name), block) if todo else []
+            pending[name] = {d: None for d in draws} | dict(zip(todo, runs))
+        return pending
 
-    # One chunk ahead: the device simulates chunk i + 1 while the host tabulates and writes chunk i.
-    ahead = launch(*chunks[0])
-    for i, (d, c, start) in enumerate(chunks):
-        pending, ahead = ahead, launch(*chunks[i + 1]) if i + 1 < len(chunks) else None
-        size = min(chunk, n - start)
-        tables = {}
-        for name, p in prepared[d].items():
-            done = pending[name] is None
-            if done:
-                tables[name] = store.read(name, d, c)
-                resumed += 1
-            else:
-                tables[name] = patient_table(p, pending[name].result(), d, n_doses, labels, restarts)
-                if store is None:
-                    kept.append(tables[name])
-                else:
-                    store.write(name, d, c, tables[name])
-            if progress is not None:
-                progress(size, resumed=done)
-        counts.add(d, tables)
-        onsets.add(d, tables)
-        if d == 0 and start < SAMPLE_PATIENTS:
-            sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
+    # One job ahead: the device simulates job i + 1 while the host tabulates and writes job i.
+    ahead = launch(*jobs[0])
+    for i, (draws, c, start) in enumerate(jobs):
+        pending, ahead = ahead, launch(*jobs[i + 1]) if i + 1 < len(jobs) else None
+        for d in draws:
+            tables, from_disk = _draw_tables(prepared[d], {name: runs[d] for name, runs in pending.items()}, d, c,
+                                             store, n_doses, labels, restarts)
+            kept += [((d, c), t) for t in tables.values()] if store is None else []
+            resumed += sum(from_disk)
+            for done in from_disk if progress is not None else []:
+                progress(min(chunk, n - start), resumed=done)
+            counts.add(d, tables)
+            onsets.add(d, tables)
+            if d == 0 and start < SAMPLE_PATIENTS:
+                sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
     if store is not None:
         store.finish()
     if resumed:
-        log.info("resumed %d of %d chunks from %s", resumed, len(chunks) * len(arms), store.root)
+        log.info("resumed %d of %d chunks from %s", resumed, len(prepared) * -(-n // chunk) * len(arms), store.root)
     courses = {name: _time_course_bands(p, np.arange(min(settings.trajectories, n)), settings.seed,
                                         population.twins_covariates(twins, p.population) if twins is not None else None)
                for name, p in prepared[0].items()} if settings.trajectories > 0 else {}
@@ -181,5 +198,5 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                        pd.concat(sample, ignore_index=True),
                        onsets.onsets_table({name: (a.drug, a.route) for name, a in arms.items()}, settings.seed),
                        onsets.monitoring_table(settings.seed),
-                       patients=pd.concat(kept, ignore_index=True) if store is None else None,
+                       patients=pd.concat([t for _, t in sorted(kept, key=lambda k: k[0])], ignore_index=True) if store is None else None,
                        dataset=store.dataset if store is not None else None, time_courses=courses)
