@@ -174,7 +174,8 @@ def test_a_posterior_draw_substituted_into_the_parameters_equals_the_configs_rew
     for values, by_arm in zip(draws, prepared):
         for name, arm in arms.items():
             fresh = prepare_arm(arm, None, settings.horizon_days, settings.assessment_every_days, overrides=values)
-            for a, b in zip(jax.tree_util.tree_leaves(fresh.inputs), jax.tree_util.tree_leaves(by_arm[name].inputs), strict=True):
+            # The trial pads schedules to shared shapes (share_compilation); the parameters are the arm's.
+            for a, b in zip(jax.tree_util.tree_leaves(fresh.inputs.typical), jax.tree_util.tree_leaves(by_arm[name].inputs.typical), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     assert prepared[0]["tec"].inputs.typical.crs.grade1_pg_ml != prepared[1]["tec"].inputs.typical.crs.grade1_pg_ml
 
@@ -400,3 +401,23 @@ def test_shipped_experiments_are_valid():
         for by_arm in p.prepared:
             for prepared in by_arm.values():
                 assert prepared.compiled.periods and prepared.compiled.assessment_days, name
+
+
+def test_arms_padded_to_a_shared_shape_give_the_same_patients():
+    """share_compilation pads arms of similar grid length to one shape (padding steps, dose periods
+    and assessments; random effects on the union of parameters, omega 0 where an arm has none), so
+    a trial compiles one kernel for them; every patient's results must be those of the arm alone."""
+    from vpop.simulate import dispatch_ids, share_compilation
+
+    arms = {a.name: prepare_arm(a, horizon_days=days) for a, days in zip(POSTERIOR_ARMS[:3], (21, 35, 49))}
+    shared = share_compilation(arms, growth=10.0)
+    shapes = {(p.inputs.schedule.steps.dt.shape, p.inputs.schedule.period_start_day.shape, p.variability_paths) for p in shared.values()}
+    assert len(shapes) == 1 and len({p.inputs.schedule.steps.dt.shape for p in arms.values()}) > 1
+    for name in arms:
+        alone, padded = (dispatch_ids(p, np.arange(12), seed=4).result() for p in (arms[name], shared[name]))
+        assert padded.reductions.keys() == alone.reductions.keys()
+        for key, value in alone.reductions.items():
+            np.testing.assert_array_equal(padded.reductions[key], value, err_msg=f"{name} {key}")
+        np.testing.assert_array_equal(padded.period_start_day, alone.period_start_day)
+    separate = share_compilation(arms, growth=1.0)  # no two arms this different share a shape
+    assert all(separate[n].inputs.schedule.steps.dt.shape == arms[n].inputs.schedule.steps.dt.shape for n in arms)

@@ -7,7 +7,7 @@ depends only on (seed, patient id), never on the chunk size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -174,12 +174,16 @@ class PendingChunk(NamedTuple):
     covariates: population.Covariates
 
     def result(self) -> ArmResult:
+        """The patients' results (padding rows dropped; so are the dose periods and assessments a
+        schedule padded to a shared shape added, `common_shape`)."""
         take = len(self.ids)
         red, cov = jax.tree_util.tree_map(lambda x: np.asarray(x)[:take], (self.reductions, self.covariates))
         cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(cov.bsa_m2))
+        n_p, n_a = len(self.prepared.compiled.periods), len(self.prepared.compiled.assessment_days)
+        red = {k: v[:, :n_a] if k.endswith("_at") else v[:, :n_p] if v.ndim > 1 else v for k, v in red._asdict().items()}
         schedule = self.prepared.inputs.schedule
-        return ArmResult(self.prepared.arm, self.ids, cov_dict, red._asdict(),
-                         np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+        return ArmResult(self.prepared.arm, self.ids, cov_dict, red,
+                         np.asarray(schedule.period_start_day)[:n_p], np.asarray(schedule.assessment_day)[:n_a])
 
 
 def dispatch_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
@@ -283,22 +287,47 @@ def pad_schedule(schedule: solver.Schedule, k: int, n_periods: int, n_assessment
     return solver.Schedule(steps, pad_to(schedule.period_start_day, n_periods), pad_to(schedule.assessment_day, n_assessments))
 
 
-def stack_arms(prepared: list[PreparedArm]) -> tuple[ArmInputs, tuple[str, ...]]:
-    """The arms' kernel inputs stacked on a leading axis (schedules padded to a common shape,
-    random effects on the union of the arms' parameters), for one batched simulation of all arms."""
+def common_shape(prepared: list[PreparedArm]) -> list[PreparedArm]:
+    """The arms with their schedules padded to one shape (steps, dose periods, assessments) and their
+    random effects on the union of their parameters (omega 0 where an arm has none; each parameter
+    draws from its own named stream, so the others are unchanged), so one compiled kernel serves them
+    all. Padding steps (dt = 0) change no state; `PendingChunk.result` drops padded periods."""
     paths = tuple(dict.fromkeys(p for arm in prepared for p in arm.variability_paths))
     k = max(a.inputs.schedule.steps.dt.shape[0] for a in prepared)
     n_p = max(a.inputs.schedule.period_start_day.shape[0] for a in prepared)
     n_a = max(a.inputs.schedule.assessment_day.shape[0] for a in prepared)
     f = parameters._float()
-    rows = []
+    out = []
     for a in prepared:
         omega = dict(zip(a.variability_paths, np.asarray(a.inputs.omegas)))
-        rows.append(a.inputs._replace(
-            omegas=jnp.asarray([omega.get(p, 0.0) for p in paths], f),
-            schedule=pad_schedule(a.inputs.schedule, k, n_p, n_a),
-        ))
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows), paths
+        inputs = a.inputs._replace(omegas=jnp.asarray([omega.get(p, 0.0) for p in paths], f),
+                                   schedule=pad_schedule(a.inputs.schedule, k, n_p, n_a))
+        out.append(replace(a, inputs=inputs, variability_paths=paths))
+    return out
+
+
+def share_compilation(arms: dict[str, PreparedArm], growth: float) -> dict[str, PreparedArm]:
+    """Arms grouped by grid length, each group padded to one shape (`common_shape`): an arm joins a
+    group while its steps are at most `growth` times the group's shortest, so a trial compiles one
+    kernel per group instead of one per arm, at the cost of the padding steps."""
+    order = sorted(arms, key=lambda name: arms[name].inputs.schedule.steps.dt.shape[0])
+    groups, out = [], {}
+    for name in order:
+        k = arms[name].inputs.schedule.steps.dt.shape[0]
+        if groups and k <= growth * arms[groups[-1][0]].inputs.schedule.steps.dt.shape[0]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    for group in groups:
+        out.update(zip(group, common_shape([arms[name] for name in group])))
+    return {name: out[name] for name in arms}
+
+
+def stack_arms(prepared: list[PreparedArm]) -> tuple[ArmInputs, tuple[str, ...]]:
+    """The arms' kernel inputs stacked on a leading axis (`common_shape`), for one batched
+    simulation of all arms."""
+    shared = common_shape(prepared)
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(a.inputs for a in shared)), shared[0].variability_paths
 
 
 def simulate_stacked(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed, paths) -> solver.Reductions:

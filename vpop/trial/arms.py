@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vpop import catalogue, endpoints, parameters, schema
 from vpop.catalogue import ConfigError
-from vpop.simulate import Arm, PreparedArm, prepare_arm
+from vpop.simulate import Arm, PreparedArm, prepare_arm, share_compilation
 
 @dataclass
 class TrialSettings:
@@ -62,11 +62,14 @@ def response_kind(prepared: PreparedArm) -> str:
 def prepare_draws(arms: dict[str, Arm], settings: TrialSettings, model: DictConfig,
                   draws: list[dict[str, float]]) -> list[dict[str, PreparedArm]]:
     """Every arm prepared once (configs read and checked, regimen compiled, schedule built: a draw
-    cannot change them), then each posterior draw substituted into its typical parameters by the
-    calibration's mechanism (`parameters.substitute`)."""
+    cannot change them; arms of similar grid length padded to one shape, `share_compilation`), then
+    each posterior draw substituted into its typical parameters by the calibration's mechanism
+    (`parameters.substitute`)."""
     out = [{} for _ in draws]
+    bases = share_compilation({name: prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days)
+                               for name, arm in arms.items()}, float(model.solver.shared_shape_growth))
     for name, arm in arms.items():
-        base = prepare_arm(arm, model, settings.horizon_days, settings.assessment_every_days)
+        base = bases[name]
         spec = parameters.ParameterScope(arm.drug, arm.route, arm.population)
         paths = parameters.parameter_paths(draws[0], spec)  # every draw of a posterior names the same parameters
         for by_arm, values in zip(out, draws):
