@@ -186,19 +186,22 @@ class PendingChunk(NamedTuple):
                          np.asarray(schedule.period_start_day)[:n_p], np.asarray(schedule.assessment_day)[:n_a])
 
 
-def dispatch_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
-                 twins: population.Covariates | None = None) -> PendingChunk:
-    """Start simulating the patients `ids` in one device call, split over all local devices.
-
-    The batch is padded (repeating the last id) to `chunk_size` rounded up to a multiple of the device
-    count, so every chunk of a run reuses one compilation; padding rows are dropped by `result()`.
-    """
-    ids = np.asarray(ids)
+def _device_batch(prepared: PreparedArm, ids: np.ndarray, seed: int, chunk_size: int | None, twins):
+    """Patient ids and covariates on the device(s), padded (repeating the last id) to `chunk_size`
+    rounded up to a multiple of the device count, so every chunk of a run reuses one compilation."""
     size = padded_chunk_size(max(chunk_size or len(ids), len(ids)))
     padded = np.concatenate([ids, np.full(size - len(ids), ids[-1])])
     sharding = patient_sharding()
-    dev_ids = jax.device_put(jnp.asarray(padded), sharding)
-    cov = jax.device_put(_covariates_for(prepared, padded, seed, twins), sharding)
+    return (jax.device_put(jnp.asarray(padded), sharding),
+            jax.device_put(_covariates_for(prepared, padded, seed, twins), sharding))
+
+
+def dispatch_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
+                 twins: population.Covariates | None = None) -> PendingChunk:
+    """Start simulating the patients `ids` in one device call, split over all local devices
+    (padded, `_device_batch`; padding rows are dropped by `result()`)."""
+    ids = np.asarray(ids)
+    dev_ids, cov = _device_batch(prepared, ids, seed, chunk_size, twins)
     red = simulate_chunk(prepared.inputs, cov, dev_ids, jnp.asarray(seed), prepared.variability_paths)
     return PendingChunk(prepared, ids, red, cov)
 
@@ -209,16 +212,15 @@ def dispatch_draws(draws: list[PreparedArm], ids: np.ndarray, seed: int = 0, chu
     prepared per draw, `trial.prepare_draws`) in one device call, draws stacked on a leading axis.
 
     Patients are padded as in `dispatch_ids`, draws to `block` (repeating the last), so every call of a
-    run reuses one compilation; a patient's result is the same as in a call of its own draw.
+    run reuses one compilation. Grades and responses equal a call per draw (block 1, `dispatch_ids`);
+    continuous values agree to float32 rounding (XLA vectorises stacked typical parameters differently).
     """
-    ids = np.asarray(ids)
     block = max(block or len(draws), len(draws))
-    size = padded_chunk_size(max(chunk_size or len(ids), len(ids)))
-    padded = np.concatenate([ids, np.full(size - len(ids), ids[-1])])
+    if block == 1:  # one draw per call: the single-draw kernel, shared with `simulate_arm`
+        return [dispatch_ids(draws[0], ids, seed, chunk_size, twins)]
+    ids = np.asarray(ids)
+    dev_ids, cov = _device_batch(draws[0], ids, seed, chunk_size, twins)
     stacked = draws + [draws[-1]] * (block - len(draws))
-    sharding = patient_sharding()
-    dev_ids = jax.device_put(jnp.asarray(padded), sharding)
-    cov = jax.device_put(_covariates_for(draws[0], padded, seed, twins), sharding)
     inputs = draws[0].inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(d.inputs.typical for d in stacked)))
     red = simulate_draws_chunk(inputs, cov, dev_ids, jnp.asarray(seed), draws[0].variability_paths)
     return [PendingChunk(d, ids, jax.tree_util.tree_map(lambda x: x[j], red), cov) for j, d in enumerate(draws)]

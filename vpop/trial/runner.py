@@ -153,8 +153,10 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
     kept, sample, resumed = [], [], 0  # kept: ((draw, chunk), rows) in memory; sample: draw 0's first SAMPLE_PATIENTS patients per arm, for figures
     twin_cov = [{name: population.twins_covariates(twins, p.population) for name, p in by_arm.items()} if twins is not None else {}
                 for by_arm in prepared]
-    # Draws of an arm share one device call up to chunk_size patient simulations (small n, many draws).
-    block = max(1, settings.chunk_size // chunk)
+    # Draws of an arm share one device call up to chunk_size patient simulations (small n, many draws),
+    # in blocks of equal size, so the last call is not padded with repeated draws.
+    calls = -(-len(prepared) // max(1, settings.chunk_size // chunk))
+    block = -(-len(prepared) // calls)
     jobs = [(range(b, min(b + block, len(prepared))), c, start)
             for b in range(0, len(prepared), block) for c, start in enumerate(range(0, n, chunk))]
 
