@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,26 @@ class Simulator:
         self.draws, self.patients, self.seed, self.bar = draws, patients, seed, bar
         self.cache: dict[str, pd.DataFrame] = {}
 
+    @staticmethod
+    def _key(arm: Arm, horizon_days: float | None) -> str:
+        return repr((arm.drug, arm.route, arm.population, arm.regimen, arm.premedication, arm.prophylaxis, arm.delay, horizon_days))
+
+    def prefetch(self, requests: list[tuple[Arm, float | None]]) -> None:
+        """Simulate the arms of each horizon in one trial, so arms of similar grid length share
+        compiled kernels (`simulate.share_compilation`; every patient row is as in a trial of its own)."""
+        by_horizon: dict = {}
+        for arm, horizon in requests:
+            by_horizon.setdefault(horizon, {}).setdefault(self._key(arm, horizon), arm)
+        for horizon, arms in by_horizon.items():
+            named = {f"c{i}": replace(arm, name=f"c{i}") for i, arm in enumerate(arms.values())}
+            settings = TrialSettings(n=self.patients, seed=self.seed, horizon_days=horizon, trajectories=0)
+            patients = run_trial(named, next(iter(named)), settings, draws=self.draws).patients
+            for key, name in zip(arms, named):
+                self.cache[key] = patients[patients.arm == name].reset_index(drop=True)
+                self.bar.update(1)
+
     def run(self, arm: Arm, horizon_days: float | None = None) -> pd.DataFrame:
-        key = repr((arm.drug, arm.route, arm.population, arm.regimen, arm.premedication, arm.prophylaxis, arm.delay, horizon_days))
+        key = self._key(arm, horizon_days)
         if key not in self.cache:
             settings = TrialSettings(n=self.patients, seed=self.seed, horizon_days=horizon_days, trajectories=0)
             result = run_trial({arm.name: arm}, arm.name, settings, draws=self.draws)
@@ -418,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     n_arms += 2 * len(spec.experiments) + len(spec.approved_regimens) + 1
     with tqdm(total=n_arms, unit="arm", disable=not sys.stderr.isatty()) as bar:
         sim = Simulator(draws, args.patients, args.seed, bar)
+        sim.prefetch([(published.cohort_arm(t), float(t.horizon_days)) for t in targets.itertuples()])
         table, rates = targets_table(targets, sim, rng)
         table = pd.concat([table, comparisons_table(spec.comparisons, targets, rates, rng), experiments_table(spec.experiments, sim)],
                           ignore_index=True)
