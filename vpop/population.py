@@ -261,7 +261,8 @@ def physiology(model: DictConfig, pop: DictConfig) -> Physiology:
 def refractory_share(mp: cells.MalignantParams, key: jax.Array) -> cells.MalignantParams:
     r"""The patient's refractory share $f_i$: logit-normal around the typical share,
     $\mathrm{logit} f_i = \mathrm{logit} f + \sigma z_i$, $z_i \sim N(0, 1)$ from its own stream.
-    A typical share of 0 (the shipped default) stays exactly 0: one susceptible clone, as before 0.12.0."""
+    A typical share of 0 (a population whose share is not fitted: ALL, SCLC, uveal melanoma) stays
+    exactly 0: one susceptible clone."""
     z = parameters.standard_normal(jax.random.fold_in(key, parameters.stream_id("malignant.refractory_fraction")))
     f = jnp.clip(mp.refractory_fraction, 1e-9, 1.0 - 1e-9)  # finite logit (f = 0 is restored below)
     share = jax.nn.sigmoid(jax.scipy.special.logit(f) + mp.refractory_logit_sd * z)
