@@ -7,6 +7,8 @@ depends only on (seed, patient id), never on the chunk size.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
@@ -14,12 +16,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vpop import catalogue, parameters, population, regimen
 from vpop.catalogue import ConfigError
 from vpop.model import solver
 from vpop.model.system import Params
+
+log = logging.getLogger("vpop")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,12 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
                 assessment_every_days: float | None = None, overrides: dict[str, float] | None = None) -> PreparedArm:
     """Everything host-side for one arm; raises ConfigError naming the field on bad input.
     `overrides` set parameter values by config path (a posterior draw, see `parameters.with_overrides`)."""
-    model = parameters.with_overrides(model if model is not None else catalogue.load("model", "default"), "model", None, overrides)
+    model = model if model is not None else catalogue.load("model", "default")
+    # A refined grid is the arm's, shared by every posterior draw: its pilot sees the grid's settings
+    # but not a draw's parameter values.
+    grid_model = parameters.with_overrides(model, "model", None, {k: v for k, v in (overrides or {}).items()
+                                                                   if k.startswith("model.solver.")})
+    model = parameters.with_overrides(model, "model", None, overrides)
     where = f"arms.{arm.name}"
     if not isinstance(arm.population, str):
         raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")
@@ -83,7 +92,85 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
         covariate_params=jnp.asarray(cov_model.params, f),
         schedule=regimen.build_schedule(compiled, model.solver),
     )
+    if model.solver.get("error_tolerance") is not None:
+        inputs = inputs._replace(schedule=_refined_schedule(arm, grid_model, horizon_days, assessment_every_days))
     return PreparedArm(arm, compiled, pop, inputs, var.paths, cov_model.kinds)
+
+
+# Grids refined by error control, by arm and model config: a trial prepares an arm once per posterior
+# draw, and every draw must share the arm's grid (the draws are stacked on one schedule).
+_REFINED: dict[str, solver.Schedule] = {}
+PILOT_SEED = 7919  # the pilot cohort's own seed, so an arm's grid does not depend on the trial's seed
+REFINE_ROUNDS = 2
+MAX_SPLIT = 16  # the most sub-steps one step is split into in a round
+MERGE_BELOW = 1 / 16  # two steps join below this share of the tolerance (the joined step's error is ~8x theirs)
+
+
+def _refined_schedule(arm: Arm, model: DictConfig, horizon_days, assessment_every_days) -> solver.Schedule:
+    """The arm's schedule refined at `model.solver.error_tolerance` on a pilot of the arm at the
+    config's nominal parameters (not a posterior draw's), computed once per arm and config."""
+    cfg = model.solver
+    tolerance, pilot = cfg.error_tolerance, cfg.get("pilot_patients", 16)
+    if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ConfigError(f"model.solver.error_tolerance must be null or a number in (0, 1), e.g. 0.01; got {tolerance!r}")
+    if not isinstance(pilot, int) or pilot < 1:
+        raise ConfigError(f"model.solver.pilot_patients must be a positive integer; got {pilot!r}")
+    key = repr((arm, horizon_days, assessment_every_days, OmegaConf.to_yaml(model)))
+    if key not in _REFINED:
+        plain = OmegaConf.merge(model, {"solver": {"error_tolerance": None}})
+        pilot_arm = prepare_arm(arm, plain, horizon_days, assessment_every_days)
+        t0 = time.perf_counter()
+        _REFINED[key] = refine_schedule(pilot_arm, float(tolerance), pilot, int(cfg.grid_bucket))
+        log.info("arm %s: grid regridded at error tolerance %g on %d pilot patients, %d -> %d steps (%.0f s)", arm.name,
+                 tolerance, pilot, int((np.asarray(pilot_arm.inputs.schedule.steps.dt) > 0).sum()),
+                 int((np.asarray(_REFINED[key].steps.dt) > 0).sum()), time.perf_counter() - t0)
+    return _REFINED[key]
+
+
+def refine_schedule(prepared: PreparedArm, tolerance: float, pilot_patients: int, bucket: int) -> solver.Schedule:
+    r"""The arm's schedule regridded by a pilot cohort's local error estimate (`solver.local_errors`,
+    relative): a step of estimated error $e$ above `tolerance` is split into
+    $\lceil (e/\mathrm{tol})^{1/3} \rceil$ equal sub-steps (at most `MAX_SPLIT`), since the local error of
+    the second-order scheme goes as $h^3$; two neighbouring steps both below tolerance x `MERGE_BELOW`
+    are joined where nothing happens between them (`solver.mergeable`). The estimate is repeated on
+    the new grid (`REFINE_ROUNDS` rounds). The pilot is patients 0 .. n-1 of the arm at `PILOT_SEED`;
+    every patient then shares the grid, at fixed-grid speed."""
+    ids = np.arange(pilot_patients)
+    covariates = _covariates_for(prepared, ids, PILOT_SEED)
+    schedule = prepared.inputs.schedule
+    f = parameters._float()
+    for _ in range(REFINE_ROUNDS):
+        errors = np.asarray(_pilot_errors(prepared.inputs._replace(schedule=schedule), covariates, jnp.asarray(ids),
+                                          jnp.asarray(PILOT_SEED), prepared.variability_paths))
+        split = np.clip(np.ceil((errors / tolerance) ** (1 / 3) - 1e-6), 1, MAX_SPLIT).astype(int)
+        small = errors < tolerance * MERGE_BELOW
+        candidate = solver.mergeable(schedule) & small & np.concatenate([small[1:], [False]])
+        pair = np.zeros_like(candidate)
+        k = 0
+        while k < len(pair) - 1:  # non-overlapping pairs, from the left
+            pair[k] = candidate[k]
+            k += 2 if pair[k] else 1
+        if (split == 1).all() and not pair.any():
+            break
+        absorbed = np.concatenate([[False], pair[:-1]])
+        split = split[~absorbed & (np.asarray(schedule.steps.dt) > 0)]
+        fine = solver.refine(solver.merge(schedule, pair), split)
+        steps = solver.Steps(*(jnp.asarray(x, f if x.dtype.kind == "f" else jnp.int32) for x in fine.steps))
+        k = steps.dt.shape[0]
+        schedule = pad_schedule(schedule._replace(steps=steps), -(-k // bucket) * bucket,
+                                schedule.period_start_day.shape[0], schedule.assessment_day.shape[0])
+    return schedule
+
+
+@partial(jax.jit, static_argnames=("paths",))
+def _pilot_errors(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed: jax.Array,
+                  paths: tuple[str, ...]) -> jax.Array:
+    """`solver.local_errors` of every step of the schedule, the largest over the pilot patients `ids`."""
+
+    def one(cov, i):
+        return solver.local_errors(_patient_params(inputs, cov, i, seed, paths), inputs.schedule)
+
+    return jnp.max(jax.vmap(one)(covariates, ids), axis=0)
 
 
 @partial(jax.jit, static_argnames=("kinds",))

@@ -9,7 +9,8 @@ libroadrunner at rtol 1e-9 on the same export, read at the default grid refined 
 shows the export reproduces vpop's float64 equations within 1e-6). The in-simulation CRS rescue is off
 (the export has none). The peer loads the model once per process and sets each patient's parameters and
 states by index (`setGlobalParameterValues`), the way a modeller runs a population in it, in 1 and 2
-processes. vpop runs at its default grid and at the finer grid of yardstick.py, at --vpop-n patients.
+processes. vpop runs at its default grid, at the finer grid of yardstick.py and regridded at error
+tolerances (model.solver.error_tolerance, the pilot's time counted as compilation), at --vpop-n patients.
 Writes peer.json, peer.md and peer.png (patients/s against p99 error).
 """
 
@@ -119,14 +120,18 @@ def roadrunner_run(problem, rtol: float, processes: int) -> dict:
                 failed=int(np.isnan(peaks[:, 0]).sum()), peaks=peaks, nadirs=np.concatenate([r[3] for r in results]))
 
 
-def vpop_run(n: int, fine: bool, throughput_n: list[int]) -> list[dict]:
-    """vpop (float32, the default or fine grid): the reductions of the same n patients, and patients/s
-    at each of throughput_n patients after compilation (chunks of 10,000)."""
+def vpop_run(n: int, grid: str | float, throughput_n: list[int]) -> list[dict]:
+    """vpop (float32; grid "default", "fine" or an error tolerance: the default grid regridded on a
+    pilot, its preparation counted with the compilation): the reductions of the same n patients, and
+    patients/s at each of throughput_n patients after compilation (chunks of 10,000)."""
     from vpop.simulate import simulate_arm
 
-    prepared = _prepare(rescue=False, fine=fine)
+    t0 = time.perf_counter()
+    prepared = _prepare(rescue=False, fine=grid == "fine", tolerance=None if isinstance(grid, str) else grid)
+    prepare_s = time.perf_counter() - t0
     red = simulate_arm(prepared, n, seed=0, chunk_size=n).reductions
     steps = int((np.asarray(prepared.inputs.schedule.steps.dt) > 0).sum())
+    label = f"{grid} grid" if isinstance(grid, str) else f"grid regridded at tolerance {grid:g}"
     rows, compile_s = [], {}
     for size in throughput_n:
         chunk = min(size, 10_000)
@@ -136,11 +141,11 @@ def vpop_run(n: int, fine: bool, throughput_n: list[int]) -> list[dict]:
             first_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             simulate_arm(prepared, chunk, seed=1, chunk_size=chunk)
-            compile_s[chunk] = first_s - (time.perf_counter() - t0)
+            compile_s[chunk] = prepare_s + first_s - (time.perf_counter() - t0)
         t0 = time.perf_counter()
         simulate_arm(prepared, size, seed=0, chunk_size=chunk)
         run_s = time.perf_counter() - t0
-        rows.append(dict(method=f"vpop, {'fine' if fine else 'default'} grid ({steps} steps)", n=size, run_s=run_s,
+        rows.append(dict(method=f"vpop, {label} ({steps} steps)", n=size, run_s=run_s,
                          load_s=compile_s[chunk], patients_per_s=size / run_s, failed=0,
                          peaks=red["peak_il6_signalling_pg_ml"], nadirs=red["malignant_nadir_fraction"]))
     return rows
@@ -217,15 +222,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="patients solved by every method (accuracy, peer speed)")
     ap.add_argument("--vpop-n", type=int, nargs="+", default=[10_000, 100_000], help="patients for vpop's throughput")
     ap.add_argument("--rtol", type=float, nargs="+", default=[1e-6, 1e-4, 1e-3, 1e-2])
+    ap.add_argument("--tolerance", type=float, nargs="*", default=[0.01, 0.003, 0.001],
+                    help="vpop's error tolerances of the regridded grid (model.solver.error_tolerance)")
     ap.add_argument("--out", default="experiments/benchmarks/results")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    for fine in (False, True):  # float32, before the export switches this process to float64
-        print(f"vpop ({'fine' if fine else 'default'} grid) ...", flush=True)
-        rows += vpop_run(args.n, fine, args.vpop_n)
+    for grid in ("default", "fine", *args.tolerance):  # float32, before the export switches this process to float64
+        print(f"vpop ({grid} grid) ...", flush=True)
+        rows += vpop_run(args.n, grid, args.vpop_n)
     problem = _problem(args.n)
     print("reference: libroadrunner rtol 1e-9 ...", flush=True)
     ref = roadrunner_run(problem, 1e-9, 2)

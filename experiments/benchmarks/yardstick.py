@@ -48,13 +48,19 @@ FINE_GRID = {"model.solver.first_step_hours": 0.25, "model.solver.step_growth": 
              "model.solver.max_step_days": 0.125}
 
 
-def _prepare(rescue: bool = True, fine: bool = False):
-    """The yardstick arm. Accuracy runs switch the in-simulation CRS rescue off: whether a patient
-    near a grade threshold gets tocilizumab is a discontinuity of the model, not an integration error."""
+def _prepare(rescue: bool = True, fine: bool = False, tolerance: float | None = None):
+    """The yardstick arm, on the default grid, the fine grid, or the default grid regridded at an
+    error tolerance (`model.solver.error_tolerance`). Accuracy runs switch the in-simulation CRS rescue
+    off: whether a patient near a grade threshold gets tocilizumab is a discontinuity of the model, not
+    an integration error."""
+    from omegaconf import OmegaConf
+
+    from vpop import catalogue
     from vpop.simulate import Arm, prepare_arm
 
+    model = OmegaConf.merge(catalogue.load("model", "default"), {"solver": {"error_tolerance": tolerance}})
     overrides = {**({} if rescue else {"model.crs.rescue": 0}), **(FINE_GRID if fine else {})}
-    return prepare_arm(Arm("yardstick", "mosunetuzumab", "iv", "fl_rr", REGIMEN), overrides=overrides)
+    return prepare_arm(Arm("yardstick", "mosunetuzumab", "iv", "fl_rr", REGIMEN), model, overrides=overrides)
 
 
 def _patients(prepared, ids, seed=0):

@@ -11,41 +11,9 @@ from __future__ import annotations
 
 import diffrax
 import jax
-import numpy as np
 
 from vpop.model import system
-from vpop.model.solver import INPUT_CHANNELS, Schedule, Steps, add_at
-
-
-def refine(schedule: Schedule, factor: int) -> Schedule:
-    """Each step split into `factor` equal sub-steps (doses on the first, assessments on the last);
-    padding steps (dt = 0) are dropped. Arrays come back as numpy."""
-    s = jax.tree_util.tree_map(np.asarray, schedule.steps)
-    keep = s.dt > 0
-    s = jax.tree_util.tree_map(lambda x: x[keep], s)
-    n = len(s.dt)
-    sub = np.tile(np.arange(factor), n)
-
-    def rep(x):
-        return np.repeat(x, factor, axis=0)
-
-    def first_only(x):
-        return np.where((sub == 0)[:, None], rep(x), 0.0)
-
-    steps = Steps(
-        t_start=rep(s.t_start) + sub * rep(s.dt) / factor,
-        dt=rep(s.dt) / factor,
-        bolus_mg=first_only(s.bolus_mg),
-        bolus_mg_per_kg=first_only(s.bolus_mg_per_kg),
-        bolus_mg_per_m2=first_only(s.bolus_mg_per_m2),
-        bolus_cap_mg=rep(s.bolus_cap_mg),
-        rate_mg_per_day=rep(s.rate_mg_per_day),
-        rate_mg_per_day_per_kg=rep(s.rate_mg_per_day_per_kg),
-        rate_mg_per_day_per_m2=rep(s.rate_mg_per_day_per_m2),
-        period=rep(s.period),
-        assessment=np.where(sub == factor - 1, rep(s.assessment), -1),
-    )
-    return Schedule(steps, np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+from vpop.model.solver import INPUT_CHANNELS, add_at, refine  # noqa: F401  (refine: the reference grid)
 
 
 def ode_step(solver=None, rtol: float = 1e-6, atol: float = 1e-9, max_steps: int = 10_000):

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jaxtyping import Float, Int
 
@@ -206,6 +207,103 @@ def patient_inputs(step: Steps, p: Params) -> tuple[Array, Array]:
     f = f.at[INPUT_CHANNELS.index("drugs.dexamethasone.depot")].set(p.dexamethasone_pk.bioavailability)
     rate = step.rate_mg_per_day + wt * step.rate_mg_per_day_per_kg + bsa * step.rate_mg_per_day_per_m2
     return bolus * f, rate
+
+
+def refine(schedule: Schedule, factor) -> Schedule:
+    """Each step split into `factor` equal sub-steps (an int, or one per step; doses on the first,
+    assessments on the last); padding steps (dt = 0) are dropped. Arrays come back as numpy."""
+    s = jax.tree_util.tree_map(np.asarray, schedule.steps)
+    keep = s.dt > 0
+    s = jax.tree_util.tree_map(lambda x: x[keep], s)
+    n = np.broadcast_to(np.asarray(factor, int), keep.shape)[keep]
+    idx = np.repeat(np.arange(len(s.dt)), n)  # the step each sub-step comes from
+    sub = np.arange(len(idx)) - np.repeat(np.cumsum(n) - n, n)  # its position within that step
+    first, last = sub == 0, sub == n[idx] - 1
+
+    def first_only(x):
+        return np.where(first[:, None], x[idx], 0.0)
+
+    steps = Steps(
+        t_start=s.t_start[idx] + sub * s.dt[idx] / n[idx],
+        dt=s.dt[idx] / n[idx],
+        bolus_mg=first_only(s.bolus_mg),
+        bolus_mg_per_kg=first_only(s.bolus_mg_per_kg),
+        bolus_mg_per_m2=first_only(s.bolus_mg_per_m2),
+        bolus_cap_mg=s.bolus_cap_mg[idx],
+        rate_mg_per_day=s.rate_mg_per_day[idx],
+        rate_mg_per_day_per_kg=s.rate_mg_per_day_per_kg[idx],
+        rate_mg_per_day_per_m2=s.rate_mg_per_day_per_m2[idx],
+        period=s.period[idx],
+        assessment=np.where(last, s.assessment[idx], -1),
+    )
+    return Schedule(steps, np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+
+
+def mergeable(schedule: Schedule) -> np.ndarray:
+    """Whether each step could be joined with the next one into a single step: both real (dt > 0), in
+    the same dose period at the same infusion rates, no dose at the next one and no assessment at
+    this one (numpy, one flag per step)."""
+    s = jax.tree_util.tree_map(np.asarray, schedule.steps)
+    nxt = jax.tree_util.tree_map(lambda x: np.concatenate([x[1:], x[-1:]]), s)
+    ok = (s.dt > 0) & (nxt.dt > 0) & (s.period == nxt.period) & (s.assessment < 0)
+    for field in ("rate_mg_per_day", "rate_mg_per_day_per_kg", "rate_mg_per_day_per_m2"):
+        ok &= np.all(getattr(s, field) == getattr(nxt, field), axis=1)
+    for field in ("bolus_mg", "bolus_mg_per_kg", "bolus_mg_per_m2"):
+        ok &= ~np.any(getattr(nxt, field), axis=1)
+    ok[-1] = False
+    return ok
+
+
+def merge(schedule: Schedule, pair) -> Schedule:
+    """Steps k and k+1 joined into one where `pair[k]` (the pairs must be `mergeable` and must not
+    overlap); padding steps are dropped. Arrays come back as numpy."""
+    s = jax.tree_util.tree_map(np.asarray, schedule.steps)
+    pair = np.asarray(pair, bool) & mergeable(schedule)
+    absorbed = np.concatenate([[False], pair[:-1]])
+    nxt = np.concatenate([np.arange(1, len(pair)), [len(pair) - 1]])
+    s = s._replace(dt=np.where(pair, s.dt + s.dt[nxt], s.dt), assessment=np.where(pair, s.assessment[nxt], s.assessment))
+    keep = ~absorbed & (s.dt > 0)
+    steps = Steps(*(x[keep] for x in s))
+    return Schedule(steps, np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+
+
+# A state's error is measured relative to its value, or to this share of its largest value over the
+# pilot's course where it is smaller (a state passing near zero, such as drug before a dose, would
+# otherwise ask for arbitrarily fine steps).
+ERROR_FLOOR = 1e-3
+
+
+def local_errors(p: Params, schedule: Schedule) -> Float[Array, " K"]:
+    r"""Richardson estimate of the local error of each step for one patient, relative. Each step of
+    length $h$ is taken whole ($y_h$) and as two halves ($y_{h/2}$, which the course continues from);
+    for a second-order scheme the error of the halves is about $|y_h - y_{h/2}| / 3$, taken relative
+    to $\max(|y_{h/2}|, \epsilon \max_t |y_{h/2}|)$ ($\epsilon$ = `ERROR_FLOOR`), and the step's error is
+    the largest over the states. Without the in-simulation rescue; padding steps (dt = 0) have error 0."""
+
+    def body(y: State, step: Steps):
+        bolus, rate = patient_inputs(step, p)
+        for i, path in enumerate(INPUT_CHANNELS):
+            y = add_at(y, path, bolus[i])
+        h, t = step.dt, step.t_start
+
+        def stage(pair: State, t_h):  # the whole step and the first half, then (a zero step and) the second half
+            return jax.vmap(lambda y, t, h: exponential_step(t, h, y, rate, p))(pair, *t_h), None
+
+        pair = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), y)
+        t_stage = jnp.stack([jnp.stack([t, t]), jnp.stack([t, t + h / 2])])
+        h_stage = jnp.stack([jnp.stack([h, h / 2]), jnp.stack([0.0 * h, h / 2])])
+        pair, _ = lax.scan(stage, pair, (t_stage, h_stage))
+        whole, halves = (jax.tree_util.tree_map(lambda x, i=i: x[i], pair) for i in (0, 1))
+        return halves, (jax.tree_util.tree_map(lambda a, b: jnp.abs(a - b) / 3.0, whole, halves), halves)
+
+    _, (error, course) = lax.scan(body, system.initial_state(p), schedule.steps)
+
+    def relative(e, c):
+        scale = jnp.maximum(jnp.abs(c), ERROR_FLOOR * jnp.max(jnp.abs(c)))
+        return e / jnp.maximum(scale, jnp.finfo(c.dtype).tiny)
+
+    relative_errors = jax.tree_util.tree_leaves(jax.tree_util.tree_map(relative, error, course))
+    return jnp.where(schedule.steps.dt > 0, jnp.max(jnp.stack(relative_errors), axis=0), 0.0)
 
 
 _NO_CRS = -100.0  # an index below any threshold: e^-100 of grade 1
