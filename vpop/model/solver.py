@@ -37,6 +37,9 @@ then runs in lock-step at no cost, with all work fused in one `lax.scan`, and th
 reduced in the scan carry: no time course leaves the device unless asked for. The default grid
 (configs/model/default.yaml, `solver`) gives population CRS and response rates within ~1
 percentage point of a 4x finer grid; see experiments/benchmarks for the per-patient accuracy.
+Where that is not enough, the grid itself can be designed by error control, once per arm:
+`local_errors` estimates each step's error on a pilot cohort by step doubling, and
+`vpop.simulate.refine_schedule` splits (`refine`) and joins (`merge`) steps by it.
 """
 
 from __future__ import annotations
