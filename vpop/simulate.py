@@ -156,8 +156,8 @@ def refine_schedule(prepared: PreparedArm, tolerance: float, pilot_patients: int
         split = split[~absorbed & (np.asarray(schedule.steps.dt) > 0)]
         fine = solver.refine(solver.merge(schedule, pair), split)
         steps = solver.Steps(*(jnp.asarray(x, f if x.dtype.kind == "f" else jnp.int32) for x in fine.steps))
-        k = steps.dt.shape[0]
-        schedule = pad_schedule(schedule._replace(steps=steps), -(-k // bucket) * bucket,
+        n_steps = steps.dt.shape[0]
+        schedule = pad_schedule(schedule._replace(steps=steps), -(-n_steps // bucket) * bucket,
                                 schedule.period_start_day.shape[0], schedule.assessment_day.shape[0])
     return schedule
 
