@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from vpop import catalogue
 from vpop.catalogue import ConfigError
 from vpop.model import solver
-from vpop.simulate import Arm, pad_schedule, prepare_arm, simulate_arm
+from vpop.simulate import Arm, prepare_arm, simulate_arm
 
 
 def _numpy(steps):
@@ -73,8 +73,7 @@ def test_refined_grid_is_closer_to_a_fine_reference_and_shared_by_every_draw():
     assert len(r_steps.dt) > len(d_steps.dt)
 
     fine = solver.refine(default.inputs.schedule, 16)
-    fine = pad_schedule(fine._replace(steps=solver.Steps(*(jnp.asarray(x) for x in fine.steps))), len(fine.steps.dt),
-                        len(fine.period_start_day), len(fine.assessment_day))
+    fine = fine._replace(steps=jax.tree_util.tree_map(jnp.asarray, fine.steps))
     reference = replace(default, inputs=default.inputs._replace(schedule=fine))
 
     def peaks(prepared):

@@ -6,7 +6,7 @@ import numpy as np
 from conftest import doses, patient
 
 from vpop import catalogue, parameters, targets
-from vpop.model import pk, reference, solver
+from vpop.model import pk, solver
 from vpop.simulate import Arm, _patient_params, cohort_covariates, prepare_arm
 
 
@@ -48,7 +48,7 @@ def test_sc_auc_equals_bioavailable_dose_over_clearance():
 
 def _mass_balance_error(drug, route, population, reg):
     p, schedule, prepared = patient(drug, route, population, reg)
-    fine = reference.refine(schedule, 4)
+    fine = solver.refine(schedule, 4)
     fine = fine._replace(steps=jax.tree_util.tree_map(jnp.asarray, fine.steps))
     _, traj = solver.simulate_patient(p, fine, trajectory=True)
     t = np.concatenate([[float(fine.steps.t_start[0])], np.asarray(fine.steps.t_start + fine.steps.dt)])
@@ -86,7 +86,7 @@ def _typical_course(drug, route, population, reg, weight_kg):
     p, schedule, prepared = patient(drug, route, population, reg)
     p = p._replace(bispecific_pk=prepared.inputs.typical.bispecific_pk,
                    patient=p.patient._replace(weight_kg=jnp.asarray(weight_kg, p.patient.weight_kg.dtype)))
-    fine = reference.refine(schedule, 4)
+    fine = solver.refine(schedule, 4)
     fine = fine._replace(steps=jax.tree_util.tree_map(jnp.asarray, fine.steps))
     _, traj = solver.simulate_patient(p, fine, trajectory=True)
     t = np.asarray(fine.steps.t_start + fine.steps.dt)

@@ -110,7 +110,7 @@ def _refined_schedule(arm: Arm, model: DictConfig, horizon_days, assessment_ever
     """The arm's schedule refined at `model.solver.error_tolerance` on a pilot of the arm at the
     config's nominal parameters (not a posterior draw's), computed once per arm and config."""
     cfg = model.solver
-    tolerance, pilot = cfg.error_tolerance, cfg.get("pilot_patients", 16)
+    tolerance, pilot = cfg.error_tolerance, cfg.pilot_patients
     if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
         raise ConfigError(f"model.solver.error_tolerance must be null or a number in (0, 1), e.g. 0.01; got {tolerance!r}")
     if not isinstance(pilot, int) or pilot < 1:

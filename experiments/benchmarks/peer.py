@@ -40,7 +40,7 @@ def _problem(n: int):
 
     jax.config.update("jax_enable_x64", True)
     from vpop import export
-    from vpop.model import reference, system
+    from vpop.model import solver, system
     from vpop.model.solver import INPUT_CHANNELS, add_at, patient_inputs
 
     prepared = _prepare(rescue=False)
@@ -61,7 +61,7 @@ def _problem(n: int):
         y0 = add_at(y0, path, bolus[i])
     values = np.concatenate([np.stack([np.asarray(x, float) for x in jax.tree_util.tree_leaves(params)], axis=1),
                              np.stack([np.asarray(x, float) for x in jax.tree_util.tree_leaves(y0)], axis=1)], axis=1)
-    fine = jax.tree_util.tree_map(np.asarray, reference.refine(sched, REFINE).steps)
+    fine = jax.tree_util.tree_map(np.asarray, solver.refine(sched, REFINE).steps)
     times = np.concatenate([[fine.t_start[0]], fine.t_start + fine.dt])
     return sbml, names, values, times, fine.period, len(np.asarray(sched.period_start_day))
 

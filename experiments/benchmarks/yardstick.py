@@ -115,7 +115,7 @@ def worker_reference(n: int, save: str) -> dict:
     from vpop.model import reference, solver
 
     prepared = _prepare(rescue=False)
-    fine = reference.refine(prepared.inputs.schedule, 4)
+    fine = solver.refine(prepared.inputs.schedule, 4)
     fine = fine._replace(steps=jax.tree_util.tree_map(jnp.asarray, fine.steps))
     step = reference.ode_step(rtol=1e-8, atol=1e-12)
     run = jax.jit(jax.vmap(lambda p: solver.simulate_patient(p, fine, step=step)))
@@ -137,10 +137,10 @@ def worker_diffrax(n: int, rtol: float, save: str) -> dict:
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    from vpop.model import reference, solver, system
+    from vpop.model import solver, system
 
     prepared = _prepare(rescue=False)
-    sched = reference.refine(prepared.inputs.schedule, 1)
+    sched = solver.refine(prepared.inputs.schedule, 1)
     steps = sched.steps
     segs = _segments(steps)
     t_end = steps.t_start + steps.dt

@@ -3,7 +3,7 @@
 `ode_step` advances the state over one grid step with a diffrax solver and step-size controller;
 pass it as `step=` to `solver.simulate_patient` to get the same `Reductions` as the exponential
 integrator. With float64 enabled (`jax.config.update("jax_enable_x64", True)`), a tight tolerance
-and a refined grid (`refine`, so that peaks are sampled finely) it is the accuracy reference of the
+and a refined grid (`solver.refine`, so that peaks are sampled finely) it is the accuracy reference of the
 benchmark; at ordinary tolerances it is the "plain diffrax vmap" peer.
 """
 
@@ -13,7 +13,7 @@ import diffrax
 import jax
 
 from vpop.model import system
-from vpop.model.solver import INPUT_CHANNELS, add_at, refine  # noqa: F401  (refine: the reference grid)
+from vpop.model.solver import INPUT_CHANNELS, add_at
 
 
 def ode_step(solver=None, rtol: float = 1e-6, atol: float = 1e-9, max_steps: int = 10_000):
