@@ -14,7 +14,8 @@ from vpop.model import solver, system
 def _crs_params(**kw):
     base = dict(grade1_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, fever_other_weight=0.5,
                 vascular_other_weight=0.02, susceptibility=1.0, rescue=1.0, rescue_tocilizumab_mg_per_kg=8.0,
-                rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0)
+                rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0, rescue_delay_hours=3.0,
+                rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0)
     base.update(kw)
     return endpoints.CRSParams(**{k: jnp.asarray(v) for k, v in base.items()})
 
@@ -123,6 +124,34 @@ def test_grade3_adds_dexamethasone():
     p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(40.0)))
     red = solver.simulate_patient(p, schedule)
     assert red.crs_grade[0] >= 3 and red.dex_rescue[0] == 1 and red.toci_rescue[0] == 1
+
+
+def _half_rescue_hours(p, schedule):
+    """Hours from the dose until half the rescue tocilizumab is in the body, and the period grades."""
+    red, traj = solver.simulate_patient(p, schedule, trajectory=True)
+    amount = np.asarray(traj.drugs.tocilizumab.central + traj.drugs.tocilizumab.peripheral)
+    t = np.asarray(schedule.steps.t_start + schedule.steps.dt)
+    dose = min(8.0 * float(p.patient.weight_kg), 800.0)
+    rising = slice(0, int(np.argmax(amount)) + 1)
+    return 24.0 * float(np.interp(0.5 * dose, amount[rising], t[rising])), np.asarray(red.crs_grade)
+
+
+def test_rescue_starts_its_delay_after_grade_2_whatever_the_grid():
+    """Tocilizumab starts `rescue_delay_hours` after grade 2 is reached, not at the next grid point:
+    its timing (and so grade >= 3) no longer depends on the step length. With rescue at the first grid
+    point after grade 2 (0.14.0), the default grid gave it up to 3.5 h later than a 4x finer one."""
+    reg = doses((1, 1, 60, "mg"), cycle_days=7)
+    for pid in (0, 1, 2):
+        p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg, patient_id=pid)
+        p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(12.0)))  # grade 2 after the dose
+        fine = solver.refine(schedule, 4)
+        coarse_h, grades = _half_rescue_hours(p, schedule)
+        fine_h, fine_grades = _half_rescue_hours(p, fine)
+        assert grades[0] >= 2 and fine_grades[0] >= 2
+        assert abs(coarse_h - fine_h) < 1.5, (pid, coarse_h, fine_h)  # within-step placement only
+        # The delay is honoured: 3 h more delay gives the rescue 3 h later (it starts after grade 2 either way).
+        later_h, _ = _half_rescue_hours(p._replace(crs=p.crs._replace(rescue_delay_hours=p.crs.rescue_delay_hours + 3.0)), fine)
+        assert later_h - fine_h == pytest.approx(3.0, abs=0.3)
 
 
 def _best(kind, burden, volume=None, blasts=None, residual=2.0, delta=0.0):

@@ -21,7 +21,8 @@ dose is not counted again. Overall, a patient has CRS of grade $\ge g$ when
 $\max_k m_{gk} + \varepsilon \ge 0$. The trial runner evaluates these at the patient's own
 $\varepsilon$; the calibration integrates $\varepsilon$ out ($P = \Phi(b/\omega) - \Phi(a/\omega)$ for
 the interval $[a, b)$), so its rate is the expectation of the trial's 0/1 endpoint. Rescue happens in the simulation (tocilizumab 8 mg/kg, at most 800 mg, at grade $\ge 2$;
-dexamethasone too at grade $\ge 3$; once each per period), so the trajectory depends on $\varepsilon$
+dexamethasone too at grade $\ge 3$; once each per period, each starting a clinical delay after its
+grade's onset, `rescue_delay_hours`, whatever the solver's grid), so the trajectory depends on $\varepsilon$
 through the rescue history; the expectation is then taken over the $\varepsilon$ consistent with the
 patient's rescue history (`rescue_interval`), which leaves only the timing of a rescue within its
 period unaccounted for. The grades that trigger a rescue are then fixed by it: with rescue on, a
@@ -120,6 +121,9 @@ class CRSParams(NamedTuple):
     rescue_tocilizumab_mg_per_kg: Array
     rescue_tocilizumab_max_mg: Array
     rescue_dexamethasone_mg: Array
+    rescue_delay_hours: Array  # onset of grade 2 (3) to the start of tocilizumab (dexamethasone)
+    rescue_tocilizumab_infusion_hours: Array
+    rescue_dexamethasone_infusion_hours: Array  # 0: given at once
 
 
 class ResponseParams(NamedTuple):

@@ -12,9 +12,8 @@ per-step inputs the solver uses (`solver.patient_inputs`: caps, bioavailability,
 BSA-based amounts): a bolus is an event adding to its state, an infusion an event setting its rate.
 Time is in days from cycle 1 day 1.
 
-Not exported: the in-simulation CRS rescue (tocilizumab at grade 2 and dexamethasone at grade 3 are
-decided at the solver's grid points from the patient's susceptibility; set `model.crs.rescue` off
-to compare), and the per-period reductions, which are read from the exported observables
+Not exported: the in-simulation CRS rescue (tocilizumab after grade 2 and dexamethasone after grade 3,
+decided per dose period from the patient's susceptibility; set `model.crs.rescue` off to compare), and the per-period reductions, which are read from the exported observables
 (`il6_signalling_pg_ml`, `malignant_total`, ...).
 """
 

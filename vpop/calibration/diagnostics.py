@@ -58,10 +58,11 @@ def figures(idata, names: list[str], ppc: pd.DataFrame, prior_ppc: pd.DataFrame,
     plt.savefig(folder / "rank.png", dpi=100)
     plt.close("all")
     key = names[: min(4, len(names))]
-    az.plot_pair(idata, var_names=key, kind="kde" if idata.posterior.sizes["draw"] > 20 else "scatter", figsize=(9, 9),
-                 labeller=az.labels.MapLabeller(var_name_map=short))
-    plt.savefig(folder / "pairs.png", dpi=100)
-    plt.close("all")
+    if len(key) >= 2:  # a pair plot needs two parameters; a one-parameter fit has its rank plot
+        az.plot_pair(idata, var_names=key, kind="kde" if idata.posterior.sizes["draw"] > 20 else "scatter", figsize=(9, 9),
+                     labeller=az.labels.MapLabeller(var_name_map=short))
+        plt.savefig(folder / "pairs.png", dpi=100)
+        plt.close("all")
     del axes
 
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(ppc) + 1.5))

@@ -115,8 +115,8 @@ class Reductions(NamedTuple):
     crs_max_grade: Float[Array, ""]  # highest ASTCT grade over the whole course
     crs_onset_day: Float[Array, " P"]  # days from the administration to the onset of that CRS (-1: none)
     crs_duration_day: Float[Array, " P"]  # days spent at grade >= 1 in the period
-    toci_rescue: Float[Array, " P"]  # 1 if tocilizumab was given for CRS in the period
-    dex_rescue: Float[Array, " P"]  # 1 if dexamethasone was given for CRS in the period
+    toci_rescue: Float[Array, " P"]  # 1 if the period reached grade 2: tocilizumab given (after `rescue_delay_hours`)
+    dex_rescue: Float[Array, " P"]  # 1 if the period reached grade 3: dexamethasone given too
     crs_log_susceptibility: Float[Array, ""]  # epsilon, the patient's CRS susceptibility
     assessment_log_bias: Float[Array, ""]  # delta, the patient's response-assessment effect
     refractory_share: Float[Array, ""]  # f, the patient's refractory share of the burden at the start
@@ -425,21 +425,24 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
     base = system.observe(y0, p)
 
     def body(carry, grid: Steps):
-        y, red, z_start = carry
+        y, red, z_start, rescue = carry
         bolus, rate = patient_inputs(grid, p)
+        rescue_bolus, rescue_rate, rescue = _rescue_inputs(rescue, grid, p)
+        bolus, rate = bolus + rescue_bolus, rate + rescue_rate
         for i, path in enumerate(INPUT_CHANNELS):
             y = add_at(y, path, bolus[i])
-        y, red = _rescue(y, red, grid, p)
         conc_start = 1000.0 * system.pk.free_concentration(y.drugs.bispecific, p.bispecific_pk)
         y_next = step(grid.t_start, grid.dt, y, rate, p)
         obs = system.observe(y_next, p)
         z = crs_index(obs, p)
         red = fold_reductions(red, conc_start, z_start, z, obs, grid, schedule.period_start_day, base, p)
-        return (y_next, red, z), (y_next if trajectory else None)
+        red, rescue = _decide_rescue(red, rescue, z_start, z, grid, p)
+        return (y_next, red, z, rescue), (y_next if trajectory else None)
 
-    init = (y0, init_reductions(schedule, p, base.t_blood.dtype), crs_index(base, p))
+    dtype = base.t_blood.dtype
+    init = (y0, init_reductions(schedule, p, dtype), crs_index(base, p), Rescue.none(dtype))
     # Checkpointing the step keeps reverse-mode memory at one state per step (for calibration).
-    (_, red, _), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
+    (_, red, _, _), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
     eps = red.crs_log_susceptibility
     grades = endpoints.period_grades(red.crs_index_peak, red.crs_index_at_dose, eps)
     started = endpoints.started(red.crs_index_peak, red.crs_index_at_dose, eps)
@@ -448,20 +451,86 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
     return (red, traj) if trajectory else red
 
 
-def _rescue(y: State, red: Reductions, grid: Steps, p: Params) -> tuple[State, Reductions]:
-    """Reactive CRS treatment at the start of a step, from the grade reached so far in the period:
-    tocilizumab at grade >= 2, dexamethasone too at grade >= 3, once each per period."""
+# Infusion start of a rescue not (yet) decided: far beyond any horizon (finite, so gradients stay finite).
+_NEVER_DAY = 1e6
+
+
+class Rescue(NamedTuple):
+    """Reactive CRS treatment under way (scan carry): when each drug's administration starts (day) and
+    the fraction of its dose given so far. One of each at a time: a later decision replaces it."""
+
+    toci_start_day: Array
+    toci_given: Array
+    dex_start_day: Array
+    dex_given: Array
+
+    @staticmethod
+    def none(dtype) -> Rescue:
+        never, zero = jnp.asarray(_NEVER_DAY, dtype), jnp.zeros((), dtype)
+        return Rescue(never, zero, never, zero)
+
+
+def _given_by(t: Array, start_day: Array, hours: Array) -> Array:
+    """Fraction of an administration starting at `start_day` and lasting `hours` (0: at once) given by day t."""
+    spread = jnp.clip((t - start_day) * 24.0 / jnp.maximum(hours, 1e-6), 0.0, 1.0)
+    return jnp.where(hours > 0, spread, (t >= start_day).astype(t.dtype))
+
+
+def _rescue_inputs(rescue: Rescue, grid: Steps, p: Params) -> tuple[Array, Array, Rescue]:
+    r"""Bolus (mg) and rate (mg/day) per input channel that deliver the rescue due in this step.
+
+    A rescue decided at day $t_d$ starts at $t_d + \Delta$ (`rescue_delay_hours`) and runs over its
+    infusion time; the step $[t, t + h]$ gets the part due in it, $D\,(G(t+h) - G(t))$, as a constant
+    rate, so the timing does not depend on the grid beyond where within a step the dose falls. A part
+    already overdue at the start (a delay shorter than the step that decided it) is given at once."""
+    c = p.crs
+    t0, t1 = grid.t_start, grid.t_start + grid.dt
+    toci_mg = jnp.minimum(c.rescue_tocilizumab_mg_per_kg * p.patient.weight_kg, c.rescue_tocilizumab_max_mg)
+
+    def deliver(mg, start_day, given, hours):
+        at_start, at_end = _given_by(t0, start_day, hours), _given_by(t1, start_day, hours)
+        bolus = mg * jnp.maximum(at_start - given, 0.0)
+        rate = jnp.where(grid.dt > 0, mg * jnp.maximum(at_end - jnp.maximum(at_start, given), 0.0) / jnp.maximum(grid.dt, 1e-12), 0.0)
+        return bolus, rate, jnp.maximum(given, jnp.where(grid.dt > 0, at_end, at_start))
+
+    toci_bolus, toci_rate, toci_given = deliver(toci_mg, rescue.toci_start_day, rescue.toci_given, c.rescue_tocilizumab_infusion_hours)
+    dex_bolus, dex_rate, dex_given = deliver(c.rescue_dexamethasone_mg, rescue.dex_start_day, rescue.dex_given,
+                                             c.rescue_dexamethasone_infusion_hours)
+    toci_at, dex_at = INPUT_CHANNELS.index("drugs.tocilizumab.central"), INPUT_CHANNELS.index("drugs.dexamethasone.central")
+    zeros = jnp.zeros(len(INPUT_CHANNELS), toci_mg.dtype)
+    bolus = zeros.at[toci_at].set(toci_bolus).at[dex_at].set(dex_bolus)
+    rate = zeros.at[toci_at].set(toci_rate).at[dex_at].set(dex_rate)
+    return bolus, rate, rescue._replace(toci_given=toci_given, dex_given=dex_given)
+
+
+def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, grid: Steps, p: Params) -> tuple[Reductions, Rescue]:
+    """At the end of a step: tocilizumab once the period reaches grade >= 2, dexamethasone too at grade
+    >= 3, once each per period, each starting `rescue_delay_hours` after the onset of its grade (where
+    the index crosses the patient's threshold, linear within the step; at the step's start if it was
+    already above)."""
     c = p.crs
     i = jnp.maximum(grid.period, 0)
-    on = (c.rescue > 0) & (grid.period >= 0)
-    g = endpoints.grade_now(lax.dynamic_index_in_dim(red.crs_index_peak, i, keepdims=False), red.crs_log_susceptibility)
+    eps = red.crs_log_susceptibility
+    on = (c.rescue > 0) & (grid.period >= 0) & (grid.dt > 0)
+    g = endpoints.grade_now(lax.dynamic_index_in_dim(red.crs_index_peak, i, keepdims=False), eps)
+    t_end = grid.t_start + grid.dt
+
+    def onset_day(k):  # index k = grade - 1
+        above_at_start = z_start[k] + eps >= 0.0
+        before_end = jnp.clip((z[k] + eps) / jnp.maximum(z[k] - z_start[k], 1e-12), 0.0, 1.0)
+        return jnp.where(above_at_start, grid.t_start, t_end - before_end * grid.dt)
+
+    delay_days = c.rescue_delay_hours / 24.0
     toci = on & (g >= 2) & (lax.dynamic_index_in_dim(red.toci_rescue, i, keepdims=False) == 0)
     dex = on & (g >= 3) & (lax.dynamic_index_in_dim(red.dex_rescue, i, keepdims=False) == 0)
-    toci_mg = jnp.minimum(c.rescue_tocilizumab_mg_per_kg * p.patient.weight_kg, c.rescue_tocilizumab_max_mg)
-    y = add_at(y, "drugs.tocilizumab.central", jnp.where(toci, toci_mg, 0.0))
-    y = add_at(y, "drugs.dexamethasone.central", jnp.where(dex, c.rescue_dexamethasone_mg, 0.0))
+    rescue = Rescue(
+        toci_start_day=jnp.where(toci, onset_day(1) + delay_days, rescue.toci_start_day),
+        toci_given=jnp.where(toci, 0.0, rescue.toci_given),
+        dex_start_day=jnp.where(dex, onset_day(2) + delay_days, rescue.dex_start_day),
+        dex_given=jnp.where(dex, 0.0, rescue.dex_given),
+    )
     red = red._replace(
         toci_rescue=_update_at(red.toci_rescue, i, lambda old: jnp.where(toci, 1.0, old)),
         dex_rescue=_update_at(red.dex_rescue, i, lambda old: jnp.where(dex, 1.0, old)),
     )
-    return y, red
+    return red, rescue
