@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import doses, patient
 
 from vpop import catalogue, parameters, targets
@@ -76,6 +77,28 @@ def test_drug_mass_balance_with_target_mediated_disposition():
     end_error, worst = _mass_balance_error("epcoritamab", "sc", "dlbcl_rr", reg)
     assert end_error < 0.01
     assert worst < 1.01
+
+
+def test_rates_have_finite_derivatives_before_a_drug_is_given():
+    """Calibration differentiates through every drug's PK, including drugs still at zero (tocilizumab
+    before a rescue): the loss rate's derivative there must be finite, else one infusion starting
+    within a step turned the whole log-density gradient into NaN (the 0.15.0 CI failure)."""
+    reg = doses((1, 1, 60, "mg"), cycle_days=7)
+    p, _, _ = patient("mosunetuzumab", "iv", "fl_rr", reg)
+    zero = pk.DrugAmounts(*(jnp.zeros(()),) * 3)
+    for q in (p.tocilizumab_pk, p.bispecific_pk, p.dexamethasone_pk):
+        grad = jax.grad(lambda a, q=q: jnp.sum(jnp.stack(pk.rates(a, q, jnp.asarray(1.0))[1])))(zero)
+        assert all(np.isfinite(float(g)) for g in grad), grad
+    # An infusion into an empty compartment over a step: the amount at its end is differentiable in the
+    # rate, with the derivative of a first-order loss L over h, (1 - e^{-Lh}) / L.
+    h = 0.5
+    _, loss = pk.rates(zero, p.tocilizumab_pk, jnp.asarray(1.0))
+
+    def end_amount(rate):
+        prod, loss = pk.rates(zero, p.tocilizumab_pk, jnp.asarray(1.0))
+        return solver._predict(h, zero.central, prod.central + rate, loss.central)
+    lh = float(loss.central) * h
+    assert float(jax.grad(end_amount)(jnp.asarray(100.0))) == pytest.approx(h * -np.expm1(-lh) / lh, rel=1e-4)
 
 
 # --- The engagers added in 0.11.0, against their published exposure -----------------------------

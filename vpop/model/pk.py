@@ -106,7 +106,10 @@ def rates(amounts: DrugAmounts, p: PKParams, days_since_first_dose: Array) -> tu
     c_tot = total_concentration(amounts, p)
     rc = _complex(c_tot, p)
     c = c_tot - rc
-    free_fraction = jnp.where(c_tot > 0, c / jnp.maximum(c_tot, 1e-30), 1.0)
+    # Divide by a safe denominator, not max(c_tot, tiny): at c_tot = 0 (a drug not yet given) the
+    # unused branch's derivative would overflow in float32 and turn every gradient into NaN.
+    present = c_tot > 0
+    free_fraction = jnp.where(present, c / jnp.where(present, c_tot, 1.0), 1.0)
     cl = clearance(p, days_since_first_dose)
     # Loss of the central amount per mg present: free drug leaves by clearance, saturable
     # elimination and distribution; bound drug by internalisation.
