@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import patient
+from conftest import doses, patient
 
 from vpop import export
 from vpop.model import solver, system
@@ -90,6 +90,48 @@ def test_libroadrunner_on_the_export_matches_vpops_equations(drug, route, popula
     # A rise was compared, not a flat line: the typical patient's IL-6 signalling at least doubles (to
     # 3-4x baseline at the 0.10.0 medians).
     assert np.max(expected["il6_signalling_pg_ml"]) > 2 * np.min(expected["il6_signalling_pg_ml"])
+
+
+def test_the_exported_rescue_follows_the_solvers():
+    """With `crs.rescue` on, the export carries the solver's rescue as events: tocilizumab
+    `rescue_delay_hours` after grade 2's onset, over its infusion, dexamethasone likewise after grade
+    3, once per dose period. A patient reaching grade 4 after the first of two 60 mg doses (grade 1
+    after the second): libroadrunner and vpop's float64 solver on a 16x refined grid give the same
+    rescue, to minutes, and the same IL-6 course."""
+    with jax.enable_x64(True):
+        p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", doses((1, 1, 60, "mg"), (1, 8, 60, "mg"), cycle_days=14),
+                                 patient_id=6)
+        p = p._replace(crs=p.crs._replace(susceptibility=jax.numpy.asarray(40.0)))
+        fine = solver.refine(schedule, 16)
+        fine = fine._replace(steps=jax.tree_util.tree_map(jax.numpy.asarray, fine.steps))
+        red, traj = solver.simulate_patient(p, fine, trajectory=True)
+        il6 = np.asarray(jax.vmap(lambda y: system.observe(y, p))(traj).il6_signalling_pg_ml)
+        model = export.patient_model(p, schedule, "test")
+    assert list(np.asarray(red.toci_rescue)) == [1, 0] and list(np.asarray(red.dex_rescue)) == [1, 0]
+    t = np.asarray(fine.steps.t_start + fine.steps.dt)
+    rr = roadrunner.RoadRunner(export.to_sbml(model))
+    rr.integrator.relative_tolerance = 1e-10
+    rr.integrator.absolute_tolerance = 1e-14
+    rr.integrator.max_steps = 100_000
+    rr.timeCourseSelections = ["drugs_tocilizumab_central", "drugs_tocilizumab_peripheral", "drugs_dexamethasone_central",
+                               "il6_signalling_pg_ml", "rescue_tocilizumab_start_day"]
+    got = rr.simulate(times=[float(fine.steps.t_start[0]), *t])
+
+    def half_in_hours(amount):  # hours from the dose until half the tocilizumab is in the body
+        rising = slice(0, int(np.argmax(amount)) + 1)
+        return 24.0 * np.interp(0.5 * amount.max(), amount[rising], t[rising])
+
+    toci_vpop = np.asarray(traj.drugs.tocilizumab.central + traj.drugs.tocilizumab.peripheral)
+    toci_rr = np.asarray(got["drugs_tocilizumab_central"] + got["drugs_tocilizumab_peripheral"])[1:]
+    assert toci_rr.max() == pytest.approx(min(8.0 * float(p.patient.weight_kg), 800.0), rel=0.05)  # one dose, not two
+    assert half_in_hours(toci_rr) == pytest.approx(half_in_hours(toci_vpop), abs=0.05)  # 3 minutes
+    starts = np.unique(np.asarray(got["rescue_tocilizumab_start_day"]))
+    assert len(starts[starts < 1e5]) == 1 and starts.min() < 1.0  # decided once, after the first dose only
+    dex_vpop, dex_rr = np.asarray(traj.drugs.dexamethasone.central), np.asarray(got["drugs_dexamethasone_central"])[1:]
+    assert np.argmax(dex_rr > 1e-9) == np.argmax(dex_vpop > 1e-9)  # the same step of the 16x grid
+    il6_rr = np.asarray(got["il6_signalling_pg_ml"])[1:]
+    assert np.max(np.abs(il6_rr - il6) / il6) < 0.03  # the refined grid's own error, mostly
+    assert il6_rr.max() == pytest.approx(il6.max(), rel=1e-3)
 
 
 def test_vpop_export_writes_an_arms_patients(tmp_path):

@@ -12,8 +12,13 @@ per-step inputs the solver uses (`solver.patient_inputs`: caps, bioavailability,
 BSA-based amounts): a bolus is an event adding to its state, an infusion an event setting its rate.
 Time is in days from cycle 1 day 1.
 
-Not exported: the in-simulation CRS rescue (tocilizumab after grade 2 and dexamethasone after grade 3,
-decided per dose period from the patient's susceptibility; set `model.crs.rescue` off to compare), and the per-period reductions, which are read from the exported observables
+The in-simulation CRS rescue, when the patient's `crs.rescue` is on, becomes state-triggered events
+with the solver's rules (`solver._decide_rescue`): once per dose period, when the vascular drive
+crosses the patient's grade-2 threshold, $s\,(\mathrm{IL6}\theta + \phi_V O) \ge \theta_2$,
+tocilizumab starts `rescue_delay_hours` later over its infusion time, and likewise dexamethasone at
+grade 3. The solver locates the crossing linearly within its step, the SBML solver exactly.
+
+Not exported: the per-period reductions, which are read from the exported observables
 (`il6_signalling_pg_ml`, `malignant_total`, ...).
 """
 
@@ -27,8 +32,16 @@ import numpy as np
 from jax.extend import core as jcore
 
 from vpop.model import system
-from vpop.model.solver import INPUT_CHANNELS, Schedule, patient_inputs
+from vpop.model.solver import _NEVER_DAY, INPUT_CHANNELS, Schedule, patient_inputs
 from vpop.model.system import Params
+
+
+@dataclass
+class Event:
+    """Assignments made when `trigger` (infix, boolean) turns true."""
+
+    trigger: str
+    assignments: list[tuple[str, str]]  # (variable, infix of its new value)
 
 
 @dataclass
@@ -40,7 +53,7 @@ class Model:
     assignments: list[tuple[str, str]]  # (name, infix) in evaluation order
     rates: dict[str, str]  # state name -> infix dy/dt (infusion included)
     observables: dict[str, str]  # name -> infix
-    events: list[tuple[float, str, str]]  # (day, variable, infix of its new value)
+    events: list[Event]  # dosing (time-triggered) and, with rescue, CRS-triggered
     t0: float
     notes: str
 
@@ -171,10 +184,16 @@ def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
 
     channels = {path: path.replace(".", "_") for path in INPUT_CHANNELS}
     events = _dosing_events(p, schedule, channels)
-    infused = {v for _, v, _ in events if v.startswith("infusion_")}  # infusion_<state> rates the regimen sets
+    # infusion_<state>: rates the regimen (and, with rescue, the CRS treatment) sets by events
+    infused = {v for e in events for v, _ in e.assignments if v.startswith("infusion_")}
+    parameters = {n: float(np.asarray(v)) for n, v in zip(param_names, jax.tree_util.tree_leaves(p))}
+    if float(np.asarray(p.crs.rescue)) > 0:
+        rescue_parameters, rescue_events = _rescue_events(p, schedule, channels)
+        parameters.update(rescue_parameters)
+        events += rescue_events
+        infused |= {v for e in rescue_events for v, _ in e.assignments if v.startswith("infusion_")}
     rates = {name: f"{expr} + infusion_{name}" if f"infusion_{name}" in infused else expr
              for name, expr in zip(state_names, derivatives)}
-    parameters = {n: float(np.asarray(v)) for n, v in zip(param_names, jax.tree_util.tree_leaves(p))}
     parameters.update({n: 0.0 for n in sorted(infused)})
     t0 = float(np.asarray(schedule.steps.t_start)[0])
     return Model(states={n: float(np.asarray(v)) for n, v in zip(state_names, jax.tree_util.tree_leaves(y0))},
@@ -182,7 +201,7 @@ def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
                  observables=dict(zip(system.Observables._fields, obs_values)), events=events, t0=t0, notes=notes)
 
 
-def _dosing_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> list[tuple[float, str, str]]:
+def _dosing_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> list[Event]:
     """Boluses (added to their state) and infusion rates (set on change) from the solver's own
     per-step inputs, at the steps' start days."""
     steps = jax.tree_util.tree_map(np.asarray, schedule.steps)
@@ -196,11 +215,43 @@ def _dosing_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> l
         for i, path in enumerate(INPUT_CHANNELS):
             state = channels[path]
             if bolus[i] != 0.0:
-                events.append((t, state, f"{state} + {_number(bolus[i])}"))
+                events.append(Event(f"time >= {_number(t)}", [(state, f"{state} + {_number(bolus[i])}")]))
             if path.startswith("drugs.") and rate[i] != current.get(state, 0.0):
-                events.append((t, f"infusion_{state}", _number(rate[i])))
+                events.append(Event(f"time >= {_number(t)}", [(f"infusion_{state}", _number(rate[i]))]))
                 current[state] = rate[i]
     return events
+
+
+def _rescue_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> tuple[dict[str, float], list[Event]]:
+    """Parameters and events of the CRS rescue (see the module docstring). Per drug: `<drug>_decided`
+    (1 once decided in this dose period; reset at each period's start, 1 before the first, as the
+    solver treats no rescue before treatment), `<drug>_start_day` and `<drug>_end_day` of its
+    administration, given as the rate `infusion_<state>` or, over 0 hours, as a bolus."""
+    c = p.crs
+    toci_mg = "piecewise({a}, {a} < crs_rescue_tocilizumab_max_mg, crs_rescue_tocilizumab_max_mg)".format(
+        a="(crs_rescue_tocilizumab_mg_per_kg * patient_weight_kg)")
+    vascular = "(crs_susceptibility * (il6_signalling_pg_ml + crs_vascular_other_weight * myeloid_output_pg_ml))"
+    drugs = [("rescue_tocilizumab", "drugs.tocilizumab.central", toci_mg, "crs_grade1_pg_ml * crs_grade2_fold",
+              "crs_rescue_tocilizumab_infusion_hours", c.rescue_tocilizumab_infusion_hours),
+             ("rescue_dexamethasone", "drugs.dexamethasone.central", "crs_rescue_dexamethasone_mg",
+              "crs_grade1_pg_ml * crs_grade2_fold * crs_grade3_fold", "crs_rescue_dexamethasone_infusion_hours",
+              c.rescue_dexamethasone_infusion_hours)]
+    parameters, events = {}, []
+    for name, path, mg, threshold, hours, hours_value in drugs:
+        state = channels[path]
+        decided, start, end = f"{name}_decided", f"{name}_start_day", f"{name}_end_day"
+        parameters.update({decided: 1.0, start: _NEVER_DAY})  # _NEVER_DAY: not under way
+        events.append(Event(f"({vascular} >= {threshold}) && ({decided} < 0.5)",
+                            [(decided, "1"), (start, "time + crs_rescue_delay_hours / 24")]))
+        if float(np.asarray(hours_value)) > 0:
+            parameters[end] = _NEVER_DAY
+            events.append(Event(f"time >= {start}", [(f"infusion_{state}", f"{mg} * 24 / {hours}"), (end, f"time + {hours} / 24")]))
+            events.append(Event(f"time >= {end}", [(f"infusion_{state}", "0")]))
+        else:
+            events.append(Event(f"time >= {start}", [(state, f"{state} + {mg}")]))
+    periods = sorted({float(t) for t in np.asarray(schedule.period_start_day)})
+    events += [Event(f"time >= {_number(t)}", [(f"{name}_decided", "0") for name, *_ in drugs]) for t in periods]
+    return parameters, events
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +267,9 @@ def to_antimony(m: Model, name: str = "vpop_patient") -> str:
     lines += ["  // intermediate values"] + [f"  {n} := {e}" for n, e in m.assignments]
     lines += ["  // observables"] + [f"  {n} := {e}" for n, e in m.observables.items()]
     lines += ["  // rate rules"] + [f"  {n}' = {e}" for n, e in m.rates.items()]
-    lines += ["  // dosing"] + [f"  E{k}: at (time >= {_number(t)}), t0=false: {var} = {value}"
-                                for k, (t, var, value) in enumerate(m.events)]
+    lines += ["  // dosing and CRS rescue"] + [
+        f"  E{k}: at ({e.trigger}), t0=false: " + ", ".join(f"{var} = {value}" for var, value in e.assignments)
+        for k, e in enumerate(m.events)]
     lines.append("end")
     return "\n".join(lines) + "\n"
 
@@ -235,7 +287,7 @@ def require_libsbml():
 
 def to_sbml(m: Model, name: str = "vpop_patient") -> str:
     """The model as SBML Level 3 Version 2 (written with libsbml): states and parameters as SBML
-    parameters, rate rules, assignment rules and dosing events."""
+    parameters, rate rules, assignment rules and events (dosing, and the CRS rescue when on)."""
     libsbml = require_libsbml()
 
     doc = libsbml.SBMLDocument(3, 2)
@@ -259,8 +311,9 @@ def to_sbml(m: Model, name: str = "vpop_patient") -> str:
 
     for n, v in m.states.items():
         parameter(n, v, False)
+    assigned = {var for e in m.events for var, _ in e.assignments}
     for n, v in m.parameters.items():
-        parameter(n, v, not n.startswith("infusion_"))
+        parameter(n, v, n not in assigned)
     for n, e in [*m.assignments, *m.observables.items()]:
         parameter(n, None, False)
         rule = model.createAssignmentRule()
@@ -270,17 +323,18 @@ def to_sbml(m: Model, name: str = "vpop_patient") -> str:
         rule = model.createRateRule()
         rule.setVariable(n)
         rule.setMath(math(e, n))
-    for k, (t, var, value) in enumerate(m.events):
+    for k, e in enumerate(m.events):
         event = model.createEvent()
         event.setId(f"E{k}")
         event.setUseValuesFromTriggerTime(True)
         trigger = event.createTrigger()
         trigger.setInitialValue(False)  # a dose at the start day is given at the start
         trigger.setPersistent(True)
-        trigger.setMath(math(f"time >= {_number(t)}", f"E{k}"))
-        assign = event.createEventAssignment()
-        assign.setVariable(var)
-        assign.setMath(math(value, f"E{k}"))
+        trigger.setMath(math(e.trigger, f"E{k}"))
+        for var, value in e.assignments:
+            assign = event.createEventAssignment()
+            assign.setVariable(var)
+            assign.setMath(math(value, f"E{k}"))
     if doc.getNumErrors(libsbml.LIBSBML_SEV_ERROR):
         raise ValueError(doc.getErrorLog().toString())
     return libsbml.writeSBMLToString(doc)
@@ -335,7 +389,8 @@ def write_arm(prepared, which, seed: int, out_dir, draw: int = 0) -> list:
         arm = prepared.arm
         notes = (f"vpop {_version()} export: arm {arm.name} ({arm.drug} {arm.route} in {arm.population}), {label}, seed {seed}, "
                  f"posterior draw {draw}. Time in days from cycle 1 day 1; drug amounts in mg, cells in 1e9, cytokines in "
-                 "pg/mL; names are parameter and state paths of vpop (units as in vpop/model). CRS rescue not exported.")
+                 "pg/mL; names are parameter and state paths of vpop (units as in vpop/model). CRS rescue "
+                 + ("exported as events (rescue_* parameters)." if float(np.asarray(p.crs.rescue)) > 0 else "off."))
         model = patient_model(p, prepared.inputs.schedule, notes)
         name = f"{arm.name}_{label}"
         for suffix, text in (("xml", to_sbml(model, _sbml_id(name))), ("ant", to_antimony(model, _sbml_id(name)))):
