@@ -130,16 +130,30 @@ class ResponseParams(NamedTuple):
     assessment_bias: Array  # e^delta: how the patient's modelled burden reads as assessed (1 typical; log-normal)
 
 
+def log_threshold(p: CRSParams, grade: int) -> Array:
+    """log theta_g of one grade (1-4): the grade-1 threshold times the folds up to grade g (scalar
+    maths, so that the SBML export traces it for its rescue triggers)."""
+    folds = (p.grade2_fold, p.grade3_fold, p.grade4_fold)[: grade - 1]
+    log_theta = jnp.log(p.grade1_pg_ml)
+    for fold in folds:
+        log_theta = log_theta + jnp.log(fold)
+    return log_theta
+
+
 def log_thresholds(p: CRSParams) -> Array:
     """[4] log theta_g for grades 1-4."""
-    steps = jnp.stack([jnp.log(p.grade1_pg_ml), jnp.log(p.grade2_fold), jnp.log(p.grade3_fold), jnp.log(p.grade4_fold)])
-    return jnp.cumsum(steps)
+    return jnp.stack([log_threshold(p, g) for g in (1, 2, 3, 4)])
+
+
+def vascular_drive(il6_signalling_pg_ml: Array, myeloid_output_pg_ml: Array, p: CRSParams) -> Array:
+    """V = IL6 theta + phi_V O (pg/mL): the drive of grades >= 2 (fever's F weighs O by phi_F)."""
+    return il6_signalling_pg_ml + p.vascular_other_weight * myeloid_output_pg_ml
 
 
 def crs_index(il6_signalling_pg_ml: Array, myeloid_output_pg_ml: Array, p: CRSParams) -> Array:
     """[..., 4] indices z_g (susceptibility not included): grade >= g when z_g + epsilon >= 0."""
     fever = il6_signalling_pg_ml + p.fever_other_weight * myeloid_output_pg_ml
-    vascular = il6_signalling_pg_ml + p.vascular_other_weight * myeloid_output_pg_ml
+    vascular = vascular_drive(il6_signalling_pg_ml, myeloid_output_pg_ml, p)
     log_theta = log_thresholds(p)
     log_v = jnp.log(jnp.maximum(vascular, 1e-12))
     z_vascular = log_v[..., None] - log_theta[1:]

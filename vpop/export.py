@@ -28,11 +28,13 @@ import math
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from vpop import endpoints
 from vpop.model import system
-from vpop.model.solver import _NEVER_DAY, INPUT_CHANNELS, Schedule, patient_inputs
+from vpop.model.solver import _NEVER_DAY, INPUT_CHANNELS, Schedule, patient_inputs, rescue_doses_mg
 from vpop.model.system import Params
 
 
@@ -188,7 +190,7 @@ def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
     infused = {v for e in events for v, _ in e.assignments if v.startswith("infusion_")}
     parameters = {n: float(np.asarray(v)) for n, v in zip(param_names, jax.tree_util.tree_leaves(p))}
     if float(np.asarray(p.crs.rescue)) > 0:
-        rescue_parameters, rescue_events = _rescue_events(p, schedule, channels)
+        rescue_parameters, rescue_events = _rescue_events(p, schedule, channels, writer, param_names)
         parameters.update(rescue_parameters)
         events += rescue_events
         infused |= {v for e in rescue_events for v, _ in e.assignments if v.startswith("infusion_")}
@@ -222,28 +224,34 @@ def _dosing_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> l
     return events
 
 
-def _rescue_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> tuple[dict[str, float], list[Event]]:
+def _rescue_events(p: Params, schedule: Schedule, channels: dict[str, str], writer: _Writer,
+                   param_names: list[str]) -> tuple[dict[str, float], list[Event]]:
     """Parameters and events of the CRS rescue (see the module docstring). Per drug: `<drug>_decided`
     (1 once decided in this dose period; reset at each period's start, 1 before the first, as the
     solver treats no rescue before treatment), `<drug>_start_day` and `<drug>_end_day` of its
-    administration, given as the rate `infusion_<state>` or, over 0 hours, as a bolus."""
-    c = p.crs
-    toci_mg = "piecewise({a}, {a} < crs_rescue_tocilizumab_max_mg, crs_rescue_tocilizumab_max_mg)".format(
-        a="(crs_rescue_tocilizumab_mg_per_kg * patient_weight_kg)")
-    vascular = "(crs_susceptibility * (il6_signalling_pg_ml + crs_vascular_other_weight * myeloid_output_pg_ml))"
-    drugs = [("rescue_tocilizumab", "drugs.tocilizumab.central", toci_mg, "crs_grade1_pg_ml * crs_grade2_fold",
-              "crs_rescue_tocilizumab_infusion_hours", c.rescue_tocilizumab_infusion_hours),
-             ("rescue_dexamethasone", "drugs.dexamethasone.central", "crs_rescue_dexamethasone_mg",
-              "crs_grade1_pg_ml * crs_grade2_fold * crs_grade3_fold", "crs_rescue_dexamethasone_infusion_hours",
-              c.rescue_dexamethasone_infusion_hours)]
+    administration, given as the rate `infusion_<state>` or, over 0 hours, as a bolus. The doses and
+    the grade margins are traced from the solver's and the endpoints' own functions."""
+    def traced(fn, observed: dict[str, float]) -> list[str]:  # infix of fn(observed values, p)
+        jaxpr = _trace(lambda t, obs, q: fn(*obs, q), 0.0, tuple(observed.values()), p)
+        return writer.expressions(jaxpr.jaxpr, ["time", *observed, *param_names], jaxpr.consts)
+
+    def margin(il6, myeloid, q, grade):  # z_g + epsilon of endpoints.crs_index: >= 0 from grade g on
+        return (jnp.log(endpoints.vascular_drive(il6, myeloid, q.crs)) + jnp.log(q.crs.susceptibility)
+                - endpoints.log_threshold(q.crs, grade))
+
+    toci_mg, dex_mg = traced(rescue_doses_mg, {})
+    observed = {"il6_signalling_pg_ml": 1.0, "myeloid_output_pg_ml": 1.0}
+    drugs = [("rescue_tocilizumab", "drugs.tocilizumab.central", toci_mg, 2, "crs_rescue_tocilizumab_infusion_hours"),
+             ("rescue_dexamethasone", "drugs.dexamethasone.central", dex_mg, 3, "crs_rescue_dexamethasone_infusion_hours")]
+    values = dict(zip(param_names, (float(np.asarray(v)) for v in jax.tree_util.tree_leaves(p))))
     parameters, events = {}, []
-    for name, path, mg, threshold, hours, hours_value in drugs:
+    for name, path, mg, grade, hours in drugs:
         state = channels[path]
         decided, start, end = f"{name}_decided", f"{name}_start_day", f"{name}_end_day"
         parameters.update({decided: 1.0, start: _NEVER_DAY})  # _NEVER_DAY: not under way
-        events.append(Event(f"({vascular} >= {threshold}) && ({decided} < 0.5)",
-                            [(decided, "1"), (start, "time + crs_rescue_delay_hours / 24")]))
-        if float(np.asarray(hours_value)) > 0:
+        (above,) = traced(lambda il6, myeloid, q, g=grade: margin(il6, myeloid, q, g), observed)
+        events.append(Event(f"({above} >= 0) && ({decided} < 0.5)", [(decided, "1"), (start, "time + crs_rescue_delay_hours / 24")]))
+        if values[hours] > 0:
             parameters[end] = _NEVER_DAY
             events.append(Event(f"time >= {start}", [(f"infusion_{state}", f"{mg} * 24 / {hours}"), (end, f"time + {hours} / 24")]))
             events.append(Event(f"time >= {end}", [(f"infusion_{state}", "0")]))

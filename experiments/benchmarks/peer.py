@@ -7,9 +7,9 @@ Per method: patients/s (after compilation or model loading), CVODE failures, and
 peak error of every dose period (|log(peak / reference peak)|: median, p90, p99, max) against a reference:
 libroadrunner at rtol 1e-9 on the same export, read at the default grid refined 4x (tests/test_export.py
 shows the export reproduces vpop's float64 equations within 1e-6). The in-simulation CRS rescue is off
-in both (the export carries it, as state-triggered events, since 0.15.0; this benchmark predates that). The peer loads the model once per process and sets each patient's parameters and
-states by index (`setGlobalParameterValues`), the way a modeller runs a population in it, in 1 and 2
-processes. vpop runs at its default grid, at the finer grid of yardstick.py and regridded at error
+in both (the export carries it, as state-triggered events, since 0.15.0; this benchmark predates that).
+The peer loads the model once per process and sets each patient's parameters and states by index
+(`setGlobalParameterValues`), the way a modeller runs a population in it, in 1 and 2 processes. vpop runs at its default grid, at the finer grid of yardstick.py and regridded at error
 tolerances (model.solver.error_tolerance, the pilot's time counted as compilation), at --vpop-n patients.
 Writes peer.json, peer.md and peer.png (patients/s against p99 error).
 """

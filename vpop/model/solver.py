@@ -476,6 +476,12 @@ def _given_by(t: Array, start_day: Array, hours: Array) -> Array:
     return jnp.where(hours > 0, spread, (t >= start_day).astype(t.dtype))
 
 
+def rescue_doses_mg(p: Params) -> tuple[Array, Array]:
+    """Tocilizumab (mg/kg by weight, capped) and dexamethasone (mg) given for CRS."""
+    c = p.crs
+    return jnp.minimum(c.rescue_tocilizumab_mg_per_kg * p.patient.weight_kg, c.rescue_tocilizumab_max_mg), c.rescue_dexamethasone_mg
+
+
 def _rescue_inputs(rescue: Rescue, grid: Steps, p: Params) -> tuple[Array, Array, Rescue]:
     r"""Bolus (mg) and rate (mg/day) per input channel that deliver the rescue due in this step.
 
@@ -485,7 +491,7 @@ def _rescue_inputs(rescue: Rescue, grid: Steps, p: Params) -> tuple[Array, Array
     already overdue at the start (a delay shorter than the step that decided it) is given at once."""
     c = p.crs
     t0, t1 = grid.t_start, grid.t_start + grid.dt
-    toci_mg = jnp.minimum(c.rescue_tocilizumab_mg_per_kg * p.patient.weight_kg, c.rescue_tocilizumab_max_mg)
+    toci_mg, dex_mg = rescue_doses_mg(p)
 
     def deliver(mg, start_day, given, hours):
         at_start, at_end = _given_by(t0, start_day, hours), _given_by(t1, start_day, hours)
@@ -494,7 +500,7 @@ def _rescue_inputs(rescue: Rescue, grid: Steps, p: Params) -> tuple[Array, Array
         return bolus, rate, jnp.maximum(given, jnp.where(grid.dt > 0, at_end, at_start))
 
     toci_bolus, toci_rate, toci_given = deliver(toci_mg, rescue.toci_start_day, rescue.toci_given, c.rescue_tocilizumab_infusion_hours)
-    dex_bolus, dex_rate, dex_given = deliver(c.rescue_dexamethasone_mg, rescue.dex_start_day, rescue.dex_given,
+    dex_bolus, dex_rate, dex_given = deliver(dex_mg, rescue.dex_start_day, rescue.dex_given,
                                              c.rescue_dexamethasone_infusion_hours)
     toci_at, dex_at = INPUT_CHANNELS.index("drugs.tocilizumab.central"), INPUT_CHANNELS.index("drugs.dexamethasone.central")
     zeros = jnp.zeros(len(INPUT_CHANNELS), toci_mg.dtype)
