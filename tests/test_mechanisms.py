@@ -7,15 +7,20 @@ import pytest
 from conftest import doses
 
 from vpop.model import pk, solver, system
-from vpop.simulate import Arm, prepare_arm, simulate_arm, simulate_trajectories
+from vpop.simulate import Arm, common_shape, prepare_arm, simulate_arm, simulate_trajectories
 from vpop.trial import patient_table
 
 N = 300
 MOSUNETUZUMAB_C1_C2 = doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), (2, 1, 60, "mg"), cycle_days=21, cycles=2)
 
 
-def _run(arm, n=N, horizon=None, seed=3):
-    return simulate_arm(prepare_arm(arm, horizon_days=horizon), n, seed=seed, chunk_size=n).reductions
+def _run(*arms, n=N, horizon=None, seed=3):
+    """Reductions of the same patients in each arm (one dict per arm; a single dict for one arm).
+    The arms are padded to one shape (`common_shape`, as the trial runner does), so one compiled
+    kernel serves them all."""
+    prepared = common_shape([prepare_arm(arm, horizon_days=horizon) for arm in arms])
+    out = [simulate_arm(p, n, seed=seed, chunk_size=n).reductions for p in prepared]
+    return out[0] if len(out) == 1 else out
 
 
 def _starts(red, k):
@@ -59,8 +64,8 @@ def test_a_restart_after_a_long_gap_primes_again():
     or ~6 months after the last dose (a `delay`): the primed level is forgotten off drug (tau_P ~
     months), so CRS returns at the late restart; the patient table counts it as CRS after the restart."""
     hold = lambda days: dict(after_dose=4, days=days, restart_from=4)  # noqa: E731 - the 60 mg given again
-    soon = prepare_arm(Arm("soon", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2, delay=hold(21)))
-    late = prepare_arm(Arm("late", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2, delay=hold(180)))
+    soon, late = common_shape([prepare_arm(Arm("soon", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2, delay=hold(21))),
+                               prepare_arm(Arm("late", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2, delay=hold(180)))])
     assert soon.compiled.restart_period == late.compiled.restart_period == 4
     r_soon, r_late = (simulate_arm(p, 200, seed=3, chunk_size=200) for p in (soon, late))
     for k in range(4):  # the same patients and the same doses before the hold
@@ -86,9 +91,9 @@ def test_cytokines_follow_new_engagement_not_the_activated_pool():
 
 
 def test_tocilizumab_prophylaxis_removes_most_grade_2_but_leaves_some_grade_1():
-    base = _run(Arm("none", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"), horizon=21)
-    toci = _run(Arm("toci", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up",
-                    "tocilizumab_before_dose1"), horizon=21)
+    base, toci = _run(Arm("none", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"),
+                      Arm("toci", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up",
+                          "tocilizumab_before_dose1"), horizon=21)
     any_base, any_toci = np.mean(base["crs_max_grade"] >= 1), np.mean(toci["crs_max_grade"] >= 1)
     g2_base, g2_toci = np.mean(base["crs_max_grade"] >= 2), np.mean(toci["crs_max_grade"] >= 2)
     assert g2_base > 0.08 and g2_toci < 0.25 * g2_base
@@ -112,8 +117,7 @@ def test_dexamethasone_acts_longer_than_its_plasma_half_life():
 def test_step_up_lowers_il6_signalling_peak_at_first_60_mg():
     step = doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), cycle_days=21)
     flat = doses((1, 15, 60, "mg"), cycle_days=21)
-    r_step = _run(Arm("step", "mosunetuzumab", "iv", "fl_rr", step))
-    r_flat = _run(Arm("flat", "mosunetuzumab", "iv", "fl_rr", flat))
+    r_step, r_flat = _run(Arm("step", "mosunetuzumab", "iv", "fl_rr", step), Arm("flat", "mosunetuzumab", "iv", "fl_rr", flat))
     baseline = 1.47  # pg/mL (configs/model/default.yaml)
     excess_step = r_step["peak_il6_signalling_pg_ml"][:, 2] - baseline  # third administration, 60 mg
     excess_flat = r_flat["peak_il6_signalling_pg_ml"][:, 0] - baseline
@@ -146,8 +150,8 @@ def _expand(tree):
 
 
 def test_tocilizumab_blunts_il6_signalling_while_serum_il6_rises():
-    base = _run(Arm("none", "teclistamab", "sc", "mm_rr", "teclistamab_mm"), horizon=21)
-    toci = _run(Arm("toci", "teclistamab", "sc", "mm_rr", "teclistamab_mm", prophylaxis="tocilizumab_before_dose1"), horizon=21)
+    base, toci = _run(Arm("none", "teclistamab", "sc", "mm_rr", "teclistamab_mm"),
+                      Arm("toci", "teclistamab", "sc", "mm_rr", "teclistamab_mm", prophylaxis="tocilizumab_before_dose1"), horizon=21)
     first = slice(0, 1)
     assert np.median(toci["peak_il6_signalling_pg_ml"][:, first] / base["peak_il6_signalling_pg_ml"][:, first]) < 0.2
     assert np.median(toci["peak_il6_serum_pg_ml"][:, first] / base["peak_il6_serum_pg_ml"][:, first]) > 1.5
@@ -155,8 +159,8 @@ def test_tocilizumab_blunts_il6_signalling_while_serum_il6_rises():
 
 def test_dexamethasone_lowers_cytokine_peaks_but_barely_tumour_kill():
     reg = "mosunetuzumab_fl_iv"
-    base = _run(Arm("none", "mosunetuzumab", "iv", "fl_rr", reg), horizon=63)
-    dex = _run(Arm("dex", "mosunetuzumab", "iv", "fl_rr", reg, premedication="dexamethasone_20mg"), horizon=63)
+    base, dex = _run(Arm("none", "mosunetuzumab", "iv", "fl_rr", reg),
+                     Arm("dex", "mosunetuzumab", "iv", "fl_rr", reg, premedication="dexamethasone_20mg"), horizon=63)
     ratio = dex["peak_il6_signalling_pg_ml"][:, 2] / base["peak_il6_signalling_pg_ml"][:, 2]
     assert np.median(ratio) < 0.9
     # Tumour burden after 9 weeks: the same in paired patients to within a few percent of baseline.
@@ -172,13 +176,20 @@ def test_blinatumomab_28_ug_per_day_reaches_label_steady_state():
     assert css_pg_ml.mean() == pytest.approx(616, rel=0.15)
 
 
-def test_outputs_finite_and_states_non_negative_for_random_patients():
+@pytest.fixture(scope="module")
+def mosunetuzumab_63_days():
+    """The label's mosunetuzumab IV regimen with premedication over 9 weeks: 1,000 patients' reductions
+    and the first 25 patients' time courses (the same patients: seed 11)."""
     arm = Arm("a", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv", premedication="dexamethasone_20mg")
     prepared = prepare_arm(arm, horizon_days=63)
     red = simulate_arm(prepared, 1000, seed=11, chunk_size=1000).reductions
+    return prepared, red, simulate_trajectories(prepared, np.arange(25), seed=11)
+
+
+def test_outputs_finite_and_states_non_negative_for_random_patients(mosunetuzumab_63_days):
+    _, red, (_, states, _) = mosunetuzumab_63_days
     for name, value in red.items():
         assert np.all(np.isfinite(value)), name
-    _, states, _ = simulate_trajectories(prepared, np.arange(25), seed=11)
     import jax
 
     leaves = jax.tree_util.tree_leaves(states)
@@ -186,16 +197,13 @@ def test_outputs_finite_and_states_non_negative_for_random_patients():
     assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
-def test_reductions_match_trajectory():
-    arm = Arm("a", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv")
-    prepared = prepare_arm(arm, horizon_days=42)
-    red = simulate_arm(prepared, 3, seed=5, chunk_size=3).reductions
-    times, states, params = simulate_trajectories(prepared, np.arange(3), seed=5)
+def test_reductions_match_trajectory(mosunetuzumab_63_days):
+    prepared, red, (times, states, params) = mosunetuzumab_63_days
     obs = solver.system.observe(states, _expand(params))
     start = prepared.compiled.periods[2].day
     end = prepared.compiled.periods[3].day
     window = (times > start) & (times <= end + 1e-9)
-    assert np.allclose(np.asarray(obs.il6_signalling_pg_ml)[:, window].max(axis=1), red["peak_il6_signalling_pg_ml"][:, 2], rtol=1e-5)
+    assert np.allclose(np.asarray(obs.il6_signalling_pg_ml)[:, window].max(axis=1), red["peak_il6_signalling_pg_ml"][:25, 2], rtol=1e-5)
 
 
 def test_the_refractory_clone_escapes_killing_and_regrows():

@@ -7,7 +7,7 @@ import pytest
 
 from vpop import population
 from vpop.catalogue import ConfigError
-from vpop.simulate import Arm, prepare_arm, simulate_arm
+from vpop.simulate import Arm, common_shape, prepare_arm, simulate_arm, simulate_ids
 
 ARM = Arm("a", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv")
 
@@ -47,8 +47,8 @@ def test_other_seed_other_patients(prepared):
 
 
 def test_patient_is_the_same_in_every_arm():
-    sc = prepare_arm(Arm("sc", "mosunetuzumab", "sc", "fl_rr", "mosunetuzumab_fl_sc"), horizon_days=21)
-    iv = prepare_arm(ARM, horizon_days=21)
+    sc, iv = common_shape([prepare_arm(Arm("sc", "mosunetuzumab", "sc", "fl_rr", "mosunetuzumab_fl_sc"), horizon_days=21),
+                           prepare_arm(ARM, horizon_days=21)])  # one kernel for both, as in a trial
     a = simulate_arm(sc, 30, seed=4, chunk_size=30)
     b = simulate_arm(iv, 30, seed=4, chunk_size=30)
     for name in a.covariates:
@@ -56,7 +56,7 @@ def test_patient_is_the_same_in_every_arm():
 
 
 def test_covariates_follow_their_distributions(prepared):
-    cov = simulate_arm(prepared, 2000, seed=0, chunk_size=2000).covariates
+    cov = simulate_arm(prepared, 2000, seed=0, chunk_size=40).covariates  # the chunked kernel of the test above
     assert np.median(cov["weight_kg"]) == pytest.approx(78, rel=0.05)
     assert np.mean(cov["age_years"]) == pytest.approx(60, abs=1.5)
     assert 0.75 < np.mean(cov["b_cells_per_ul"] < 70) < 0.9  # anti-CD20 B-cell aplasia ~80%
@@ -74,7 +74,7 @@ def test_digital_twins_one_patient_per_row(tmp_path, prepared, caplog):
         table = population.read_twins(path, fill="median")
     assert "age_years" in caplog.text and "filled" in caplog.text  # ... and then the log says which
     twins = population.twins_covariates(table, prepared.population)
-    res = simulate_arm(prepared, 2, seed=0, chunk_size=2, twins=twins)
+    res = simulate_ids(prepared, np.arange(2), seed=0, chunk_size=40, twins=twins)  # padded to a kernel compiled above
     np.testing.assert_allclose(res.covariates["weight_kg"], [50.0, 120.0])
     np.testing.assert_allclose(res.covariates["tumour_volume_ml"], [10.0, 400.0])
     np.testing.assert_allclose(res.covariates["age_years"], [60.0, 60.0])  # the population median

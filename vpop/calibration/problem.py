@@ -74,16 +74,19 @@ class Problem:
         self._typicals = [jax.tree_util.tree_map(lambda x, i=i: x[i], self.inputs.typical) for i in range(len(self.cohorts))]
 
     @functools.cached_property
-    def design_logits(self):
-        """Jitted: logit(rate) of every target at one unconstrained parameter vector u, clipped at
-        `EMULATED_RATE_FLOOR` (what the emulator models)."""
+    def rates_at(self):
+        """Jitted: the rate (0-1) of every target, in `targets` order, at one unconstrained parameter
+        vector u. One compiled kernel serves the design and the prior and posterior predictive runs."""
 
-        def logits(u):
+        def rates(u):
             r = self.target_rates(constrain_all(self.parameters, u))
-            return jnp.stack([jax.scipy.special.logit(jnp.clip(r[t], EMULATED_RATE_FLOOR, 1 - EMULATED_RATE_FLOOR))
-                              for t in self.targets.id])
+            return jnp.stack([r[t] for t in self.targets.id])
 
-        return jax.jit(logits)
+        return jax.jit(rates)
+
+    def design_logits(self, u: jax.Array) -> jax.Array:
+        """logit(rate) of every target at u, clipped at `EMULATED_RATE_FLOOR` (what the emulator models)."""
+        return jax.scipy.special.logit(jnp.clip(self.rates_at(u), EMULATED_RATE_FLOOR, 1 - EMULATED_RATE_FLOOR))
 
     def target_rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Predicted rate (0-1) of every target (the expectation of the trial runner's 0/1 endpoint

@@ -10,7 +10,7 @@ from numpyro.infer.util import log_density
 from omegaconf import DictConfig
 
 from vpop.calibration.emulator import Emulator
-from vpop.calibration.likelihood import numpyro_model
+from vpop.calibration.likelihood import RATE_CLIP, numpyro_model, unconstrained_prior
 from vpop.calibration.problem import Problem
 
 # Kept for ArviZ's sample_stats: energy (az.bfmi, az.plot_energy), step size, tree depth, acceptance.
@@ -51,11 +51,14 @@ def nuts(problem: Problem, cfg: DictConfig, key, emulator: Emulator | None, prog
 
 
 def predict(problem: Problem, samples: dict | None, n: int, key) -> dict[str, np.ndarray]:
-    """Rates of every target under prior (samples None) or posterior samples, one draw at a time."""
-    kw = dict(posterior_samples=samples) if samples is not None else dict(num_samples=n)
-    pred = Predictive(numpyro_model, return_sites=[f"rate:{i}" for i in problem.targets.id], parallel=False, **kw)
-    out = pred(key, problem, fit=False)
-    return {k.removeprefix("rate:"): np.asarray(v) for k, v in out.items()}
+    """Simulated rates of every target under `n` prior draws (samples None) or under posterior
+    samples, one draw per call of `problem.rates_at` (prior and posterior share its kernel)."""
+    if samples is None:
+        samples = Predictive(unconstrained_prior, num_samples=n)(key, problem)
+    u = np.stack([np.asarray(samples[prm.site]) for prm in problem.parameters], axis=1)
+    rates = np.stack([np.asarray(problem.rates_at(jnp.asarray(ui))) for ui in u])
+    rates = np.clip(rates, RATE_CLIP, 1 - RATE_CLIP)  # as numpyro_model's rate sites
+    return {t: rates[:, j] for j, t in enumerate(problem.targets.id)}
 
 
 def thin(samples: dict, n: int) -> dict:
