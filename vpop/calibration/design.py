@@ -14,7 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from vpop.calibration.emulator import Emulator
-from vpop.calibration.problem import Problem
+from vpop.calibration.problem import EMULATED_RATE_FLOOR, Problem
 from vpop.calibration.sampling import nuts
 from vpop import catalogue
 from vpop.catalogue import ConfigError
@@ -36,11 +36,10 @@ def relevance(problem: "Problem") -> np.ndarray:
 
 
 def simulate_design(problem: Problem, u: np.ndarray) -> np.ndarray:
-    """logit(rate) of every target of `problem` at each row of u (forward simulator runs)."""
-    # One parameter set per device call, waited for: every cohort's patients are already one batch.
-    # Measured on the 2-core CPU: vmapping 8 parameter sets on top of the stacked cohorts ran ~10x
-    # slower per simulation, and queueing all sets at once (JAX dispatches asynchronously) ~5x slower.
-    return np.stack([np.asarray(problem.design_logits(jnp.asarray(ui))) for ui in u])
+    """logit(rate) of every target of `problem` at each row of u (forward simulator runs), clipped at
+    `EMULATED_RATE_FLOOR` (what the emulator models)."""
+    rates = np.clip(problem.rates_over(u), EMULATED_RATE_FLOOR, 1 - EMULATED_RATE_FLOOR)
+    return np.log(rates / (1 - rates))
 
 
 def design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]:

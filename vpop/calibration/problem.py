@@ -84,9 +84,11 @@ class Problem:
 
         return jax.jit(rates)
 
-    def design_logits(self, u: jax.Array) -> jax.Array:
-        """logit(rate) of every target at u, clipped at `EMULATED_RATE_FLOOR` (what the emulator models)."""
-        return jax.scipy.special.logit(jnp.clip(self.rates_at(u), EMULATED_RATE_FLOOR, 1 - EMULATED_RATE_FLOOR))
+    def rates_over(self, u: np.ndarray) -> np.ndarray:
+        """[rows, targets] rates at each row of u, one `rates_at` call per row, each waited for.
+        Measured on the 2-core CPU: vmapping 8 parameter sets on top of the stacked cohorts ran ~10x
+        slower per simulation, and queueing all sets at once (JAX dispatches asynchronously) ~5x slower."""
+        return np.stack([np.asarray(self.rates_at(jnp.asarray(ui))) for ui in np.asarray(u)])
 
     def target_rates(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Predicted rate (0-1) of every target (the expectation of the trial runner's 0/1 endpoint

@@ -56,8 +56,7 @@ def predict(problem: Problem, samples: dict | None, n: int, key) -> dict[str, np
     if samples is None:
         samples = Predictive(unconstrained_prior, num_samples=n)(key, problem)
     u = np.stack([np.asarray(samples[prm.site]) for prm in problem.parameters], axis=1)
-    rates = np.stack([np.asarray(problem.rates_at(jnp.asarray(ui))) for ui in u])
-    rates = np.clip(rates, RATE_CLIP, 1 - RATE_CLIP)  # as numpyro_model's rate sites
+    rates = np.clip(problem.rates_over(u), RATE_CLIP, 1 - RATE_CLIP)  # as numpyro_model's rate sites
     return {t: rates[:, j] for j, t in enumerate(problem.targets.id)}
 
 
