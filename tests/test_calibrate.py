@@ -256,7 +256,7 @@ def test_extending_a_posterior_holds_its_medians_and_joins_the_new_draws(tmp_pat
     new = "drug.tarlatamab.engagement.kd_activation_ng_ml"
     fit = calibration.build_problem(_cfg(extends="default", parameters=[new], only_targets=["N03"], horizon_days=7,
                                          patients_per_cohort=2), roles=("calibration",))
-    held = parameters.get_path(fit._typicals[0], "crs.grade1_pg_ml")
+    held = parameters.get_path(fit.cohorts[0].prepared.inputs.typical, "crs.grade1_pg_ml")
     assert abs(float(held) / float(np.median(np.asarray(base[shared]))) - 1) < 1e-5
     assert new not in fit.fixed and shared in fit.fixed
 

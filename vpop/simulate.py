@@ -395,20 +395,27 @@ def common_shape(prepared: list[PreparedArm]) -> list[PreparedArm]:
     return out
 
 
-def share_compilation(arms: dict[str, PreparedArm], growth: float) -> dict[str, PreparedArm]:
-    """Arms grouped by grid length, each group padded to one shape (`common_shape`): an arm joins a
-    group while its steps are at most `growth` times the group's shortest, so a trial compiles one
-    kernel per group instead of one per arm, at the cost of the padding steps."""
-    order = sorted(arms, key=lambda name: arms[name].inputs.schedule.steps.dt.shape[0])
-    groups, out = [], {}
-    for name in order:
-        k = arms[name].inputs.schedule.steps.dt.shape[0]
-        if groups and k <= growth * arms[groups[-1][0]].inputs.schedule.steps.dt.shape[0]:
-            groups[-1].append(name)
+def length_groups(prepared: list[PreparedArm], growth: float) -> list[list[int]]:
+    """Indices of `prepared` grouped by grid length: in order of steps, an arm joins the group while
+    its steps are at most `growth` times the group's shortest. Padded to one shape (`common_shape`),
+    a group shares one compiled kernel; a padding step costs as much as a real one."""
+    steps = [a.inputs.schedule.steps.dt.shape[0] for a in prepared]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(prepared)), key=steps.__getitem__):
+        if groups and steps[i] <= growth * steps[groups[-1][0]]:
+            groups[-1].append(i)
         else:
-            groups.append([name])
-    for group in groups:
-        out.update(zip(group, common_shape([arms[name] for name in group])))
+            groups.append([i])
+    return groups
+
+
+def share_compilation(arms: dict[str, PreparedArm], growth: float) -> dict[str, PreparedArm]:
+    """Arms grouped by grid length (`length_groups`), each group padded to one shape (`common_shape`),
+    so a trial compiles one kernel per group instead of one per arm, at the cost of the padding steps."""
+    names, prepared = list(arms), list(arms.values())
+    out = {}
+    for group in length_groups(prepared, growth):
+        out.update(zip([names[i] for i in group], common_shape([prepared[i] for i in group])))
     return {name: out[name] for name in arms}
 
 

@@ -2,7 +2,9 @@ r"""The calibration problem: the published targets, one virtual cohort per trial
 each target's rate as the expectation of the trial runner's 0/1 endpoint over its cohort.
 
 A cohort is a fixed set of virtual patients (common random numbers: the same patients at every
-parameter value), all cohorts simulated in one stacked device call. The rate of target $j$ is
+parameter value). Cohorts of similar grid length are stacked and simulated in one device call
+(`simulate.length_groups`, as a trial shares kernels between its arms): one stack of all cohorts
+would pad every cohort to the longest grid. The rate of target $j$ is
 
 $$ \bar p_j(\theta) = \frac1N \sum_{i=1}^N \mathbb E\big[y_{ij} \mid \text{patient } i, \theta\big], $$
 
@@ -26,7 +28,7 @@ from vpop import catalogue, endpoints, parameters, population, posterior
 from vpop import targets as published
 from vpop.calibration.priors import CalibratedParameter, calibrated_parameters, constrain_all
 from vpop.catalogue import ConfigError
-from vpop.simulate import Arm, prepare_arm, cohort_covariates, simulate_stacked, stack_arms
+from vpop.simulate import Arm, cohort_covariates, length_groups, prepare_arm, simulate_stacked, stack_arms
 
 # Rates within 0.1% of 0 or 1 are clipped there before the logit the emulator models: no published
 # rate lies that close, and the huge logits of a cohort with no events would dominate the fit.
@@ -50,7 +52,8 @@ class Cohort:
 
 @dataclass
 class Problem:
-    """Targets, cohorts and parameters, with the batched simulation of all cohorts at once."""
+    """Targets, cohorts and parameters, with the batched simulation of the cohorts (one stack per group
+    of similar grid length)."""
 
     targets: pd.DataFrame
     cohorts: list[Cohort]
@@ -59,19 +62,21 @@ class Problem:
     seed: int
     model: DictConfig | None = None  # the model config the cohorts were prepared with
     fixed: dict = field(default_factory=dict)  # base-posterior medians held fixed (`calibration.extends`)
-    inputs: object = None
-    variability_paths: tuple = ()
-    covariates: object = None
+    groups: list = field(default_factory=list)  # cohort indices simulated together, one stacked kernel per group
+    stacks: list = field(default_factory=list)  # per group: (stacked kernel inputs, random-effect paths, covariates)
     ids: object = None
-    _typicals: list = field(default_factory=list)
 
     def __post_init__(self):
-        self.inputs, self.variability_paths = stack_arms([c.prepared for c in self.cohorts])
+        model = self.model if self.model is not None else catalogue.load("model", "default")
+        prepared = [c.prepared for c in self.cohorts]
+        self.groups = length_groups(prepared, float(model.solver.shared_shape_growth))
         self.ids = jnp.arange(self.patients)
-        covs = [cohort_covariates(c.prepared.inputs.covariate_params, self.ids, jnp.asarray(self.seed), c.prepared.covariate_kinds)
-                for c in self.cohorts]
-        self.covariates = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *covs)
-        self._typicals = [jax.tree_util.tree_map(lambda x, i=i: x[i], self.inputs.typical) for i in range(len(self.cohorts))]
+        self.stacks = []
+        for group in self.groups:
+            inputs, paths = stack_arms([prepared[i] for i in group])
+            covs = [cohort_covariates(prepared[i].inputs.covariate_params, self.ids, jnp.asarray(self.seed), prepared[i].covariate_kinds)
+                    for i in group]
+            self.stacks.append((inputs, paths, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *covs)))
 
     @functools.cached_property
     def rates_at(self):
@@ -97,22 +102,23 @@ class Problem:
 
     def patient_expectations(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per target, each virtual patient's expected 0/1 endpoint ([patients])."""
-        typicals = [parameters.substitute(typ, cohort.paths, values) for cohort, typ in zip(self.cohorts, self._typicals)]
-        inputs = self.inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
-        red = simulate_stacked(inputs, self.covariates, self.ids, jnp.asarray(self.seed), self.variability_paths)
         out = {}
-        for i, cohort in enumerate(self.cohorts):
-            r = jax.tree_util.tree_map(lambda x, i=i: x[i], red)
-            cov = jax.tree_util.tree_map(lambda x, i=i: x[i], self.covariates)
-            probs = self._patient_probabilities(r, cov, cohort, typicals[i])
-            for t in cohort.targets.itertuples():
-                family, k = published.endpoint_family(t.endpoint), published.dose_number(t.endpoint)
-                if k is None:
-                    out[t.id] = probs[t.endpoint]
-                elif family == "crs_first_at_dose":
-                    out[t.id] = probs[family](k)
-                else:
-                    out[t.id] = probs[family][:, k - 1]
+        for group, (inputs, paths, covariates) in zip(self.groups, self.stacks):
+            typicals = [parameters.substitute(self.cohorts[i].prepared.inputs.typical, self.cohorts[i].paths, values) for i in group]
+            inputs = inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
+            red = simulate_stacked(inputs, covariates, self.ids, jnp.asarray(self.seed), paths)
+            for j, (i, typical) in enumerate(zip(group, typicals)):
+                cohort = self.cohorts[i]
+                r, cov = (jax.tree_util.tree_map(lambda x, j=j: x[j], tree) for tree in (red, covariates))
+                probs = self._patient_probabilities(r, cov, cohort, typical)
+                for t in cohort.targets.itertuples():
+                    family, k = published.endpoint_family(t.endpoint), published.dose_number(t.endpoint)
+                    if k is None:
+                        out[t.id] = probs[t.endpoint]
+                    elif family == "crs_first_at_dose":
+                        out[t.id] = probs[family](k)
+                    else:
+                        out[t.id] = probs[family][:, k - 1]
         return out
 
     def _patient_probabilities(self, red, cov, cohort: Cohort, typ) -> dict[str, jax.Array]:
