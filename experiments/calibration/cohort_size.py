@@ -39,9 +39,10 @@ def main() -> None:
     if args.patients < 1 or args.blocks < 2:
         ap.error("--patients must be >= 1 and --blocks >= 2")
 
+    # No parameter fitted: every one at the posterior's median (the prior truncation, required, is unused).
     cfg = OmegaConf.create({"targets": "targets", "only_targets": None, "horizon_days": None, "seed": args.seed,
                             "patients_per_cohort": args.patients * args.blocks, "prior_truncation_sd": 3.0,
-                            "extends": args.posterior, "parameters": []})  # every parameter at the posterior's median
+                            "extends": args.posterior, "parameters": []})
     started = time.perf_counter()
     problem = calibration.build_problem(cfg, roles=("calibration", "validation"))
     expected = jax.jit(lambda: problem.patient_expectations({}))()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,30 @@ class Cohort:
     omega_response: float  # SD of the patients' response-assessment effect (delta)
 
 
+class Stack(NamedTuple):
+    """Cohorts simulated together: their indices, their kernel inputs stacked (`simulate.stack_arms`),
+    the random-effect paths and the stacked covariates."""
+
+    cohorts: list[int]
+    inputs: object
+    paths: tuple[str, ...]
+    covariates: object
+
+
+def _by_target(probs: dict, targets: pd.DataFrame) -> dict[str, jax.Array]:
+    """Each target's [patients] expectation from a cohort's endpoint probabilities."""
+    out = {}
+    for t in targets.itertuples():
+        family, k = published.endpoint_family(t.endpoint), published.dose_number(t.endpoint)
+        if k is None:
+            out[t.id] = probs[t.endpoint]
+        elif family == "crs_first_at_dose":
+            out[t.id] = probs[family](k)
+        else:
+            out[t.id] = probs[family][:, k - 1]
+    return out
+
+
 @dataclass
 class Problem:
     """Targets, cohorts and parameters, with the batched simulation of the cohorts (one stack per group
@@ -62,21 +87,19 @@ class Problem:
     seed: int
     model: DictConfig | None = None  # the model config the cohorts were prepared with
     fixed: dict = field(default_factory=dict)  # base-posterior medians held fixed (`calibration.extends`)
-    groups: list = field(default_factory=list)  # cohort indices simulated together, one stacked kernel per group
-    stacks: list = field(default_factory=list)  # per group: (stacked kernel inputs, random-effect paths, covariates)
-    ids: object = None
+    stacks: list = field(init=False)  # `Stack`s: cohorts of similar grid length, one compiled kernel each
+    ids: jax.Array = field(init=False)
 
     def __post_init__(self):
         model = self.model if self.model is not None else catalogue.load("model", "default")
         prepared = [c.prepared for c in self.cohorts]
-        self.groups = length_groups(prepared, float(model.solver.shared_shape_growth))
         self.ids = jnp.arange(self.patients)
         self.stacks = []
-        for group in self.groups:
+        for group in length_groups(prepared, float(model.solver.shared_shape_growth)):
             inputs, paths = stack_arms([prepared[i] for i in group])
             covs = [cohort_covariates(prepared[i].inputs.covariate_params, self.ids, jnp.asarray(self.seed), prepared[i].covariate_kinds)
                     for i in group]
-            self.stacks.append((inputs, paths, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *covs)))
+            self.stacks.append(Stack(group, inputs, paths, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *covs)))
 
     @functools.cached_property
     def rates_at(self):
@@ -103,22 +126,14 @@ class Problem:
     def patient_expectations(self, values: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per target, each virtual patient's expected 0/1 endpoint ([patients])."""
         out = {}
-        for group, (inputs, paths, covariates) in zip(self.groups, self.stacks):
-            typicals = [parameters.substitute(self.cohorts[i].prepared.inputs.typical, self.cohorts[i].paths, values) for i in group]
-            inputs = inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
-            red = simulate_stacked(inputs, covariates, self.ids, jnp.asarray(self.seed), paths)
-            for j, (i, typical) in enumerate(zip(group, typicals)):
-                cohort = self.cohorts[i]
-                r, cov = (jax.tree_util.tree_map(lambda x, j=j: x[j], tree) for tree in (red, covariates))
-                probs = self._patient_probabilities(r, cov, cohort, typical)
-                for t in cohort.targets.itertuples():
-                    family, k = published.endpoint_family(t.endpoint), published.dose_number(t.endpoint)
-                    if k is None:
-                        out[t.id] = probs[t.endpoint]
-                    elif family == "crs_first_at_dose":
-                        out[t.id] = probs[family](k)
-                    else:
-                        out[t.id] = probs[family][:, k - 1]
+        for stack in self.stacks:
+            typicals = [parameters.substitute(self.cohorts[i].prepared.inputs.typical, self.cohorts[i].paths, values)
+                        for i in stack.cohorts]
+            inputs = stack.inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals))
+            red = simulate_stacked(inputs, stack.covariates, self.ids, jnp.asarray(self.seed), stack.paths)
+            for j, (i, typical) in enumerate(zip(stack.cohorts, typicals)):
+                r, cov = (jax.tree_util.tree_map(lambda x, j=j: x[j], tree) for tree in (red, stack.covariates))
+                out.update(_by_target(self._patient_probabilities(r, cov, self.cohorts[i], typical), self.cohorts[i].targets))
         return out
 
     def _patient_probabilities(self, red, cov, cohort: Cohort, typ) -> dict[str, jax.Array]:
