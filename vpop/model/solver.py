@@ -170,32 +170,42 @@ def _correct(h, y, p0, l0, p1, l1, stiff: bool):
 
 def _exponential_step(rates_fn, h, y, corrections: int, stiff: bool):
     """Predictor and `corrections` corrector passes for a pytree y; rates_fn(stage, y) gives
-    (P, L) at the start (stage 0) or the end (stage 1) of the step."""
+    (P, L) at the start (stage 0) or the end (stage 1) of the step, for a traced stage.
+
+    The passes run as one loop over a single traced copy of `rates_fn`, pass 0 the predictor: the
+    host's rates are most of the program, and unrolled passes had XLA compile them three times."""
     tree_map = jax.tree_util.tree_map
-    p0, l0 = rates_fn(0, y)
-    y1 = tree_map(lambda *a: _predict(h, *a), y, p0, l0)
-    for _ in range(corrections):
-        p1, l1 = rates_fn(1, y1)
-        y1 = tree_map(lambda *a: _correct(h, *a, stiff=stiff), y, p0, l0, p1, l1)
-    return y1
+
+    def one_pass(k, carry):
+        y1, p0, l0 = carry  # y1 is y itself on pass 0
+        first = k == 0
+        p, l = rates_fn(jnp.where(first, 0, 1), y1)
+        p0, l0 = (tree_map(lambda new, old: jnp.where(first, new, old), a, b) for a, b in ((p, p0), (l, l0)))
+        predicted = tree_map(lambda *a: _predict(h, *a), y, p0, l0)
+        corrected = tree_map(lambda *a: _correct(h, *a, stiff=stiff), y, p0, l0, p, l)
+        return tree_map(lambda a, b: jnp.where(first, a, b), predicted, corrected), p0, l0
+
+    zeros = tree_map(jnp.zeros_like, y)
+    return lax.fori_loop(0, corrections + 1, one_pass, (y, zeros, zeros))[0]
 
 
 def exponential_step(t, h, y: State, infusion_mg_per_day: Array, p: Params) -> State:
     """One step of the production-loss exponential integrator, with constant infusion inputs:
     the drugs on `DRUG_SUBSTEPS` sub-steps, then the host with the drugs at both ends of the step."""
-    drugs = y.drugs
     sub = h / DRUG_SUBSTEPS
-    for j in range(DRUG_SUBSTEPS):
-        t_j = t + j * sub
 
-        def drug_rates(stage, d, t_j=t_j):
-            prod, loss = system.drug_rates(t_j + stage * sub, d, p)
+    def drug_substep(j, drugs):
+        def drug_rates(stage, d):
+            prod, loss = system.drug_rates(t + (j + stage) * sub, d, p)
             return _with_infusions(prod, infusion_mg_per_day), loss
 
-        drugs = _exponential_step(drug_rates, sub, drugs, corrections=1, stiff=False)
+        return _exponential_step(drug_rates, sub, drugs, corrections=1, stiff=False)
+
+    drugs = lax.fori_loop(0, DRUG_SUBSTEPS, drug_substep, y.drugs)
 
     def host_rates(stage, host):
-        return system.host_rates(drugs if stage else y.drugs, host, p)
+        at = jax.tree_util.tree_map(lambda end, start: jnp.where(stage == 1, end, start), drugs, y.drugs)
+        return system.host_rates(at, host, p)
 
     return State(drugs, _exponential_step(host_rates, h, y.host, corrections=2, stiff=True))
 
