@@ -181,6 +181,8 @@ def _exponential_step(rates_fn, h, y, corrections: int, stiff: bool):
         first = k == 0
         p, l = rates_fn(jnp.where(first, 0, 1), y1)
         p0, l0 = (tree_map(lambda new, old: jnp.where(first, new, old), a, b) for a, b in ((p, p0), (l, l0)))
+        # The corrector with (p, l) = (p0, l0) equals the predictor, but folding pass 0 into it ran
+        # slower (2,602-3,280 against 3,317-3,883 patients/s, 10,000 patients, alternated).
         predicted = tree_map(lambda *a: _predict(h, *a), y, p0, l0)
         corrected = tree_map(lambda *a: _correct(h, *a, stiff=stiff), y, p0, l0, p, l)
         return tree_map(lambda a, b: jnp.where(first, a, b), predicted, corrected), p0, l0
