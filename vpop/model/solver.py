@@ -30,7 +30,7 @@ T cells exchange with tissues at up to ~100/day right after a dose (margination)
 reduces the scheme to first order (median error of the IL-6 peak 13% instead of 2% at the same
 grid). The host takes three (`HOST_CORRECTIONS`): a repeated dose releases only what its engagement
 exceeds over the primed level, a difference that magnifies errors carried over weeks, and the third
-pass cut the IL-6 peak error at the default grid 6x (median) for ~10% of the time. The drugs depend
+pass cut the IL-6 peak error at the default grid 6x (median) for ~12% of the throughput. The drugs depend
 on nothing else; they are integrated first, on sub-steps.
 
 Accuracy comes from the grid instead of from error control: every patient of an arm shares the
@@ -101,7 +101,7 @@ INPUT_CHANNELS = (
 DRUG_SUBSTEPS = 2
 # Corrector passes of the host per step. Two left the IL-6 peak log error at the default grid at
 # median / p99 0.073 / 0.273 against CVODE (rtol 1e-9, 200 yardstick patients); three, 0.012 / 0.116
-# for 8-17% of the throughput; four, 0.017 / 0.125 (the scheme's own error, not the iteration's).
+# for ~12% of the throughput; four, 0.017 / 0.125 (the scheme's own error, not the iteration's).
 HOST_CORRECTIONS = 3
 
 
