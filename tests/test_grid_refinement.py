@@ -85,7 +85,9 @@ def test_refined_grid_is_closer_to_a_fine_reference_and_shared_by_every_draw():
     err_default = np.abs(np.log(peaks(common_shape([default, refined])[0])[keep] / ref[keep]))
     err_refined = np.abs(np.log(peaks(refined)[keep] / ref[keep]))
     assert keep.sum() >= 10
-    assert np.median(err_refined) < 0.3 * np.median(err_default)
+    # Three corrector passes (0.17.0) left the default grid 3x closer than two did, so the refined grid
+    # gains less at the median (0.0047 against 0.0098 here; two passes: under 0.3x).
+    assert np.median(err_refined) < 0.6 * np.median(err_default)
     assert err_refined.max() < 0.5 * err_default.max()
 
 
