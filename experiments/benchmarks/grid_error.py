@@ -1,14 +1,16 @@
 """Per-patient IL-6 peak error of vpop's time grids on several regimens: the default grid, the grid
 refined by error control on a pilot cohort (`model.solver.error_tolerance`, `vpop.simulate.refine_schedule`)
-at several tolerances, and the default grid refined 4x uniformly (the accuracy issue's item 3).
+at several tolerances, and the default grid refined 2x and 4x uniformly (the accuracy issue's item 3).
 
-    python experiments/benchmarks/grid_error.py --n 250 --out experiments/benchmarks/results
+    python experiments/benchmarks/grid_error.py --n 250 --variants --out experiments/benchmarks/results
 
 Five label regimens (IV, SC, continuous infusion, split doses), 84 days, CRS rescue off (a rescue is a
 discontinuity of the model, not an integration error), the same patients on every grid. Reference:
 vpop's own integrator in float64 on the default grid refined 16x (checked against 32x). Throughput is
 relative to the default grid's, from the steps (one step costs the same on every grid; the yardstick
-measures it). Writes grid_error.md and grid_error.json.
+measures it). Beside the IL-6 peaks, the share of patients whose highest CRS grade differs from the
+reference's. `--variants` adds the default grid with one of its settings changed at a time.
+Writes grid_error.md and grid_error.json.
 """
 
 from __future__ import annotations
@@ -34,25 +36,42 @@ ARMS = {  # name: drug, route, population, regimen, premedication
     "teclistamab SC, MM": ("teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"),
 }
 HORIZON_DAYS = 84
-GRIDS = {  # label: (scale of the default grid's step sizes, error tolerance of the refinement or None)
-    "default": (1.0, None),
-    "refined, tolerance 0.01": (1.0, 0.01),
-    "refined, tolerance 0.003": (1.0, 0.003),
-    "refined, tolerance 0.001": (1.0, 0.001),
-    "default refined 4x": (0.25, None),
+STEP_SIZES = ("first_step_hours", "fine_max_step_days", "max_step_days")
+GRIDS = {  # label: `model.solver` settings over configs/model/default.yaml's; `scale` multiplies its STEP_SIZES
+    "default": {},
+    "refined, tolerance 0.01": {"error_tolerance": 0.01},
+    "refined, tolerance 0.003": {"error_tolerance": 0.003},
+    "refined, tolerance 0.001": {"error_tolerance": 0.001},
+    "default refined 2x": {"scale": 0.5},
+    "default refined 4x": {"scale": 0.25},
+}
+# --variants: one setting of the default grid changed at a time. The default grid's errors partly
+# cancel (a first-dose error that shrinks with the first step against others), so refining one part
+# of it can raise the error; these show by how much.
+VARIANTS = {
+    "first step 0.25 h": {"first_step_hours": 0.25},
+    "first step 0.125 h": {"first_step_hours": 0.125},
+    "step growth 1.2": {"step_growth": 1.2},
+    "fine steps <= 4 h": {"fine_max_step_days": 1 / 6},
+    "fine steps <= 1.5 h": {"fine_max_step_days": 0.0625},
+    "fine window 6 days": {"fine_window_days": 6},
+    "coarse steps <= 0.35 days": {"max_step_days": 0.35},
+    "coarse steps <= 0.25 days": {"max_step_days": 0.25},
 }
 
 
-def _peaks(scale: float, tolerance: float | None, n: int) -> dict[str, np.ndarray]:
-    """IL-6 signalling peak per patient and dose period of every arm, and each arm's steps and grid
-    preparation time (the pilot's, for a refined grid)."""
+def _peaks(settings: dict, n: int) -> dict[str, np.ndarray]:
+    """IL-6 signalling peak per patient and dose period and highest CRS grade per patient of every
+    arm, and each arm's steps and grid preparation time (the pilot's, for a refined grid)."""
     from omegaconf import OmegaConf
 
     from vpop import catalogue
     from vpop.simulate import Arm, prepare_arm, simulate_arm
 
-    model = OmegaConf.merge(catalogue.load("model", "default"), {"solver": {"error_tolerance": tolerance}})
-    grid = {f"model.solver.{k}": float(model.solver[k]) * scale for k in ("first_step_hours", "fine_max_step_days", "max_step_days")}
+    settings = dict(settings)
+    scale = settings.pop("scale", 1.0)
+    model = OmegaConf.merge(catalogue.load("model", "default"), {"solver": {"error_tolerance": None, **settings}})
+    grid = {f"model.solver.{k}": float(model.solver[k]) * scale for k in STEP_SIZES}
     grid["model.crs.rescue"] = 0
     out = {}
     for name, (drug, route, pop, regimen, premed) in ARMS.items():
@@ -61,6 +80,7 @@ def _peaks(scale: float, tolerance: float | None, n: int) -> dict[str, np.ndarra
         out[name + " prepare_s"] = np.asarray([time.perf_counter() - t0])
         red = simulate_arm(prepared, n, seed=0, chunk_size=n).reductions
         out[name] = np.asarray(red["peak_il6_signalling_pg_ml"], float)
+        out[name + " grade"] = np.asarray(red["crs_max_grade"], float)
         out[name + " steps"] = np.asarray([(np.asarray(prepared.inputs.schedule.steps.dt) > 0).sum()])
     return out
 
@@ -70,7 +90,7 @@ def _worker(grids: list, n: int, x64: bool, path: str) -> None:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    np.savez(path, **{f"{k}@{i}": v for i, (scale, tol) in enumerate(grids) for k, v in _peaks(scale, tol, n).items()})
+    np.savez(path, **{f"{k}@{i}": v for i, settings in enumerate(grids) for k, v in _peaks(settings, n).items()})
 
 
 def _run(grids: list, n: int, x64: bool) -> list[dict[str, np.ndarray]]:
@@ -81,27 +101,28 @@ def _run(grids: list, n: int, x64: bool) -> list[dict[str, np.ndarray]]:
     return [{k.rsplit("@", 1)[0]: v for k, v in saved.items() if k.endswith(f"@{i}")} for i in range(len(grids))]
 
 
-def _stats(x: np.ndarray, reference: np.ndarray) -> dict:
-    """`yardstick.peak_log_errors` of x against the reference (periods above baseline)."""
-    return {k: v for k, v in peak_log_errors(x, reference).items() if k != "periods"}
+def _stats(run: dict, ref: dict, arms) -> dict:
+    """`yardstick.peak_log_errors` of a grid's peaks against the reference's (periods above baseline),
+    pooled over `arms`, and the share of patients whose highest CRS grade differs from the reference's."""
+    x, y = (np.concatenate([r[a].ravel() for a in arms]) for r in (run, ref))
+    grades = [np.concatenate([r[a + " grade"] for a in arms]) for r in (run, ref)]
+    return {**{k: v for k, v in peak_log_errors(x, y).items() if k != "periods"},
+            "grade_differs_percent": float(100 * np.mean(grades[0] != grades[1]))}
 
 
-def study(n: int) -> dict:
-    ref, ref32 = _run([[1 / 16, None], [1 / 32, None]], n, True)
-    runs = dict(zip(GRIDS, _run([list(v) for v in GRIDS.values()], n, False)))
+def study(n: int, grids: dict) -> dict:
+    ref, ref32 = _run([{"scale": 1 / 16}, {"scale": 1 / 32}], n, True)
+    runs = dict(zip(grids, _run(list(grids.values()), n, False)))
     default_steps = sum(int(runs["default"][f"{a} steps"][0]) for a in ARMS)
     res = dict(n_per_arm=n, horizon_days=HORIZON_DAYS, arms={}, grids={})
     for name in ARMS:
         res["arms"][name] = dict(periods=int((ref[name] > BASELINE_PEAK_PG_ML).sum()),
-                                 reference_16x_vs_32x=_stats(ref[name], ref32[name]),
-                                 grids={g: dict(steps=int(run[f"{name} steps"][0]), **_stats(run[name], ref[name])) for g, run in runs.items()})
+                                 reference_16x_vs_32x=_stats(ref32, ref, [name]),
+                                 grids={g: dict(steps=int(run[f"{name} steps"][0]), **_stats(run, ref, [name])) for g, run in runs.items()})
     for g, run in runs.items():
         steps = sum(int(run[f"{a} steps"][0]) for a in ARMS)
-        # pooled over the arms: concatenate the per-period peaks (each arm has its own periods)
-        x = np.concatenate([run[a].ravel() for a in ARMS])
-        y = np.concatenate([ref[a].ravel() for a in ARMS])
         res["grids"][g] = dict(steps=steps, relative_throughput=default_steps / steps,
-                               prepare_s=float(sum(run[f"{a} prepare_s"][0] for a in ARMS)), **_stats(x, y))
+                               prepare_s=float(sum(run[f"{a} prepare_s"][0] for a in ARMS)), **_stats(run, ref, ARMS))
     return res
 
 
@@ -112,14 +133,17 @@ def table(res: dict) -> str:
              "patients of the arm.", "",
              "All five arms pooled (throughput relative to the default grid, from the steps; preparation: the pilots' "
              "compilation and runs, all arms, in one process):", "",
-             "| grid | steps | throughput | preparation s | median | p90 | p99 | max |", "|---|---|---|---|---|---|---|---|"]
+             "| grid | steps | throughput | preparation s | median | p90 | p99 | max | CRS grade differs, % of patients |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g, r in res["grids"].items():
         lines.append(f"| {g} | {r['steps']} | {100 * r['relative_throughput']:.0f}% | {r['prepare_s']:.0f} | {r['median']:.4f} | "
-                     f"{r['p90']:.3f} | {r['p99']:.3f} | {r['max']:.2f} |")
-    lines += ["", "By arm (steps; median / p90 / p99 / max):", "",
-              "| arm | periods | 16x vs 32x max | " + " | ".join(GRIDS) + " |", "|---|---|---|" + "---|" * len(GRIDS)]
+                     f"{r['p90']:.3f} | {r['p99']:.3f} | {r['max']:.2f} | {r['grade_differs_percent']:.1f} |")
+    lines += ["", "The CRS grade is each patient's highest over the course (rescue off), against the reference's.", "",
+              "By arm (steps; median / p90 / p99 / max; CRS grade differs, % of patients):", "",
+              "| arm | periods | 16x vs 32x max | " + " | ".join(res["grids"]) + " |", "|---|---|---|" + "---|" * len(res["grids"])]
     for name, r in res["arms"].items():
-        cells = [f"{c['steps']}; {c['median']:.4f} / {c['p90']:.3f} / {c['p99']:.3f} / {c['max']:.2f}" for c in r["grids"].values()]
+        cells = [f"{c['steps']}; {c['median']:.4f} / {c['p90']:.3f} / {c['p99']:.3f} / {c['max']:.2f}; {c['grade_differs_percent']:.1f}%"
+                 for c in r["grids"].values()]
         lines.append(f"| {name} | {r['periods']} | {r['reference_16x_vs_32x']['max']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -128,12 +152,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=250, help="patients per arm")
     ap.add_argument("--out", type=Path, default=Path("experiments/benchmarks/results"))
+    ap.add_argument("--variants", action="store_true", help="also the default grid with one setting changed at a time")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(*json.loads(args.worker))
         return
-    res = study(args.n)
+    res = study(args.n, {**GRIDS, **(VARIANTS if args.variants else {})})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "grid_error.json").write_text(json.dumps(res, indent=2, default=str))
     (args.out / "grid_error.md").write_text(table(res))
