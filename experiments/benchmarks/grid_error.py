@@ -70,13 +70,15 @@ def _peaks(settings: dict, n: int) -> dict[str, np.ndarray]:
 
     settings = dict(settings)
     scale = settings.pop("scale", 1.0)
-    model = OmegaConf.merge(catalogue.load("model", "default"), {"solver": {"error_tolerance": None, **settings}})
-    grid = {f"model.solver.{k}": float(model.solver[k]) * scale for k in STEP_SIZES}
-    grid["model.crs.rescue"] = 0
+    model = catalogue.load("model", "default")
+    solver = OmegaConf.merge(model.solver, {"error_tolerance": None}, settings)
+    solver.update({k: float(solver[k]) * scale for k in STEP_SIZES})
+    model = OmegaConf.merge(model, {"solver": solver})
+    rescue_off = {"model.crs.rescue": 0}
     out = {}
     for name, (drug, route, pop, regimen, premed) in ARMS.items():
         t0 = time.perf_counter()
-        prepared = prepare_arm(Arm("a", drug, route, pop, regimen, premed), model, horizon_days=HORIZON_DAYS, overrides=grid)
+        prepared = prepare_arm(Arm("a", drug, route, pop, regimen, premed), model, horizon_days=HORIZON_DAYS, overrides=rescue_off)
         out[name + " prepare_s"] = np.asarray([time.perf_counter() - t0])
         red = simulate_arm(prepared, n, seed=0, chunk_size=n).reductions
         out[name] = np.asarray(red["peak_il6_signalling_pg_ml"], float)
@@ -117,7 +119,7 @@ def study(n: int, grids: dict) -> dict:
     res = dict(n_per_arm=n, horizon_days=HORIZON_DAYS, arms={}, grids={})
     for name in ARMS:
         res["arms"][name] = dict(periods=int((ref[name] > BASELINE_PEAK_PG_ML).sum()),
-                                 reference_16x_vs_32x=_stats(ref32, ref, [name]),
+                                 reference_16x_vs_32x=_stats(ref, ref32, [name]),
                                  grids={g: dict(steps=int(run[f"{name} steps"][0]), **_stats(run, ref, [name])) for g, run in runs.items()})
     for g, run in runs.items():
         steps = sum(int(run[f"{a} steps"][0]) for a in ARMS)
