@@ -178,6 +178,18 @@ def period_grades(peak: Array, at_dose: Array, epsilon: Array) -> Array:
     return jnp.where(started(peak, at_dose, epsilon), grade_now(peak, epsilon[..., None]), 0)
 
 
+def grade_margin(peak, at_dose, epsilon):
+    r"""[...]: how close the patient's CRS grades came to a threshold, in the index's log units:
+    $\min_{k,g} |m_{kg} + \epsilon|$ over the period peaks $m$ [..., P, 4] and the grade-1 index at
+    each dose $s_{k1}$ (the onset rule, `started`). Every grade, onset and rescue decision of the
+    course is one of these comparisons, so an error in the indices smaller than the margin changes
+    none of them. numpy in, numpy out (a per-patient check on the host, `vpop.simulate`)."""
+    e = np.asarray(epsilon)[..., None, None]
+    peaks = np.abs(np.asarray(peak) + e).min(axis=(-2, -1))
+    doses = np.abs(np.asarray(at_dose)[..., :1] + e).min(axis=(-2, -1))
+    return np.minimum(peaks, doses)
+
+
 def rescue_interval(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue_on: Array) -> tuple[Array, Array]:
     """The susceptibilities epsilon that give this patient's rescue history ([P] peaks [P, 4] and
     rescue flags): tocilizumab in a period iff z_2 + epsilon >= 0 there, dexamethasone iff z_3 + epsilon

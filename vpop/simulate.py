@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from vpop import catalogue, parameters, population, regimen
+from vpop import catalogue, endpoints, parameters, population, regimen
 from vpop.catalogue import ConfigError
 from vpop.model import solver
 from vpop.model.system import Params
@@ -51,6 +51,16 @@ class ArmInputs(NamedTuple):
     schedule: solver.Schedule
 
 
+@dataclass(frozen=True)
+class Recheck:
+    """Patients whose CRS grades came within `margin` of a threshold (`endpoints.grade_margin`, log
+    units of the index) are simulated again on `schedule`, the arm's grid with its step sizes divided
+    by `model.solver.recheck_refine`, and keep that result (`PendingChunk.result`)."""
+
+    margin: float
+    schedule: solver.Schedule
+
+
 @dataclass
 class PreparedArm:
     arm: Arm
@@ -59,6 +69,7 @@ class PreparedArm:
     inputs: ArmInputs
     variability_paths: tuple[str, ...]
     covariate_kinds: tuple[str, ...]
+    recheck: Recheck | None = None
 
 
 def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float | None = None,
@@ -94,7 +105,26 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
     )
     if model.solver.get("error_tolerance") is not None:
         inputs = inputs._replace(schedule=_refined_schedule(arm, grid_model, horizon_days, assessment_every_days))
-    return PreparedArm(arm, compiled, pop, inputs, var.paths, cov_model.kinds)
+    return PreparedArm(arm, compiled, pop, inputs, var.paths, cov_model.kinds, _recheck(compiled, grid_model.solver))
+
+
+# Step sizes of the grid that a recheck divides by `model.solver.recheck_refine`.
+GRID_STEP_SIZES = ("first_step_hours", "fine_max_step_days", "max_step_days")
+
+
+def _recheck(compiled: regimen.CompiledRegimen, cfg: DictConfig) -> Recheck | None:
+    """The arm's grade recheck (`Recheck`) from `model.solver.recheck_margin` (null: none) and
+    `recheck_refine`, or a ConfigError naming the field."""
+    margin, refine = cfg.get("recheck_margin"), cfg.get("recheck_refine", 4)
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
+        raise ConfigError(f"model.solver.recheck_margin must be null or a number in (0, 1] (log units of the CRS index), "
+                          f"e.g. 0.05; got {margin!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 2:
+        raise ConfigError(f"model.solver.recheck_refine must be a whole number >= 2, e.g. 4; got {refine!r}")
+    fine = OmegaConf.merge(cfg, {k: float(cfg[k]) / refine for k in GRID_STEP_SIZES})
+    return Recheck(float(margin), regimen.build_schedule(compiled, fine))
 
 
 # Grids refined by error control, by arm and model config: a trial prepares an arm once per posterior
@@ -251,6 +281,9 @@ def padded_chunk_size(chunk_size: int) -> int:
     return -(-chunk_size // n_dev) * n_dev
 
 
+RECHECK_MIN_BATCH = 16  # smallest batch of a grade recheck
+
+
 class PendingChunk(NamedTuple):
     """A chunk handed to the device(s). JAX dispatches asynchronously, so the device computes while
     the host goes on (say, writing the previous chunk); `result()` waits for it and fetches it."""
@@ -259,18 +292,50 @@ class PendingChunk(NamedTuple):
     ids: np.ndarray
     reductions: solver.Reductions  # device arrays, padded to the chunk size
     covariates: population.Covariates
+    seed: int = 0
 
     def result(self) -> ArmResult:
         """The patients' results (padding rows dropped; so are the dose periods and assessments a
-        schedule padded to a shared shape added, `common_shape`)."""
+        schedule padded to a shared shape added, `common_shape`). With a grade recheck (`Recheck`),
+        the patients near a grade threshold are simulated again on the finer grid first."""
         take = len(self.ids)
         red, cov = jax.tree_util.tree_map(lambda x: np.asarray(x)[:take], (self.reductions, self.covariates))
         cov_dict = dict(cov._asdict(), bsa_m2=np.asarray(cov.bsa_m2))
-        n_p, n_a = len(self.prepared.compiled.periods), len(self.prepared.compiled.assessment_days)
-        red = {k: v[:, :n_a] if k.endswith("_at") else v[:, :n_p] if v.ndim > 1 else v for k, v in red._asdict().items()}
+        red = self._periods_only(red)
+        if self.prepared.recheck is not None:
+            red = self._rechecked(red)
         schedule = self.prepared.inputs.schedule
+        n_p, n_a = len(self.prepared.compiled.periods), len(self.prepared.compiled.assessment_days)
         return ArmResult(self.prepared.arm, self.ids, cov_dict, red,
                          np.asarray(schedule.period_start_day)[:n_p], np.asarray(schedule.assessment_day)[:n_a])
+
+    def _periods_only(self, red: solver.Reductions) -> dict[str, np.ndarray]:
+        n_p, n_a = len(self.prepared.compiled.periods), len(self.prepared.compiled.assessment_days)
+        return {k: v[:, :n_a] if k.endswith("_at") else v[:, :n_p] if v.ndim > 1 else v for k, v in red._asdict().items()}
+
+    def _rechecked(self, red: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`red` with the rows of patients within the recheck margin replaced by their simulation on
+        the recheck grid, and `grid_rechecked` (1: replaced). The batch is padded to a power of two
+        (at least `RECHECK_MIN_BATCH`), so a run compiles the fine kernel for a few sizes only."""
+        check = self.prepared.recheck
+        red = {k: np.array(v) for k, v in red.items()}  # writable copies (views of device buffers are not)
+        margin = endpoints.grade_margin(red["crs_index_peak"], red["crs_index_at_dose"], red["crs_log_susceptibility"])
+        rows = np.flatnonzero(margin < check.margin)
+        red["grid_rechecked"] = np.zeros(len(self.ids), red["crs_max_grade"].dtype)
+        if rows.size == 0:
+            return red
+        size = max(RECHECK_MIN_BATCH, 1 << int(rows.size - 1).bit_length())
+        padded = np.concatenate([rows, np.full(size - rows.size, rows[-1])])
+        cov = jax.tree_util.tree_map(lambda x: x[jnp.asarray(padded)], self.covariates)
+        inputs = self.prepared.inputs._replace(schedule=check.schedule)
+        fine = simulate_chunk(inputs, cov, jnp.asarray(self.ids[padded]), jnp.asarray(self.seed), self.prepared.variability_paths)
+        fine = self._periods_only(jax.tree_util.tree_map(lambda x: np.asarray(x)[:rows.size], fine))
+        for k, v in fine.items():
+            red[k][rows] = v
+        red["grid_rechecked"][rows] = 1
+        log.debug("arm %s: %d of %d patients within %g of a CRS grade threshold simulated again on the recheck grid",
+                  self.prepared.arm.name, rows.size, len(self.ids), check.margin)
+        return red
 
 
 def _device_batch(prepared: PreparedArm, ids: np.ndarray, seed: int, chunk_size: int | None, twins):
@@ -290,7 +355,7 @@ def dispatch_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_si
     ids = np.asarray(ids)
     dev_ids, cov = _device_batch(prepared, ids, seed, chunk_size, twins)
     red = simulate_chunk(prepared.inputs, cov, dev_ids, jnp.asarray(seed), prepared.variability_paths)
-    return PendingChunk(prepared, ids, red, cov)
+    return PendingChunk(prepared, ids, red, cov, seed)
 
 
 def dispatch_draws(draws: list[PreparedArm], ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,
@@ -310,7 +375,7 @@ def dispatch_draws(draws: list[PreparedArm], ids: np.ndarray, seed: int = 0, chu
     stacked = draws + [draws[-1]] * (block - len(draws))
     inputs = draws[0].inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(d.inputs.typical for d in stacked)))
     red = simulate_draws_chunk(inputs, cov, dev_ids, jnp.asarray(seed), draws[0].variability_paths)
-    return [PendingChunk(d, ids, jax.tree_util.tree_map(lambda x: x[j], red), cov) for j, d in enumerate(draws)]
+    return [PendingChunk(d, ids, jax.tree_util.tree_map(lambda x: x[j], red), cov, seed) for j, d in enumerate(draws)]
 
 
 def simulate_ids(prepared: PreparedArm, ids: np.ndarray, seed: int = 0, chunk_size: int | None = None,

@@ -93,6 +93,8 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         progression=first_pd >= 0,
         b_cell_depletion=red["blood_b_min_fraction"] < endpoints.B_CELL_DEPLETION_FRACTION,
     )
+    if "grid_rechecked" in red:  # a grade recheck ran (model.solver.recheck_margin): whose grades come from its grid
+        cols["grid_rechecked"] = red["grid_rechecked"] > 0
     restart = prepared.compiled.restart_period
     if restarts or (restarts is None and restart is not None):
         for name, g in zip(RESTART_ENDPOINTS, (1, 2)):
