@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from vpop import catalogue, endpoints
 from vpop.catalogue import ConfigError
-from vpop.simulate import GRID_STEP_SIZES, Arm, prepare_arm, simulate_arm
+from vpop.simulate import GRID_STEP_SIZES, RECHECK_MIN_BATCH, Arm, prepare_arm, recheck_batch, simulate_arm
 from vpop.trial.table import patient_table
 
 # Split step-up doses: the label regimen whose grades the default grid flips most often (grid_error.md).
@@ -62,3 +62,10 @@ def test_the_recheck_brings_the_grades_closer_to_the_fine_grids(runs):
 def test_a_bad_recheck_setting_is_refused_naming_the_field(settings, field):
     with pytest.raises(ConfigError, match=f"model.solver.{field} must be"):
         prepare_arm(ARM, _model(**settings), horizon_days=HORIZON_DAYS)
+
+
+def test_a_recheck_batch_holds_its_patients_with_at_most_a_fifth_of_padding():
+    sizes = [recheck_batch(n) for n in range(1, 5000)]
+    assert all(s >= n for n, s in zip(range(1, 5000), sizes))
+    assert all((s - n) / s <= 0.2 for n, s in zip(range(RECHECK_MIN_BATCH + 1, 5000), sizes[RECHECK_MIN_BATCH:]))
+    assert len(set(sizes[1000:2000])) <= 5  # few sizes, so few compilations

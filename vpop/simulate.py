@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -59,6 +59,19 @@ class Recheck:
 
     margin: float
     schedule: solver.Schedule
+    batches: list[int] = field(default_factory=list, compare=False)  # batch sizes compiled so far (`batch`)
+
+    def batch(self, n: int) -> int:
+        """The batch to recheck n patients in: the smallest size used before that holds them without
+        more than doubling them, else a new one with a quarter of headroom (`recheck_batch`), so a run
+        whose chunks or posterior draws recheck somewhat different numbers compiles the finer kernel
+        once or twice per arm rather than for every count (the worked example's 40 arm-draws at margin
+        0.05: 144 s simulating with a size per count, 92 s so, 44 s without the recheck)."""
+        fits = [b for b in self.batches if n <= b <= 2 * max(n, RECHECK_MIN_BATCH)]
+        if fits:
+            return min(fits)
+        self.batches.append(recheck_batch(n + n // 4))
+        return self.batches[-1]
 
 
 @dataclass
@@ -284,6 +297,19 @@ def padded_chunk_size(chunk_size: int) -> int:
 RECHECK_MIN_BATCH = 16  # smallest batch of a grade recheck
 
 
+def recheck_batch(n: int) -> int:
+    """The batch a grade recheck of n patients runs in: the smallest of 1, 1.25, 1.5 or 1.75 times a
+    power of two that holds them (at least `RECHECK_MIN_BATCH`). A run's chunks recheck similar
+    numbers, so it compiles the finer kernel for one or two sizes, and at most a fifth of the batch
+    is padding (powers of two alone left up to half: at margins 0.02 / 0.05 / 0.1 the yardstick ran at
+    68 / 54 / 40% of its throughput without the recheck; with these sizes, and `Recheck.batch`'s
+    headroom, 69 / 57 / 44%; experiments/benchmarks/recheck_cost.py)."""
+    if n <= RECHECK_MIN_BATCH:
+        return RECHECK_MIN_BATCH
+    octave = 1 << (int(n - 1).bit_length() - 1)  # the largest power of two below n
+    return next(octave * q // 4 for q in (5, 6, 7, 8) if octave * q // 4 >= n)
+
+
 class PendingChunk(NamedTuple):
     """A chunk handed to the device(s). JAX dispatches asynchronously, so the device computes while
     the host goes on (say, writing the previous chunk); `result()` waits for it and fetches it."""
@@ -315,8 +341,7 @@ class PendingChunk(NamedTuple):
 
     def _rechecked(self, red: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`red` with the rows of patients within the recheck margin replaced by their simulation on
-        the recheck grid, and `grid_rechecked` (1: replaced). The batch is padded to a power of two
-        (at least `RECHECK_MIN_BATCH`), so a run compiles the fine kernel for a few sizes only."""
+        the recheck grid, and `grid_rechecked` (1: replaced), in a batch of `Recheck.batch` patients."""
         check = self.prepared.recheck
         red = {k: np.array(v) for k, v in red.items()}  # writable copies (views of device buffers are not)
         margin = endpoints.grade_margin(red["crs_index_peak"], red["crs_index_at_dose"], red["crs_log_susceptibility"])
@@ -324,7 +349,7 @@ class PendingChunk(NamedTuple):
         red["grid_rechecked"] = np.zeros(len(self.ids), red["crs_max_grade"].dtype)
         if rows.size == 0:
             return red
-        size = max(RECHECK_MIN_BATCH, 1 << int(rows.size - 1).bit_length())
+        size = check.batch(rows.size)
         padded = np.concatenate([rows, np.full(size - rows.size, rows[-1])])
         cov = jax.tree_util.tree_map(lambda x: x[jnp.asarray(padded)], self.covariates)
         inputs = self.prepared.inputs._replace(schedule=check.schedule)
