@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from vpop import catalogue, endpoints
 from vpop.catalogue import ConfigError
-from vpop.simulate import GRID_STEP_SIZES, RECHECK_MIN_BATCH, Arm, prepare_arm, recheck_batch, simulate_arm
+from vpop.simulate import RECHECK_MIN_BATCH, Arm, prepare_arm, recheck_batch, refined_grid, simulate_arm
 from vpop.trial.table import patient_table
 
 # Split step-up doses: the label regimen whose grades the default grid flips most often (grid_error.md).
@@ -24,7 +24,7 @@ def _model(**solver):
 @pytest.fixture(scope="module")
 def runs():
     base = _model()
-    fine = _model(**{k: float(base.solver[k]) / 4 for k in GRID_STEP_SIZES})
+    fine = OmegaConf.merge(base, {"solver": refined_grid(base.solver, 4)})
     out = {}
     for name, model in (("default", base), ("recheck", _model(recheck_margin=0.05)), ("fine", fine)):
         prepared = prepare_arm(ARM, model, horizon_days=HORIZON_DAYS, overrides=RESCUE_OFF)

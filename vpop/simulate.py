@@ -121,14 +121,17 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
     return PreparedArm(arm, compiled, pop, inputs, var.paths, cov_model.kinds, _recheck(compiled, grid_model.solver))
 
 
-# Step sizes of the grid that a recheck divides by `model.solver.recheck_refine`.
-GRID_STEP_SIZES = ("first_step_hours", "fine_max_step_days", "max_step_days")
+def refined_grid(solver_cfg: DictConfig, factor: float) -> DictConfig:
+    """`model.solver` with its three step sizes (first step, fine and coarse largest steps) divided by
+    `factor`: the uniform refinement that converges (see README, Performance), used by the grade
+    recheck and by the benchmarks' finer grids."""
+    return OmegaConf.merge(solver_cfg, {k: float(solver_cfg[k]) / factor for k in ("first_step_hours", "fine_max_step_days", "max_step_days")})
 
 
 def _recheck(compiled: regimen.CompiledRegimen, cfg: DictConfig) -> Recheck | None:
     """The arm's grade recheck (`Recheck`) from `model.solver.recheck_margin` (null: none) and
     `recheck_refine`, or a ConfigError naming the field."""
-    margin, refine = cfg.get("recheck_margin"), cfg.get("recheck_refine", 4)
+    margin, refine = cfg.get("recheck_margin"), cfg.get("recheck_refine")
     if margin is None:
         return None
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
@@ -136,8 +139,7 @@ def _recheck(compiled: regimen.CompiledRegimen, cfg: DictConfig) -> Recheck | No
                           f"e.g. 0.05; got {margin!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 2:
         raise ConfigError(f"model.solver.recheck_refine must be a whole number >= 2, e.g. 4; got {refine!r}")
-    fine = OmegaConf.merge(cfg, {k: float(cfg[k]) / refine for k in GRID_STEP_SIZES})
-    return Recheck(float(margin), regimen.build_schedule(compiled, fine))
+    return Recheck(float(margin), regimen.build_schedule(compiled, refined_grid(cfg, refine)))
 
 
 # Grids refined by error control, by arm and model config: a trial prepares an arm once per posterior

@@ -37,8 +37,7 @@ ARMS = {  # name: drug, route, population, regimen, premedication
     "teclistamab SC, MM": ("teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"),
 }
 HORIZON_DAYS = 84
-STEP_SIZES = ("first_step_hours", "fine_max_step_days", "max_step_days")
-GRIDS = {  # label: `model.solver` settings over configs/model/default.yaml's; `scale` multiplies its STEP_SIZES
+GRIDS = {  # label: `model.solver` settings over configs/model/default.yaml's; `scale` multiplies its step sizes
     "default": {},
     "refined, tolerance 0.01": {"error_tolerance": 0.01},
     "refined, tolerance 0.003": {"error_tolerance": 0.003},
@@ -70,13 +69,12 @@ def _peaks(settings: dict, n: int) -> dict[str, np.ndarray]:
     from omegaconf import OmegaConf
 
     from vpop import catalogue
-    from vpop.simulate import Arm, prepare_arm, simulate_arm
+    from vpop.simulate import Arm, prepare_arm, refined_grid, simulate_arm
 
     settings = dict(settings)
     scale = settings.pop("scale", 1.0)
     model = catalogue.load("model", "default")
-    solver = OmegaConf.merge(model.solver, {"error_tolerance": None}, settings)
-    solver.update({k: float(solver[k]) * scale for k in STEP_SIZES})
+    solver = refined_grid(OmegaConf.merge(model.solver, {"error_tolerance": None}, settings), 1 / scale)
     model = OmegaConf.merge(model, {"solver": solver})
     rescue_off = {"model.crs.rescue": 0}
     out = {}
