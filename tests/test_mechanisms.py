@@ -114,6 +114,26 @@ def test_dexamethasone_acts_longer_than_its_plasma_half_life():
     assert effect[day1] > 0.6 * effect.max()  # effect site t1/2 ~45 h: mostly still there
 
 
+def test_dexamethasone_onset_rate_builds_the_effect_within_hours_and_keeps_its_slow_offset():
+    """With `dexamethasone_onset_per_day` the effect site fills at that rate while plasma is above it and
+    empties at k_e0 as before: premedication given 1 h before a dose acts at the dose, and still lasts."""
+    reg = doses((1, 1, 1, "mg"), cycle_days=7)
+    arm = Arm("dex", "mosunetuzumab", "iv", "fl_rr", reg, premedication="dexamethasone_20mg")
+    effects = []
+    for onset in (0.0, 24.0):  # 0: k_e0 both ways (the shipped model); 24/day: t1/2 ~40 min
+        prepared = prepare_arm(arm, horizon_days=3, overrides={"model.supportive.dexamethasone_onset_per_day": onset})
+        times, states, _ = simulate_trajectories(prepared, np.arange(1))
+        effects.append(np.asarray(states.host.supportive.dexamethasone_effect_nm)[0])
+        plasma = np.asarray(states.drugs.dexamethasone.central)[0]
+    slow, fast = effects
+    at_dose = np.searchsorted(times, 0.0)  # the bispecific's first dose, 1 h after dexamethasone
+    day1 = np.searchsorted(times, 1.0)
+    assert fast[at_dose] > 10 * slow[at_dose]
+    assert fast[day1] > 0.6 * fast.max()  # wanes at k_e0 (t1/2 ~45 h) as before
+    assert np.all(np.diff(fast[day1:]) <= 1e-6 * fast.max())  # plasma gone: only waning from here
+    assert plasma[day1] < 0.05 * plasma.max()
+
+
 def test_step_up_lowers_il6_signalling_peak_at_first_60_mg():
     step = doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), cycle_days=21)
     flat = doses((1, 15, 60, "mg"), cycle_days=21)

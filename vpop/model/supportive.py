@@ -4,8 +4,9 @@ r"""Supportive and co-medications: their pharmacodynamics (their PK is `vpop.mod
   $K_d$, the free-receptor fraction is $\theta = 1/(1 + C/K_d)$ (equilibrium, one site).
 - Dexamethasone inhibits cytokine production, $I = I_{max} C_e/(IC_{50} + C_e)$, and barely T-cell
   killing (Brandl 2007): a separate, small $I^{kill}_{max}$. It acts through an effect compartment,
-  $\dot C_e = k_{e0}(C - C_e)$ (nM), because glucocorticoid effects on gene expression outlast the
-  ~4 h plasma half-life by days.
+  $\dot C_e = k (C - C_e)$ (nM), because glucocorticoid effects on gene expression outlast the
+  ~4 h plasma half-life by days: $k = k_{e0}$, or, with an onset rate $k_{on} > 0$, $k = k_{on}$ while
+  $C > C_e$ (the effect builds as fast as the receptor fills) and $k_{e0}$ while it wanes.
 - An anti-CD20 antibody (obinutuzumab pretreatment) kills CD20+ cells directly,
   $k\, C/(EC_{50} + C)$, fastest in blood.
 """
@@ -29,7 +30,8 @@ class SupportiveState(NamedTuple):
 class SupportiveParams(NamedTuple):
     tocilizumab_kd_mg_per_l: Array  # IL-6R dissociation constant, as mg/L of tocilizumab
     dexamethasone_mw_g_per_mol: Array
-    dexamethasone_ke0_per_day: Array  # k_e0 of the effect compartment
+    dexamethasone_ke0_per_day: Array  # k_e0 of the effect compartment (its rate while the effect wanes)
+    dexamethasone_onset_per_day: Array  # k_on: its rate while plasma is above the effect site; 0: k_e0
     dexamethasone_ic50_nm: Array  # of the effect-site concentration
     dexamethasone_imax_cytokine: Array
     dexamethasone_imax_kill: Array
@@ -55,8 +57,11 @@ def dexamethasone_inhibition(state: SupportiveState, p: SupportiveParams) -> tup
 
 def rates(state: SupportiveState, dexamethasone_mg_per_l: Array, p: SupportiveParams) -> tuple[SupportiveState, SupportiveState]:
     """Production (nM/day) and loss (1/day) of the effect-site dexamethasone."""
-    ke0 = jnp.broadcast_to(p.dexamethasone_ke0_per_day, jnp.shape(state.dexamethasone_effect_nm))
-    return SupportiveState(ke0 * dexamethasone_nm(dexamethasone_mg_per_l, p)), SupportiveState(ke0)
+    plasma = dexamethasone_nm(dexamethasone_mg_per_l, p)
+    building = jnp.where(plasma > state.dexamethasone_effect_nm, p.dexamethasone_onset_per_day, p.dexamethasone_ke0_per_day)
+    k = jnp.where(p.dexamethasone_onset_per_day > 0.0, building, p.dexamethasone_ke0_per_day)
+    k = jnp.broadcast_to(k, jnp.shape(state.dexamethasone_effect_nm))
+    return SupportiveState(k * plasma), SupportiveState(k)
 
 
 def anti_cd20_kill(anti_cd20_mg_per_l: Array, p: SupportiveParams) -> tuple[ByCompartment, ByCompartment]:
