@@ -58,8 +58,8 @@ def dexamethasone_inhibition(state: SupportiveState, p: SupportiveParams) -> tup
 def rates(state: SupportiveState, dexamethasone_mg_per_l: Array, p: SupportiveParams) -> tuple[SupportiveState, SupportiveState]:
     """Production (nM/day) and loss (1/day) of the effect-site dexamethasone."""
     plasma = dexamethasone_nm(dexamethasone_mg_per_l, p)
-    building = jnp.where(plasma > state.dexamethasone_effect_nm, p.dexamethasone_onset_per_day, p.dexamethasone_ke0_per_day)
-    k = jnp.where(p.dexamethasone_onset_per_day > 0.0, building, p.dexamethasone_ke0_per_day)
+    by_direction = jnp.where(plasma > state.dexamethasone_effect_nm, p.dexamethasone_onset_per_day, p.dexamethasone_ke0_per_day)
+    k = jnp.where(p.dexamethasone_onset_per_day > 0.0, by_direction, p.dexamethasone_ke0_per_day)
     k = jnp.broadcast_to(k, jnp.shape(state.dexamethasone_effect_nm))
     return SupportiveState(k * plasma), SupportiveState(k)
 
