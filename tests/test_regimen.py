@@ -75,6 +75,20 @@ def test_premedication_selects_administrations_and_cycles_and_repeats_days_after
     assert (first.cycle, first.cycle_day, first.hour) == (1, 8, -1.0)  # 1 h before C1D8 is C1D8 at hour -1
 
 
+@pytest.mark.parametrize("reg", ["odronextamab_dlbcl", "odronextamab_fl"])
+def test_odronextamab_premedication_covers_the_split_doses_and_the_first_two_full_doses(reg):
+    """Its label premedicates "each dose in Cycle 1 and Cycle 2, Days 1 and 8": the first full dose
+    (C2D1) went without dexamethasone until 0.20.0, and in the model that dose then started most of
+    the excess CRS once the effect compartment wanes within a day."""
+    compiled = _compile(OmegaConf.to_container(catalogue.load("regimen", reg)),
+                        OmegaConf.to_container(catalogue.load("premedication", "odronextamab_dexamethasone")),
+                        drug="odronextamab")
+    doses_days = _days(compiled.administrations)
+    first_eight = [a for a in compiled.administrations if a.role == "bispecific"][:8]
+    assert [(a.cycle, a.cycle_day) for a in first_eight][-2:] == [(2, 1), (2, 8)]
+    assert _days(compiled.administrations, "premedication") == [round(d - 1 / 24, 6) for d in doses_days[:8]]
+
+
 def test_prophylaxis_precedes_the_named_dose_and_is_capped():
     reg = doses((1, 1, 0.06, "mg/kg"), (1, 3, 0.3, "mg/kg"), (1, 5, 1.5, "mg/kg"), cycle_days=7)
     toci = {"drug": "tocilizumab", "amount": 8, "unit": "mg/kg", "max_mg": 800, "before_dose": 2, "hours_before": 4}
