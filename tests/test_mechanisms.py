@@ -251,3 +251,23 @@ def test_the_refractory_clone_escapes_killing_and_regrows():
     assert np.all(burden >= logistic / m0 * (1 - 1e-4))  # ... never the refractory one
     late = f * np.exp(np.asarray(params.malignant.k_growth_per_day) * 140) > 0.2  # outgrew any response bar
     assert late.any() and np.all(burden[late, -1] > 0.2)
+
+
+def test_tebentafusp_releases_cytokines_from_skin_melanocytes_whatever_the_metastases_size():
+    """gp100 sits on skin melanocytes as well as on the liver metastases (Hassel 2024: the rash is T
+    cells recruited to them). That pool does not scale with the tumour, so tebentafusp's first-dose
+    release no longer rests on the metastases' size: patients with the smallest metastases react
+    (IMCgp100-202: CRS in 89%), where without the melanocytes few of them would."""
+    arm = Arm("teb", "tebentafusp", "iv", "um_metastatic", "tebentafusp_um")
+    with_skin = prepare_arm(arm, horizon_days=28)
+    assert float(with_skin.inputs.typical.engagement.normal_tissue_targets) > 0.0
+    without = prepare_arm(arm, horizon_days=28, overrides={"drug.tebentafusp.engagement.normal_tissue_targets": 0.0})
+    runs = [simulate_arm(p, 200, seed=3, chunk_size=200) for p in common_shape([with_skin, without])]
+    volume = runs[0].covariates["tumour_volume_ml"]
+    small = volume < np.quantile(volume, 0.25)
+    peak, peak0 = (r.reductions["peak_il6_signalling_pg_ml"][:, 0] for r in runs)
+    assert np.median(peak[small] / peak0[small]) > 3.0
+    crs, crs0 = (r.reductions["crs_grade"][:, 0] >= 1 for r in runs)
+    assert crs[small].mean() > 0.7 and crs0[small].mean() < 0.5
+    log_v = np.log(volume)  # the release follows the tumour less
+    assert np.corrcoef(log_v, np.log(peak))[0, 1] < np.corrcoef(log_v, np.log(peak0))[0, 1] - 0.2

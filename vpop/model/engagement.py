@@ -50,6 +50,7 @@ class EngagementParams(NamedTuple):
     tissue_km_factor: Array  # fKmTB_kill
     binds_normal_b: Array  # 1 if normal B cells carry the target (CD20, CD19), else 0
     binds_malignant: Array  # 1 if the malignant cells carry the target
+    normal_tissue_targets: Array  # 1e9 normal non-B cells carrying the target (tebentafusp: gp100+ melanocytes), see `targets`
     partition: ByCompartment  # tissue:plasma drug concentration ratio Kp (blood 1)
 
 
@@ -69,8 +70,14 @@ def compartment_concentration_ng_ml(plasma_mg_per_l: Array, p: EngagementParams)
 
 
 def targets(normal_b: ByCompartment, malignant: ByCompartment, p: EngagementParams) -> ByCompartment:
-    """Target-bearing cells per compartment (1e9 cells)."""
-    return normal_b * p.binds_normal_b + malignant * p.binds_malignant
+    """Target-bearing cells per compartment (1e9 cells): normal B cells, malignant cells and normal
+    tissue cells outside the B lineage that carry the target (tebentafusp's gp100+ skin melanocytes).
+    The model has no skin: those cells sit in the lymphoid compartment, its one normal tissue with
+    resident T cells and an antibody partition like skin's, and as a constant pool. They engage T cells
+    (activation, cytokine release) but their loss is not followed: skin melanocytes fall only partly on
+    treatment (Hassel et al. J Invest Dermatol 2024, PMID 39019150)."""
+    normal_tissue = ByCompartment(0.0, p.normal_tissue_targets, 0.0, 0.0)
+    return normal_b * p.binds_normal_b + malignant * p.binds_malignant + normal_tissue
 
 
 def occupancy(log_conc: ByCompartment, p: EngagementParams) -> ByCompartment:
