@@ -32,6 +32,31 @@ def test_prcc_finds_monotone_and_irrelevant_inputs(validation):
     assert r[0] > 0.7 and r[1] < -0.7 and abs(r[2]) < 0.2  # signs and sizes; the third input is noise
 
 
+def test_a_targets_rates_leave_the_other_targets_intervals_alone(validation):
+    """Each row's predictive interval has its own random stream: refitting one drug (new rates for its
+    targets) must not move the intervals of the others, whatever their order in targets.csv."""
+    import numpy as np
+
+    targets = published.load("targets")
+    rows = targets[targets.endpoint.isin(["crs_any", "orr"])].head(4)
+
+    class Fixed:  # a simulator whose cohorts have given per-patient 0/1 endpoints, 2 draws x 50 patients
+        def __init__(self, rate_of):
+            self.rate_of = rate_of
+
+        def run(self, arm, horizon_days=None):
+            p = self.rate_of(arm.drug)
+            hits = np.arange(50) < round(50 * p)
+            return pd.DataFrame({"draw": np.repeat([0, 1], 50), "crs_any": np.tile(hits, 2), "orr": np.tile(hits, 2)})
+
+    first = rows.drug.iloc[0]
+    before, _ = validation.targets_table(rows, Fixed(lambda drug: 0.3), seed=0)
+    after, _ = validation.targets_table(rows, Fixed(lambda drug: 0.9 if drug == first else 0.3), seed=0)
+    moved = (before.lower != after.lower) | (before.upper != after.upper)
+    assert moved[rows.drug.to_numpy() == first].all()
+    assert not moved[rows.drug.to_numpy() != first].any()
+
+
 @pytest.mark.slow  # ~5 min on 2 CPU cores (about 20 arms, each its own compilation): python -m pytest -m slow
 def test_report_on_a_tiny_population(validation, tmp_path):
     if not posterior.default_path().is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,17 +81,24 @@ def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
     return patients.groupby("draw")[endpoint].mean().to_numpy(float)
 
 
+def stream(seed: int, *names: str) -> np.random.Generator:
+    """A random stream of its own for each row (target, comparison, dose period), so that a change to
+    one target's rates leaves every other row's intervals as they were (numpy's binomial sampler
+    consumes a number of variates that depends on p)."""
+    return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in names)])
+
+
 def predictive(rates: np.ndarray, n: int, rng) -> np.ndarray:
     """Rates a trial of n patients would report, over posterior draws (rates: one per draw)."""
     return rng.binomial(n, np.repeat(rates, REPLICATES)) / n
 
 
-def targets_table(targets: pd.DataFrame, sim: Simulator, rng) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def targets_table(targets: pd.DataFrame, sim: Simulator, seed: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     rows, rates = [], {}
     for t in targets.itertuples():
         r = per_draw_rate(sim.run(published.cohort_arm(t), float(t.horizon_days)), t.endpoint)
         rates[t.id] = r
-        pred = predictive(r, int(t.n), rng)
+        pred = predictive(r, int(t.n), stream(seed, t.id))
         lo, hi = published.exact_interval(int(t.k), int(t.n))
         rows.append(dict(target=t.id, endpoint=t.endpoint, role=t.role, observed=t.k / t.n, observed_lower=lo, observed_upper=hi,
                          predicted=r.mean(), lower=np.percentile(pred, 2.5), upper=np.percentile(pred, 97.5),
@@ -98,7 +106,7 @@ def targets_table(targets: pd.DataFrame, sim: Simulator, rng) -> tuple[pd.DataFr
     return pd.DataFrame(rows), rates
 
 
-def comparisons_table(spec, targets: pd.DataFrame, rates: dict[str, np.ndarray], rng) -> pd.DataFrame:
+def comparisons_table(spec, targets: pd.DataFrame, rates: dict[str, np.ndarray], seed: int) -> pd.DataFrame:
     """Published differences (arm minus reference): observed from two independent binomials
     (Jeffreys posteriors), predicted from the same posterior draws in both arms."""
     by_id = targets.set_index("id")
@@ -107,6 +115,7 @@ def comparisons_table(spec, targets: pd.DataFrame, rates: dict[str, np.ndarray],
         for endpoint, arm_id in c.arm.items():
             ref_id = c.reference[endpoint]
             a, b = by_id.loc[arm_id], by_id.loc[ref_id]
+            rng = stream(seed, c.name, arm_id, ref_id)
             obs = [rng.beta(x.k + 0.5, x.n - x.k + 0.5, 20_000) for x in (a, b)]
             pred = predictive(rates[arm_id], int(a.n), rng) - predictive(rates[ref_id], int(b.n), rng)
             rows.append(dict(target=f"{c.name} ({arm_id} - {ref_id})", endpoint=f"{endpoint} difference", role="comparison",
@@ -156,7 +165,7 @@ def dose_period_table(spec, sim: Simulator) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def per_dose_table(targets: pd.DataFrame, sim: Simulator, rng) -> pd.DataFrame:
+def per_dose_table(targets: pd.DataFrame, sim: Simulator, seed: int) -> pd.DataFrame:
     """Model against published CRS by dose period, for every regimen with per-dose targets: every
     period of the regimen (published value where there is one), the model's rate with its 95%
     posterior interval and the predictive interval of a trial of the published size."""
@@ -176,7 +185,7 @@ def per_dose_table(targets: pd.DataFrame, sim: Simulator, rng) -> pd.DataFrame:
                        recalled="recalled" in str(obs.note) if obs else False)
             if obs:
                 lo, hi = published.exact_interval(int(obs.k), int(obs.n))
-                pred = predictive(r, int(obs.n), rng)
+                pred = predictive(r, int(obs.n), stream(seed, obs.id, "per dose"))
                 row.update(observed=obs.k / obs.n, observed_lower=lo, observed_upper=hi, predictive_lower=np.percentile(pred, 2.5),
                            predictive_upper=np.percentile(pred, 97.5))
             rows.append(row)
@@ -430,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     spec = OmegaConf.load(HERE / "comparisons.yaml")
     draws = posterior.draws(args.posterior, args.draws, args.seed)
-    rng = np.random.default_rng(args.seed)
     targets = published.load("targets")
     targets = targets[targets.role.isin(["calibration", "validation"])]
     n_arms = targets.groupby(list(published.COHORT), dropna=False).ngroups
@@ -438,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=n_arms, unit="arm", disable=not sys.stderr.isatty()) as bar:
         sim = Simulator(draws, args.patients, args.seed, bar)
         sim.prefetch([(published.cohort_arm(t), float(t.horizon_days)) for t in targets.itertuples()])
-        table, rates = targets_table(targets, sim, rng)
-        table = pd.concat([table, comparisons_table(spec.comparisons, targets, rates, rng), experiments_table(spec.experiments, sim)],
+        table, rates = targets_table(targets, sim, args.seed)
+        table = pd.concat([table, comparisons_table(spec.comparisons, targets, rates, args.seed), experiments_table(spec.experiments, sim)],
                           ignore_index=True)
         doses = dose_period_table(spec.approved_regimens, sim)
-        per = per_dose_table(targets, sim, rng)
+        per = per_dose_table(targets, sim, args.seed)
         sens = sensitivity_table(spec.sensitivity, posterior.draws(args.posterior, args.sensitivity_draws, args.seed + 1),
                                  args.patients, args.seed, bar)
     table["abs_error"] = (table.observed - table.predicted).abs()
