@@ -73,7 +73,7 @@ def targets(normal_b: ByCompartment, malignant: ByCompartment, p: EngagementPara
     """Target-bearing cells per compartment (1e9 cells): normal B cells, malignant cells and normal
     tissue cells outside the B lineage that carry the target (tebentafusp's gp100+ skin melanocytes).
     The model has no skin: those cells sit in the lymphoid compartment, its one normal tissue with
-    resident T cells and an antibody partition like skin's, and as a constant pool. They engage T cells
+    resident T cells, as a constant pool. They engage T cells
     (activation, cytokine release) but their loss is not followed: skin melanocytes fall only partly on
     treatment (Hassel et al. J Invest Dermatol 2024, PMID 39019150)."""
     normal_tissue = ByCompartment(0.0, p.normal_tissue_targets, 0.0, 0.0)
