@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from vpop import calibration, catalogue, parameters, posterior
 from vpop.calibration import design, diagnostics
-from vpop.calibration.emulator import Emulator
+from vpop.calibration.emulator import Emulator, EmulatorFitError
 from vpop.calibration.likelihood import numpyro_model
 from vpop.calibration.priors import calibrated_parameters
 from vpop import targets as published
@@ -170,6 +170,21 @@ def test_tiny_calibration_writes_valid_inference_data(tmp_path, monkeypatch):
     model.cytokines.k_el_il6_per_day = 2 * model.cytokines.k_el_il6_per_day
     with pytest.raises(ConfigError, match="made for other model_config"):
         design.load_design(files["design"], calibration.build_problem(cfg.calibration, ("calibration",), model), cfg.calibration)
+    # An emulator fit that fails after the rounds were simulated keeps them: the error names the saved
+    # design to rerun with, and nothing else is written.
+    real = design.Emulator
+
+    def failing(ids, u, *args, **kw):
+        if len(u) == 32:
+            raise EmulatorFitError("Gaussian-process fit not finite for targets ['T01']")
+        return real(ids, u, *args, **kw)
+
+    monkeypatch.setattr(design, "simulate_design", simulate)
+    monkeypatch.setattr(design, "Emulator", failing)
+    with pytest.raises(EmulatorFitError, match="calibration.emulator.design=.*design.npz"):
+        calibration.run(cfg.calibration, tmp_path / "failed")
+    kept, _ = design.load_design(tmp_path / "failed" / "design.npz", fit_problem, cfg.calibration)
+    assert kept.shape == (32, 2) and sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["design.npz"]
 
 
 def test_convergence_problems_are_logged(caplog):
@@ -207,6 +222,33 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
             assert 0.02 < p.mean() < 0.98, t.id  # a rate the comparison can see
             if t.endpoint == "crs_grade2plus":
                 np.testing.assert_array_equal(p, y, err_msg=t.id)
+
+
+def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_when_susceptibility_varies_by_dose():
+    """The same contract with the susceptibility partly drawn anew at each dose (`occasion_share`
+    0.5, calibrated, so the cohort takes the quadrature over the persistent part): teclistamab's
+    overall and per step-up dose CRS, and grade >= 2, still fixed by each period's rescue history."""
+    from vpop.trial import TrialSettings, run_trial
+
+    n = 96
+    cfg = _cfg(only_targets=["T07", "T08", "T09", "T10", "T11"], horizon_days=None, patients_per_cohort=n,
+               parameters=["model.crs.grade1_pg_ml", "model.crs.occasion_share"])
+    prob = calibration.build_problem(cfg)
+    (cohort,) = prob.cohorts
+    assert cohort.occasions
+    values = {"model.crs.grade1_pg_ml": float(parameters.config_entry("model.crs.grade1_pg_ml").nominal),
+              "model.crs.occasion_share": 0.5}
+    per_patient = prob.patient_expectations(values)
+    trial = run_trial({cohort.arm.name: cohort.arm}, cohort.arm.name,
+                      TrialSettings(n=n, horizon_days=cohort.horizon_days, trajectories=0), draws=[values])
+    for t in cohort.targets.itertuples():
+        p = np.asarray(per_patient[t.id])
+        y = trial.patients[t.endpoint].to_numpy(float)
+        se = np.sqrt(np.sum(p * (1 - p))) / n
+        assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
+        assert 0.02 < p.mean() < 0.98, t.id
+        if t.endpoint == "crs_grade2plus":
+            np.testing.assert_array_equal(p, y, err_msg=t.id)
 
 
 def test_emulator_fits_a_target_at_its_floor_and_names_a_failed_fit():

@@ -13,7 +13,7 @@ from vpop.model import solver, system
 
 def _crs_params(**kw):
     base = dict(grade1_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, fever_other_weight=0.5,
-                vascular_other_weight=0.02, susceptibility=1.0, rescue=1.0, rescue_tocilizumab_mg_per_kg=8.0,
+                vascular_other_weight=0.02, susceptibility=1.0, occasion_share=0.0, rescue=1.0, rescue_tocilizumab_mg_per_kg=8.0,
                 rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0, rescue_delay_hours=3.0,
                 rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0)
     base.update(kw)
@@ -77,6 +77,61 @@ def test_smooth_crs_probabilities_are_the_expectation_of_the_0_1_endpoints():
     for k in (2, 4):
         late = endpoints.first_crs_probability(jnp.asarray(peak), k, omega, lo, hi)
         np.testing.assert_allclose(np.asarray(late), (first >= k).mean(0), atol=0.03)
+
+
+def _synthetic_course(rng, n, periods):
+    """Nested period peaks and indices at the doses as a trajectory makes them: the index at a dose is
+    the last value of the period before, never above its peak; before the first dose, at rest."""
+    peak = np.sort(rng.normal(0.0, 1.5, (n, periods, 4)), axis=-1)[..., ::-1]
+    at_dose = peak - rng.gamma(2.0, 0.8, (n, periods, 1))
+    at_dose[:, 1:] = np.minimum(at_dose[:, 1:], peak[:, :-1])
+    at_dose[:, 0] = -10.0
+    return peak, at_dose
+
+
+@pytest.mark.parametrize("share", [0.3, 0.8])
+def test_occasion_probabilities_are_the_expectation_when_susceptibility_varies_by_dose(share):
+    """With a share rho of the susceptibility's variance drawn anew at each administration, the
+    calibration's expectation (quadrature over the persistent part, products over periods) equals the
+    mean of the trial's 0/1 endpoints over sampled susceptibilities, also within per-period rescue
+    bounds (the rejection sample keeps only epsilons inside them)."""
+    rng = np.random.default_rng(2)
+    n, periods, omega = 30, 4, 0.8
+    peak, at_dose = _synthetic_course(rng, n, periods)
+    lo = np.where(rng.random((n, periods)) < 0.3, -peak[..., 1], -np.inf)  # tocilizumab given there
+    hi = np.where(np.isfinite(lo), np.inf, np.where(rng.random((n, periods)) < 0.5, -peak[..., 1], np.inf))
+    draws = 400_000
+    eps = (np.sqrt(1 - share) * omega * rng.standard_normal((draws, 1, 1))
+           + np.sqrt(share) * omega * rng.standard_normal((draws, 1, periods)))
+    p = endpoints.occasion_crs_probabilities(jnp.asarray(peak), jnp.asarray(at_dose), omega, jnp.asarray(share),
+                                             jnp.asarray(lo), jnp.asarray(hi))
+    tested = 0
+    for i in range(n):
+        e = eps[:, 0]
+        e = e[np.all((e >= lo[i]) & (e < hi[i]), axis=-1)][:20_000]
+        if len(e) < 5_000:  # a rescue history too unlikely for the sample to judge
+            continue
+        tested += 1
+        grades = np.asarray(endpoints.period_grades(jnp.asarray(peak[i]), jnp.asarray(at_dose[i]), jnp.asarray(e)))
+        worst = np.asarray(endpoints.highest_grade(jnp.asarray(peak[i]), jnp.asarray(e)))
+        np.testing.assert_allclose(np.asarray(p["crs_any_dose"][i]), (grades >= 1).mean(0), atol=0.02)
+        np.testing.assert_allclose(np.asarray(p["crs_grade2plus_dose"][i]), (grades >= 2).mean(0), atol=0.02)
+        for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus")):
+            assert float(p[name][i]) == pytest.approx((worst >= g + 1).mean(), abs=0.02), (i, name)
+        first = endpoints.first_crs_dose(grades)
+        assert float(p["crs_first_at_dose"](3)[i]) == pytest.approx((first >= 3).mean(), abs=0.02)
+    assert tested >= 10
+
+
+def test_occasion_probabilities_tend_to_the_interval_ones_as_the_share_vanishes():
+    rng = np.random.default_rng(3)
+    peak, at_dose = _synthetic_course(rng, 20, 5)
+    inf = jnp.full((20, 5), jnp.inf)
+    exact = endpoints.crs_probabilities(jnp.asarray(peak), jnp.asarray(at_dose), 0.8, -inf[:, 0], inf[:, 0])
+    near = endpoints.occasion_crs_probabilities(jnp.asarray(peak), jnp.asarray(at_dose), 0.8, jnp.asarray(1e-4), -inf, inf,
+                                                nodes=512)
+    for name in ("crs_any", "crs_grade2plus", "crs_any_dose", "crs_grade2plus_dose"):
+        np.testing.assert_allclose(np.asarray(near[name]), np.asarray(exact[name]), atol=0.01, err_msg=name)
 
 
 def test_rescue_history_bounds_the_susceptibility_and_truncated_probabilities_match():

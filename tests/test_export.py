@@ -134,6 +134,25 @@ def test_the_exported_rescue_follows_the_solvers():
     assert il6_rr.max() == pytest.approx(il6.max(), rel=1e-3)
 
 
+def test_the_export_carries_a_susceptibility_that_varies_by_dose():
+    """With the susceptibility drawn anew at each dose (`crs.occasion_share`), each period's start sets
+    the exported `crs_susceptibility`: a patient mild after the first 60 mg and very susceptible after
+    the second gets tocilizumab after the second only, in vpop and in libroadrunner alike."""
+    with jax.enable_x64(True):
+        p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", doses((1, 1, 60, "mg"), (1, 8, 60, "mg"), cycle_days=14),
+                                 patient_id=6)
+        p = p._replace(crs=p.crs._replace(susceptibility=jax.numpy.asarray([0.01, 40.0])))
+        red = solver.simulate_patient(p, schedule)
+        model = export.patient_model(p, schedule, "test")
+    assert list(np.asarray(red.toci_rescue)) == [0, 1]
+    rr = roadrunner.RoadRunner(export.to_sbml(model))
+    rr.timeCourseSelections = ["time", "rescue_tocilizumab_start_day", "crs_susceptibility"]
+    got = rr.simulate(float(schedule.steps.t_start[0]), 14.0, 2801)
+    starts = np.unique(np.asarray(got["rescue_tocilizumab_start_day"]))
+    assert len(starts[starts < 1e5]) == 1 and 7.0 < starts.min() < 8.0  # decided once, after the second dose
+    assert set(np.round(np.asarray(got["crs_susceptibility"]), 6)) == {0.01, 40.0}
+
+
 def test_vpop_export_writes_an_arms_patients(tmp_path):
     """The app composes the trial's config (every check), then writes SBML and Antimony for the
     chosen patients; the SBML loads in libroadrunner and starts from the patient's baseline."""

@@ -138,3 +138,30 @@ def test_refractory_share_is_logit_normal_around_the_typical_share():
     # A typical share of 0 (the shipped default) stays exactly 0 for every patient: one susceptible clone.
     off = typical._replace(refractory_fraction=jnp.asarray(0.0))
     assert not np.any(np.asarray(jax.vmap(lambda k: population.refractory_share(off, k).refractory_fraction)(keys)))
+
+
+def test_occasion_share_redraws_part_of_the_crs_susceptibility_at_each_dose():
+    """log s_ik = sqrt(1 - rho) eps_i + sqrt(rho) omega xi_ik: every period keeps the spread omega, two
+    periods correlate by 1 - rho, the same patient key gives the same draws, and rho = 0 leaves the
+    patient's one susceptibility in every period."""
+    import jax
+
+    from vpop.endpoints import CRSParams
+
+    omega, n_periods = 0.8, 6
+    typical = CRSParams(**{f: jnp.asarray(1.0) for f in CRSParams._fields})._replace(occasion_share=jnp.asarray(0.4))
+    keys = jax.vmap(lambda i: population.patient_key(5, i))(jnp.arange(20_000))
+    eps = jax.vmap(lambda k: omega * jax.random.normal(jax.random.fold_in(k, 99)))(keys)
+
+    def draw(share, keys, eps):
+        crs = typical._replace(occasion_share=jnp.asarray(share))
+        return np.log(np.asarray(jax.vmap(lambda k, e: population.occasion_susceptibility(
+            crs._replace(susceptibility=jnp.exp(e)), typical, jnp.asarray(omega), k, n_periods).susceptibility)(keys, eps)))
+
+    log_s = draw(0.4, keys, eps)
+    assert log_s.shape == (20_000, n_periods)
+    assert np.std(log_s, axis=0) == pytest.approx(np.full(n_periods, omega), rel=0.03)
+    assert np.corrcoef(log_s[:, 0], log_s[:, 3])[0, 1] == pytest.approx(0.6, abs=0.03)
+    assert np.corrcoef(log_s[:, 0], np.asarray(eps))[0, 1] == pytest.approx(np.sqrt(0.6), abs=0.03)
+    np.testing.assert_array_equal(draw(0.4, keys[:5], eps[:5]), log_s[:5])
+    np.testing.assert_array_equal(draw(0.0, keys[:5], eps[:5]), np.repeat(np.log(np.asarray(jnp.exp(eps[:5])))[:, None], n_periods, 1))

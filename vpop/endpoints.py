@@ -10,21 +10,24 @@ $$ F = S + \phi_F\, O \quad\text{(fever: several mediators)}, \qquad
 ASTCT grade $\ge 1$ (fever) when $\log F + \varepsilon \ge \log\theta_1$ (or grade $\ge 2$ is reached),
 grade $\ge g$ for $g = 2, 3, 4$ when $\log V + \varepsilon \ge \log\theta_g$, with
 $\theta_g = f_g\theta_{g-1}$ and $\varepsilon = \log s_i \sim N(0, \omega^2)$ the patient's CRS
-susceptibility. In terms of the indices $z_1 = \max(\log F/\theta_1, \log V/\theta_2)$ and
+susceptibility: one for the whole course, or with `occasion_share` $\rho > 0$ one per dose period,
+$\varepsilon_k$, correlated $1 - \rho$ between periods (`population.occasion_susceptibility`). In terms of the indices $z_1 = \max(\log F/\theta_1, \log V/\theta_2)$ and
 $z_g = \log V/\theta_g$, a patient is at grade $\ge g$ when $z_g + \varepsilon \ge 0$.
 
 CRS *starting* in dose period $k$ (the labels' "CRS following dose $k$"): with $m_{gk}$ the largest
 $z_g$ in the period and $s_{gk}$ its value at the administration, CRS starts in period $k$ when
-$m_{1k} + \varepsilon \ge 0 > s_{1k} + \varepsilon$, and its grade is the highest reached in the
-period: grade $\ge g$ for $\varepsilon \in [-m_{gk}, -s_{1k})$. An episode still running at the next
-dose is not counted again. Overall, a patient has CRS of grade $\ge g$ when
-$\max_k m_{gk} + \varepsilon \ge 0$. The trial runner evaluates these at the patient's own
+$m_{1k} + \varepsilon_k \ge 0 > s_{1k} + \varepsilon_{k-1}$ (an episode of the period before, at that
+period's susceptibility, still running at the dose is not a new one), and its grade is the highest reached in the
+period: grade $\ge g$ when $m_{gk} + \varepsilon_k \ge 0$. Overall, a patient has CRS of grade
+$\ge g$ when $m_{gk} + \varepsilon_k \ge 0$ in some period (one $\varepsilon$: $\max_k m_{gk} +
+\varepsilon \ge 0$). The trial runner evaluates these at the patient's own
 $\varepsilon$; the calibration integrates $\varepsilon$ out ($P = \Phi(b/\omega) - \Phi(a/\omega)$ for
-the interval $[a, b)$), so its rate is the expectation of the trial's 0/1 endpoint. Rescue happens in the simulation (tocilizumab 8 mg/kg, at most 800 mg, at grade $\ge 2$;
+the interval $[a, b)$; with $\rho > 0$, `occasion_crs_probabilities`), so its rate is the expectation
+of the trial's 0/1 endpoint. Rescue happens in the simulation (tocilizumab 8 mg/kg, at most 800 mg, at grade $\ge 2$;
 dexamethasone too at grade $\ge 3$; once each per period, each starting a clinical delay after its
 grade's onset, `rescue_delay_hours`, whatever the solver's grid), so the trajectory depends on $\varepsilon$
 through the rescue history; the expectation is then taken over the $\varepsilon$ consistent with the
-patient's rescue history (`rescue_interval`), which leaves only the timing of a rescue within its
+patient's rescue history (`rescue_bounds`, per period), which leaves only the timing of a rescue within its
 period unaccounted for. The grades that trigger a rescue are then fixed by it: with rescue on, a
 patient's grade >= 2 (tocilizumab given or not) and grade >= 3 (dexamethasone) expectations are 0 or
 1, so those cohort rates are counts that move in steps of 1/patients, not smoothly. A smooth
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import jax.scipy.stats as jstats
 import numpy as np
@@ -116,7 +120,8 @@ class CRSParams(NamedTuple):
     grade4_fold: Array
     fever_other_weight: Array  # phi_F: weight of the myeloid output O in the fever drive
     vascular_other_weight: Array  # phi_V: its weight in the vascular drive
-    susceptibility: Array  # s_i = e^epsilon, 1 for the typical patient (log-normal variability)
+    susceptibility: Array  # s_i = e^epsilon, 1 for the typical patient (log-normal variability); [P] per dose period in a patient
+    occasion_share: Array  # rho: share of the variance of epsilon drawn anew at each administration (0: one epsilon per patient)
     rescue: Array  # 1: treat CRS in the simulation (tocilizumab at grade 2, dexamethasone at grade 3)
     rescue_tocilizumab_mg_per_kg: Array
     rescue_tocilizumab_max_mg: Array
@@ -166,43 +171,75 @@ def grade_now(z: Array, epsilon: Array) -> Array:
     return jnp.sum(z + epsilon[..., None] >= 0.0, axis=-1)
 
 
+def per_period(epsilon: Array, peak: Array) -> Array:
+    """epsilon [..., P], the susceptibility in each dose period, for peaks [..., P, 4]: a per-patient
+    epsilon [...] holds in every period."""
+    epsilon = jnp.asarray(epsilon)
+    return epsilon[..., None] if epsilon.ndim < peak.ndim - 1 else epsilon
+
+
+def previous_period(epsilon: Array) -> Array:
+    """[..., P]: the susceptibility of the period before each (the first period's own for the first)."""
+    return jnp.concatenate([epsilon[..., :1], epsilon[..., :-1]], axis=-1)
+
+
 def started(peak: Array, at_dose: Array, epsilon: Array) -> Array:
-    """[..., P]: CRS starts in period k (peak indices m and indices at the dose s, [..., P, 4])."""
-    e = epsilon[..., None]
-    return (peak[..., 0] + e >= 0.0) & (at_dose[..., 0] + e < 0.0)
+    """[..., P]: CRS starts in period k (peak indices m and indices at the dose s, [..., P, 4]): the
+    period's peak reaches grade 1 at its susceptibility, and no episode of the period before (at
+    that period's susceptibility) still runs at the administration."""
+    e = per_period(epsilon, peak)
+    e = jnp.broadcast_to(e, jnp.broadcast_shapes(e.shape, peak.shape[:-1]))
+    return (peak[..., 0] + e >= 0.0) & (at_dose[..., 0] + previous_period(e) < 0.0)
 
 
 def period_grades(peak: Array, at_dose: Array, epsilon: Array) -> Array:
     """[..., P] grade of the CRS starting in each period: the highest grade it reaches in the period
     (0 when no CRS starts there)."""
-    return jnp.where(started(peak, at_dose, epsilon), grade_now(peak, epsilon[..., None]), 0)
+    return jnp.where(started(peak, at_dose, epsilon), grade_now(peak, per_period(epsilon, peak)), 0)
+
+
+def highest_grade(peak: Array, epsilon: Array) -> Array:
+    """[...]: the highest ASTCT grade over the course (peaks [..., P, 4])."""
+    return jnp.max(grade_now(peak, per_period(epsilon, peak)), axis=-1)
 
 
 def grade_margin(peak, at_dose, epsilon):
     r"""[...]: how close the patient's CRS grades came to a threshold, in the index's log units:
-    $\min_{k,g} |m_{kg} + \epsilon|$ over the period peaks $m$ [..., P, 4] and the grade-1 index at
-    each dose $s_{k1}$ (the onset rule, `started`). Every grade, onset and rescue decision of the
-    course is one of these comparisons, so an error in the indices smaller than the margin changes
-    none of them. numpy in, numpy out (a per-patient check on the host, `vpop.simulate`)."""
-    e = np.asarray(epsilon)[..., None, None]
-    peaks = np.abs(np.asarray(peak) + e).min(axis=(-2, -1))
-    doses = np.abs(np.asarray(at_dose)[..., :1] + e).min(axis=(-2, -1))
+    $\min_{k,g} |m_{kg} + \epsilon_k|$ over the period peaks $m$ [..., P, 4] and the grade-1 index at
+    each dose $s_{k1}$ (against the period before's $\epsilon_{k-1}$, the onset rule, `started`).
+    Every grade, onset and rescue decision of the course is one of these comparisons, so an error in
+    the indices smaller than the margin changes none of them. numpy in, numpy out (a per-patient
+    check on the host, `vpop.simulate`)."""
+    peak, at_dose = np.asarray(peak), np.asarray(at_dose)
+    e = np.asarray(per_period(epsilon, peak))
+    e = np.broadcast_to(e, np.broadcast_shapes(e.shape, peak.shape[:-1]))
+    peaks = np.abs(peak + e[..., None]).min(axis=(-2, -1))
+    doses = np.abs(at_dose[..., 0] + np.asarray(previous_period(e))).min(axis=-1)
     return np.minimum(peaks, doses)
 
 
-def rescue_interval(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue_on: Array) -> tuple[Array, Array]:
-    """The susceptibilities epsilon that give this patient's rescue history ([P] peaks [P, 4] and
-    rescue flags): tocilizumab in a period iff z_2 + epsilon >= 0 there, dexamethasone iff z_3 + epsilon
-    >= 0. Returns (lo, hi); the patient's own epsilon always lies inside."""
+def rescue_bounds(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue_on: Array) -> tuple[Array, Array]:
+    """Per period ([..., P] each), the susceptibilities epsilon_k that give this patient's rescue
+    history ([..., P] peaks [..., P, 4] and rescue flags): tocilizumab in period k iff z_2 + epsilon_k
+    >= 0 there, dexamethasone iff z_3 + epsilon_k >= 0. Returns (lo, hi); the patient's own epsilon_k
+    always lies inside."""
     inf = jnp.asarray(jnp.inf, peak.dtype)
+    e = per_period(epsilon, peak)
+    e = jnp.broadcast_to(e, jnp.broadcast_shapes(e.shape, peak.shape[:-1]))
     lo, hi = -inf, inf
     for g, given in ((1, toci), (2, dex)):
         bound = -peak[..., g]
-        lo = jnp.maximum(lo, jnp.max(jnp.where(given > 0, bound, -inf), axis=-1))
-        hi = jnp.minimum(hi, jnp.min(jnp.where(given > 0, inf, bound), axis=-1))
-    lo = jnp.where(rescue_on > 0, jnp.minimum(lo, epsilon), -inf)
-    hi = jnp.where(rescue_on > 0, jnp.maximum(hi, epsilon + 1e-6), inf)
-    return lo, hi
+        lo = jnp.maximum(lo, jnp.where(given > 0, bound, -inf))
+        hi = jnp.minimum(hi, jnp.where(given > 0, inf, bound))
+    on = jnp.asarray(rescue_on)[..., None] > 0
+    return jnp.where(on, jnp.minimum(lo, e), -inf), jnp.where(on, jnp.maximum(hi, e + 1e-6), inf)
+
+
+def rescue_interval(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue_on: Array) -> tuple[Array, Array]:
+    """The one susceptibility epsilon (the same in every period, `occasion_share` 0) that gives this
+    patient's rescue history: the intersection of the periods' `rescue_bounds`. Returns (lo, hi)."""
+    lo, hi = rescue_bounds(peak, toci, dex, epsilon, rescue_on)
+    return jnp.max(lo, axis=-1), jnp.min(hi, axis=-1)
 
 
 def interval_probability(a: Array, b: Array, omega: Array, lo: Array, hi: Array) -> Array:
@@ -238,6 +275,71 @@ def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: 
     e = lambda x: jnp.asarray(x)[..., None]  # noqa: E731 - per-period broadcast of patient scalars
     for g, name in ((0, "crs_any_dose"), (1, "crs_grade2plus_dose")):
         out[name] = interval_probability(-peak[..., g], -at_dose[..., 0], e(omega), e(lo), e(hi))
+    return out
+
+
+# Equal-probability nodes of the persistent part of epsilon (`occasion_crs_probabilities`): the rates'
+# quadrature error is below 0.2 percentage points at 64 (tests/test_endpoints.py).
+OCCASION_NODES = 64
+
+
+def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share: Array, lo: Array, hi: Array,
+                               nodes: int = OCCASION_NODES) -> dict[str, Array]:
+    r"""`crs_probabilities` when the susceptibility varies between dose periods (`occasion_share`
+    $\rho > 0$, `population.occasion_susceptibility`): $\varepsilon_k = a + b_k$ with the persistent
+    part $a \sim N(0, (1-\rho)\,\omega^2)$ and each period's own $b_k \sim N(0, \rho\,\omega^2)$,
+    every $\varepsilon_k$ within its period's rescue bounds $[l_k, h_k)$ (`rescue_bounds`, [..., P]).
+    Given $a$ the periods are independent, so each endpoint is a product over periods of normal
+    interval probabilities $Q_k(x, y \mid a) = P(\max(x, l_k) \le \varepsilon_k < \min(y, h_k) \mid a)$,
+
+    $$ P(E) = \frac{\sum_j \prod_k Q_k(E_k \mid a_j)}{\sum_j \prod_k Q_k(-\infty, \infty \mid a_j)}, $$
+
+    over `nodes` equal-probability quantiles $a_j$ of $a$. CRS starting in period $k \ge 2$ involves
+    two periods: $\varepsilon_k \ge -m_{1k}$ and $\varepsilon_{k-1} < -s_{1k}$ (`started`)."""
+    cdf = jstats.norm.cdf
+    inf = jnp.asarray(jnp.inf, peak.dtype)
+    u = jstats.norm.ppf((jnp.arange(nodes, dtype=peak.dtype) + 0.5) / nodes)
+    a = (jnp.sqrt(1.0 - share) * omega)[..., None] * u  # [..., J]
+    a = a[..., :, None]  # [..., J, 1]
+    sd = jnp.asarray(jnp.sqrt(share) * omega)[..., None, None]
+    lo_, hi_ = lo[..., None, :], hi[..., None, :]  # [..., 1, P]
+
+    def log_mass(x, y, lower=lo_, upper=hi_):  # log Q_k(x, y | a_j), [..., J, P]
+        top, bottom = jnp.minimum(y, upper), jnp.maximum(x, lower)
+        return jnp.log(jnp.maximum(cdf((top - a) / sd) - cdf((bottom - a) / sd), 1e-30))
+
+    def at(x):  # a per-period bound [..., P] against the nodes
+        return x[..., None, :]
+
+    box = log_mass(-inf, inf)  # [..., J, P]
+    total = jnp.sum(box, axis=-1)  # [..., J]
+    norm = jax.nn.logsumexp(total, axis=-1)
+
+    def expect(log_terms):  # [..., J] -> probability
+        return jnp.exp(jax.nn.logsumexp(log_terms, axis=-1) - norm)
+
+    def none_reach(g, periods=None):  # P(no period in `periods` reaches grade g + 1)
+        quiet = log_mass(-inf, at(-peak[..., g]))
+        if periods is not None:
+            quiet = jnp.where(periods, quiet, box)
+        return expect(jnp.sum(quiet, axis=-1))
+
+    out = {name: 1.0 - none_reach(g) for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus"))}
+    first = jnp.arange(peak.shape[-2]) == 0
+    previous_box = previous_period(box)
+    # The period before each, at that period's bounds: no episode of it still running at the dose.
+    still = log_mass(-inf, at(-at_dose[..., 0]), previous_period(lo)[..., None, :], previous_period(hi)[..., None, :])
+    for g, name in ((0, "crs_any_dose"), (1, "crs_grade2plus_dose")):
+        later = total[..., None] - box - previous_box + log_mass(at(-peak[..., g]), inf) + still
+        same = total[..., None] - box + log_mass(at(-peak[..., g]), at(-at_dose[..., 0]))
+        terms = jnp.where(first, same, later)  # [..., J, P]
+        out[name] = jnp.exp(jax.nn.logsumexp(terms, axis=-2) - norm[..., None])
+
+    def first_at(k):  # first CRS at administration k (1-based) or later
+        before = jnp.arange(peak.shape[-2]) < k - 1
+        return none_reach(0, before) - none_reach(0)
+
+    out["crs_first_at_dose"] = first_at
     return out
 
 

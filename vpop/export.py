@@ -171,6 +171,10 @@ def _trace(fn, t, y, p):
 def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
     """The equations of patient `p` (one patient's parameters, scalar leaves) and the dosing of
     `schedule` as events."""
+    # The CRS susceptibility of each dose period (`population.occasion_susceptibility`): the first
+    # period's as the parameter, the others set by the rescue's events at each period's start.
+    susceptibility = np.broadcast_to(np.asarray(p.crs.susceptibility), np.shape(schedule.period_start_day))
+    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(susceptibility[0])))
     y0 = system.initial_state(p)
     state_names = leaf_names(y0)
     param_names = leaf_names(p)
@@ -190,7 +194,7 @@ def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
     infused = {v for e in events for v, _ in e.assignments if v.startswith("infusion_")}
     parameters = {n: float(np.asarray(v)) for n, v in zip(param_names, jax.tree_util.tree_leaves(p))}
     if float(np.asarray(p.crs.rescue)) > 0:
-        rescue_parameters, rescue_events = _rescue_events(p, schedule, channels, writer, param_names)
+        rescue_parameters, rescue_events = _rescue_events(p, schedule, channels, writer, param_names, susceptibility)
         parameters.update(rescue_parameters)
         events += rescue_events
         infused |= {v for e in rescue_events for v, _ in e.assignments if v.startswith("infusion_")}
@@ -225,12 +229,14 @@ def _dosing_events(p: Params, schedule: Schedule, channels: dict[str, str]) -> l
 
 
 def _rescue_events(p: Params, schedule: Schedule, channels: dict[str, str], writer: _Writer,
-                   param_names: list[str]) -> tuple[dict[str, float], list[Event]]:
+                   param_names: list[str], susceptibility: np.ndarray) -> tuple[dict[str, float], list[Event]]:
     """Parameters and events of the CRS rescue (see the module docstring). Per drug: `<drug>_decided`
     (1 once decided in this dose period; reset at each period's start, 1 before the first, as the
     solver treats no rescue before treatment), `<drug>_start_day` and `<drug>_end_day` of its
     administration, given as the rate `infusion_<state>` or, over 0 hours, as a bolus. The doses and
-    the grade margins are traced from the solver's and the endpoints' own functions."""
+    the grade margins are traced from the solver's and the endpoints' own functions. Where the
+    susceptibility varies between dose periods ([P] `susceptibility`), each period's start sets
+    `crs_susceptibility` to its own."""
     def traced(fn, observed: dict[str, float]) -> list[str]:  # infix of fn(observed values, p)
         jaxpr = _trace(lambda t, obs, q: fn(*obs, q), 0.0, tuple(observed.values()), p)
         return writer.expressions(jaxpr.jaxpr, ["time", *observed, *param_names], jaxpr.consts)
@@ -257,8 +263,12 @@ def _rescue_events(p: Params, schedule: Schedule, channels: dict[str, str], writ
             events.append(Event(f"time >= {end}", [(f"infusion_{state}", "0")]))
         else:
             events.append(Event(f"time >= {start}", [(state, f"{state} + {mg}")]))
-    periods = sorted({float(t) for t in np.asarray(schedule.period_start_day)})
-    events += [Event(f"time >= {_number(t)}", [(f"{name}_decided", "0") for name, *_ in drugs]) for t in periods]
+    starts = {}  # period start day -> its susceptibility (the first period of a day: padded periods repeat days)
+    for t, s in zip(np.asarray(schedule.period_start_day).tolist(), susceptibility.tolist()):
+        starts.setdefault(float(t), s)
+    varies = len(set(susceptibility.tolist())) > 1
+    events += [Event(f"time >= {_number(t)}", [(f"{name}_decided", "0") for name, *_ in drugs]
+                     + ([("crs_susceptibility", _number(s))] if varies else [])) for t, s in sorted(starts.items())]
     return parameters, events
 
 
@@ -371,14 +381,15 @@ def patients(prepared, which, seed: int) -> list[tuple[str, Params]]:
     import pandas as pd
 
     from vpop import population
-    from vpop.simulate import _patient_params, cohort_covariates
+    from vpop.simulate import _patient_params, cohort_covariates, n_periods
 
     inputs = prepared.inputs
     if which == "typical":
         cov = population.twins_covariates(pd.DataFrame(index=[0]), prepared.population)
         cov0 = jax.tree_util.tree_map(lambda x: x[0], cov)
         p = population.individual_params(inputs.typical, cov0, inputs.physiology, inputs.pk_covariates,
-                                         prepared.variability_paths, 0.0 * inputs.omegas, population.patient_key(jnp.asarray(seed), 0))
+                                         prepared.variability_paths, 0.0 * inputs.omegas, population.patient_key(jnp.asarray(seed), 0),
+                                         n_periods(inputs.schedule))
         return [("typical", p)]
     ids = jnp.asarray([int(i) for i in which])
     cov = cohort_covariates(inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from vpop import catalogue, parameters
+from vpop import catalogue, endpoints, parameters
 from vpop.catalogue import ConfigError
 from vpop.model import cells
 from vpop.model.compartments import ByCompartment
@@ -269,13 +269,37 @@ def refractory_share(mp: cells.MalignantParams, key: jax.Array) -> cells.Maligna
     return mp._replace(refractory_fraction=jnp.where(mp.refractory_fraction > 0, share, 0.0))
 
 
+def occasion_susceptibility(crs: endpoints.CRSParams, typical: endpoints.CRSParams, omega: jax.Array, key: jax.Array,
+                            n_periods: int) -> endpoints.CRSParams:
+    r"""The patient's CRS susceptibility in each of `n_periods` dose periods (inter-occasion
+    variability). With $\varepsilon_i = \log s_i - \log s$ the patient's effect (SD $\omega$) and
+    $\rho$ = `occasion_share`,
+
+    $$ \log s_{ik} = \log s + \sqrt{1-\rho}\,\varepsilon_i + \sqrt{\rho}\,\omega\,\xi_{ik},
+       \qquad \xi_{ik} \sim N(0, 1), $$
+
+    a fresh $\xi_{ik}$ at each administration (its own stream): each period's susceptibility keeps
+    the spread $\omega$, two periods' correlate by $1 - \rho$. $\rho = 0$ keeps $s_i$ in every
+    period, exactly."""
+    xi = jax.vmap(lambda k: parameters.standard_normal(jax.random.fold_in(key, k)))(jnp.arange(n_periods))
+    log_typical = jnp.log(typical.susceptibility)
+    log_s = (log_typical + jnp.sqrt(1.0 - crs.occasion_share) * (jnp.log(crs.susceptibility) - log_typical)
+             + jnp.sqrt(crs.occasion_share) * omega * xi)
+    s = jnp.where(crs.occasion_share > 0, jnp.exp(log_s), jnp.broadcast_to(crs.susceptibility, (n_periods,)))
+    return crs._replace(susceptibility=s.astype(crs.susceptibility.dtype))
+
+
 def individual_params(typical: Params, cov: Covariates, phys: Physiology, pk_cov: parameters.PKCovariates,
-                      paths: tuple[str, ...], omegas: jax.Array, key: jax.Array) -> Params:
+                      paths: tuple[str, ...], omegas: jax.Array, key: jax.Array, n_periods: int) -> Params:
     """One patient's parameters: compartments and baselines from covariates, PK covariate effects,
-    log-normal random effects and the refractory share. Pure JAX; vmapped over patients."""
+    log-normal random effects, the CRS susceptibility of each of `n_periods` dose periods and the
+    refractory share. Pure JAX; vmapped over patients."""
     f = parameters._float()
     p = parameters.apply_variability(typical, paths, omegas, jax.random.fold_in(key, parameters.stream_id("random_effects")))
-    p = p._replace(malignant=refractory_share(p.malignant, key))
+    omega_crs = omegas[paths.index("crs.susceptibility")] if "crs.susceptibility" in paths else jnp.zeros((), f)
+    p = p._replace(malignant=refractory_share(p.malignant, key),
+                   crs=occasion_susceptibility(p.crs, typical.crs, omega_crs,
+                                               jax.random.fold_in(key, parameters.stream_id("crs.occasion")), n_periods))
     bsa = cov.bsa_m2
     p = p._replace(
         bispecific_pk=parameters.apply_pk_covariates(p.bispecific_pk, pk_cov, cov.weight_kg, bsa, cov.female),

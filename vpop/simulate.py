@@ -224,9 +224,15 @@ def cohort_covariates(covariate_params: jax.Array, ids: jax.Array, seed: jax.Arr
     return jax.vmap(lambda i: population.sample_covariates(kinds, covariate_params, population.patient_key(seed, i)))(ids)
 
 
+def n_periods(schedule: solver.Schedule) -> int:
+    """The schedule's number of dose periods (static: a shape)."""
+    return schedule.period_start_day.shape[-1]
+
+
 def _patient_params(inputs: ArmInputs, cov, patient_id, seed, paths) -> Params:
     key = population.patient_key(seed, patient_id)
-    return population.individual_params(inputs.typical, cov, inputs.physiology, inputs.pk_covariates, paths, inputs.omegas, key)
+    return population.individual_params(inputs.typical, cov, inputs.physiology, inputs.pk_covariates, paths, inputs.omegas, key,
+                                        n_periods(inputs.schedule))
 
 
 @partial(jax.jit, static_argnames=("paths",))

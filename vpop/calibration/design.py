@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from vpop.calibration.emulator import Emulator
+from vpop.calibration.emulator import Emulator, EmulatorFitError
 from vpop.calibration.problem import EMULATED_RATE_FLOOR, Problem
 from vpop.calibration.sampling import nuts
 from vpop import catalogue
@@ -59,6 +59,15 @@ def design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]:
             "targets": np.asarray(list(problem.targets.id)),
             "cohorts": np.asarray([int(cfg.patients_per_cohort), int(cfg.seed),
                                    -1 if cfg.horizon_days is None else int(cfg.horizon_days)])}
+
+
+def save_design(path: str | Path, u: np.ndarray, y: np.ndarray, problem: Problem, cfg: DictConfig) -> Path:
+    """Write a design (parameter sets u, simulated target logits y) with its identity, for
+    `calibration.emulator.design` (`load_design`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, u=u, y=y, **design_identity(problem, cfg))
+    return path
 
 
 def load_design(path: str | Path, problem: Problem, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -112,15 +121,19 @@ def sequential_design(problem: Problem, cfg: DictConfig, key, progress: bool, de
         y = simulate_design(problem, u)
         log.info("design round 1 of %d simulated (%.0f s)", rounds, time.perf_counter() - started)
     emulator = None
-    for r, key_r in enumerate(jax.random.split(key, rounds - 1), start=2):
-        emulator = fit(u, y, start=None if emulator is None else emulator.gp)
-        s = nuts(problem, cfg, key_r, emulator, progress, samples=int(cfg.emulator.round_samples),
-                  warmup=int(cfg.emulator.round_warmup), chains=int(cfg.emulator.round_chains)).get_samples()
-        draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
-        u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, float(cfg.emulator.round_jitter), size=(m, d))
-        u, y = np.concatenate([u, u_new]), np.concatenate([y, simulate_design(problem, u_new)])
-        log.info("design round %d of %d simulated (%.0f s)", r + offset, rounds + offset, time.perf_counter() - started)
-    final = fit(u, y, start=None if emulator is None else emulator.gp)
+    try:
+        for r, key_r in enumerate(jax.random.split(key, rounds - 1), start=2):
+            emulator = fit(u, y, start=None if emulator is None else emulator.gp)
+            s = nuts(problem, cfg, key_r, emulator, progress, samples=int(cfg.emulator.round_samples),
+                     warmup=int(cfg.emulator.round_warmup), chains=int(cfg.emulator.round_chains)).get_samples()
+            draws = np.stack([np.asarray(s[p.site]) for p in problem.parameters], axis=1)
+            u_new = draws[rng.integers(0, len(draws), m)] + rng.normal(0.0, float(cfg.emulator.round_jitter), size=(m, d))
+            u, y = np.concatenate([u, u_new]), np.concatenate([y, simulate_design(problem, u_new)])
+            log.info("design round %d of %d simulated (%.0f s)", r + offset, rounds + offset, time.perf_counter() - started)
+        final = fit(u, y, start=None if emulator is None else emulator.gp)
+    except EmulatorFitError as err:  # the simulations so far are kept for a rerun (`run`)
+        err.design = (u, y)
+        raise
     held = np.zeros(len(u), bool)
     held[len(u) - m::5] = True  # every fifth set of the last round, predicted from the rest (same hyperparameters)
     check = fit(u[~held], y[~held], final.gp)

@@ -12,6 +12,12 @@ import numpy as np
 from numpyro.optim import Adam
 
 
+class EmulatorFitError(RuntimeError):
+    """A Gaussian-process fit that is not finite; `design` holds the (u, y) it was fitted on, when known."""
+
+    design: tuple[np.ndarray, np.ndarray] | None = None
+
+
 class Emulator:
     r"""Gaussian-process emulator of logit(rate) of every target against the unconstrained parameters.
 
@@ -90,7 +96,7 @@ class Emulator:
         self.gp = jax.jit(jax.vmap(condition))(y, mask, hyper)
         failed = [t for t, ok in zip(self.target_ids, np.isfinite(np.asarray(self.gp["alpha"])).all(1)) if not ok]
         if failed:  # say which, rather than let NUTS fail later on a NaN rate
-            raise RuntimeError(f"Gaussian-process fit not finite for targets {failed} (see Emulator)")
+            raise EmulatorFitError(f"Gaussian-process fit not finite for targets {failed} (see Emulator)")
         # Design points on each target's length scales, and their squared norms, for `logits`.
         self._z = x[None, :, :] * (self.gp["mask"] / jnp.exp(self.gp["log_ell"]))[:, None, :]  # (targets, points, d)
         self._z_sq = jnp.sum(self._z * self._z, -1)

@@ -49,6 +49,7 @@ class Cohort:
     cr_residual_volume_ml: float
     omega_crs: float  # SD of the patients' log CRS susceptibility (epsilon)
     omega_response: float  # SD of the patients' response-assessment effect (delta)
+    occasions: bool = False  # the susceptibility varies between dose periods (occasion_share calibrated or > 0)
 
 
 class Stack(NamedTuple):
@@ -140,10 +141,15 @@ class Problem:
         """Each patient's expected 0/1 endpoints of the trial runner: CRS over the susceptibility
         consistent with the patient's rescue history, response over the assessment effect
         (`vpop.endpoints`). Per-dose CRS comes as [patients, periods]."""
-        lo, hi = endpoints.rescue_interval(red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility,
-                                           typ.crs.rescue)
-        out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs, lo, hi)
-        out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
+        lo, hi = endpoints.rescue_bounds(red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility,
+                                         typ.crs.rescue)
+        if cohort.occasions:
+            out = endpoints.occasion_crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs,
+                                                       typ.crs.occasion_share, lo, hi)
+        else:  # one susceptibility for the whole course: the exact interval probabilities
+            lo, hi = jnp.max(lo, axis=-1), jnp.min(hi, axis=-1)
+            out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs, lo, hi)
+            out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
         # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
         margins = endpoints.response_margins(cohort.kind, red.malignant_fraction_at, red.marrow_malignant_fraction_at,
                                              cov.tumour_volume_ml, cov.marrow_malignant_percent, cohort.cr_residual_volume_ml, xp=jnp)
@@ -177,9 +183,10 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
             prepared = replace(prepared, inputs=prepared.inputs._replace(typical=typical))
         paths = parameters.parameter_paths([p.config_path for p in params], scope)
         response = population.load(arm.population).response
+        occasions = "crs.occasion_share" in paths.values() or float(prepared.inputs.typical.crs.occasion_share) > 0
         cohorts.append(Cohort(arm, float(t.horizon_days), prepared, group, paths, str(response.kind),
                               float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),
-                              _omega(prepared, "response.assessment_bias")))
+                              _omega(prepared, "response.assessment_bias"), occasions))
     return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), model, fixed)
 
 

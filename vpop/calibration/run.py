@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from vpop.calibration.design import design_identity, load_design, sequential_design
+from vpop.calibration.design import load_design, save_design, sequential_design
 from vpop.calibration.diagnostics import figures, ppc_table, warn_convergence
+from vpop.calibration.emulator import EmulatorFitError
 from vpop.calibration.problem import build_problem
 from vpop.calibration.sampling import nuts, predict, thin
 from vpop.catalogue import ConfigError
@@ -47,8 +48,16 @@ def run(cfg: DictConfig, out_dir: Path, progress: bool = False, model: DictConfi
     if method == "emulator":
         stage(f"emulator design: {cfg.emulator.rounds} rounds x {cfg.emulator.design_points} parameter sets"
               if design is None else f"emulator design: {len(design[0])} parameter sets reused from {saved}")
-    emulator, emulator_error, design_u, design_y = (sequential_design(fit_problem, cfg, k_emul, progress, design)
-                                                    if method == "emulator" else (None, None, None, None))
+    try:
+        emulator, emulator_error, design_u, design_y = (sequential_design(fit_problem, cfg, k_emul, progress, design)
+                                                        if method == "emulator" else (None, None, None, None))
+    except EmulatorFitError as err:
+        if err.design is None:
+            raise
+        path = save_design(Path(out_dir) / "design.npz", *err.design, fit_problem, cfg)
+        raise EmulatorFitError(f"{err}. The {len(err.design[0])} simulated parameter sets are saved in {path}: rerun with "
+                               f"calibration.emulator.design={path} and other emulator settings (fit_steps, refit_steps, "
+                               "learning_rate, fit_points) or more rounds, without simulating them again") from err
     stage(f"NUTS: {cfg.chains} chains x ({cfg.warmup} warmup + {cfg.samples} samples)")
     mcmc = nuts(fit_problem, cfg, k_mcmc, emulator, progress)
     samples = mcmc.get_samples()
@@ -111,6 +120,5 @@ def _write(out_dir, idata, summary, ppc, prior_ppc, emulator_error, design_u, de
     if emulator_error is not None:
         files["emulator"] = out_dir / "emulator.csv"
         emulator_error.to_csv(files["emulator"], index=False, float_format="%.4f")
-        files["design"] = out_dir / "design.npz"  # reusable with emulator.design=<this file>
-        np.savez(files["design"], u=design_u, y=design_y, **design_identity(fit_problem, cfg))
+        files["design"] = save_design(out_dir / "design.npz", design_u, design_y, fit_problem, cfg)  # reusable: emulator.design
     return files

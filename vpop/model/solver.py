@@ -124,7 +124,7 @@ class Reductions(NamedTuple):
     crs_duration_day: Float[Array, " P"]  # days spent at grade >= 1 in the period
     toci_rescue: Float[Array, " P"]  # 1 if the period reached grade 2: tocilizumab given (after `rescue_delay_hours`)
     dex_rescue: Float[Array, " P"]  # 1 if the period reached grade 3: dexamethasone given too
-    crs_log_susceptibility: Float[Array, ""]  # epsilon, the patient's CRS susceptibility
+    crs_log_susceptibility: Float[Array, " P"]  # epsilon_k, the patient's CRS susceptibility in each period
     assessment_log_bias: Float[Array, ""]  # delta, the patient's response-assessment effect
     refractory_share: Float[Array, ""]  # f, the patient's refractory share of the burden at the start
     malignant_nadir_fraction: Float[Array, ""]  # smallest malignant burden relative to baseline
@@ -354,7 +354,7 @@ def init_reductions(schedule: Schedule, p: Params, dtype) -> Reductions:
         crs_duration_day=zp,
         toci_rescue=zp,
         dex_rescue=zp,
-        crs_log_susceptibility=jnp.log(p.crs.susceptibility).astype(dtype),
+        crs_log_susceptibility=jnp.broadcast_to(jnp.log(p.crs.susceptibility), zp.shape).astype(dtype),
         assessment_log_bias=jnp.log(p.response.assessment_bias).astype(dtype),
         refractory_share=jnp.asarray(p.malignant.refractory_fraction, dtype),
         malignant_nadir_fraction=one,
@@ -406,10 +406,11 @@ def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observa
     def record(arr, val):
         return _update_at(arr, j, lambda old: jnp.where(at, val, old))
 
-    crs = in_period & (z[0] + red.crs_log_susceptibility >= 0.0)
+    eps = lax.dynamic_index_in_dim(red.crs_log_susceptibility, i, keepdims=False)
+    crs = in_period & (z[0] + eps >= 0.0)
     # Onset within the step: where the grade-1 index, linear between the step's ends, crosses the
     # patient's threshold (the step end alone would put onsets up to a step, 6-12 h, late).
-    before = jnp.clip((z[0] + red.crs_log_susceptibility) / jnp.maximum(z[0] - z_start[0], 1e-12), 0.0, 1.0)
+    before = jnp.clip((z[0] + eps) / jnp.maximum(z[0] - z_start[0], 1e-12), 0.0, 1.0)
     onset = jnp.maximum(t_end - before * step.dt - start, 0.0)
     lower_nadir = m_frac < red.malignant_nadir_fraction
     return red._replace(
@@ -466,7 +467,7 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
     grades = endpoints.period_grades(red.crs_index_peak, red.crs_index_at_dose, eps)
     started = endpoints.started(red.crs_index_peak, red.crs_index_at_dose, eps)
     red = red._replace(crs_grade=grades.astype(red.crs_grade.dtype), crs_onset_day=jnp.where(started, red.crs_onset_day, -1.0),
-                       crs_max_grade=endpoints.grade_now(jnp.max(red.crs_index_peak, axis=0), eps).astype(red.crs_grade.dtype))
+                       crs_max_grade=endpoints.highest_grade(red.crs_index_peak, eps).astype(red.crs_grade.dtype))
     return (red, traj) if trajectory else red
 
 
@@ -535,7 +536,7 @@ def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, gr
     already above)."""
     c = p.crs
     i = jnp.maximum(grid.period, 0)
-    eps = red.crs_log_susceptibility
+    eps = lax.dynamic_index_in_dim(red.crs_log_susceptibility, i, keepdims=False)
     on = (c.rescue > 0) & (grid.period >= 0) & (grid.dt > 0)
     g = endpoints.grade_now(lax.dynamic_index_in_dim(red.crs_index_peak, i, keepdims=False), eps)
     t_end = grid.t_start + grid.dt
