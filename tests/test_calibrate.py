@@ -268,6 +268,22 @@ def test_emulator_fits_a_target_at_its_floor_and_names_a_failed_fit():
         Emulator(["T14"], u, broken, steps=20, learning_rate=0.05, fit_points=384)
 
 
+def test_emulator_fit_of_a_target_mostly_noise_stays_finite():
+    """Mosunetuzumab's CRS after the first 60 mg (T17) against the occasion share alone, from a design
+    where the grade-1 threshold varied too (saved here: that axis and the logits): most of its variance
+    is not the share's. Unbounded, the length scale shrank onto the noise (0.009 after 100 Adam steps)
+    until the fit was not finite; held at or above a tenth of a prior SD, it fits."""
+    from pathlib import Path
+
+    from vpop.calibration.emulator import LOG_ELL_MIN
+
+    design = np.load(Path(__file__).parent / "data" / "emulator_noise_target.npz")
+    u, y = design["u"], design["y"][:, None]
+    emulator = Emulator(["T17"], u, y, steps=400, learning_rate=0.05, fit_points=384)
+    assert np.isfinite(np.asarray(jax.vmap(emulator.logits)(jnp.asarray(u)))).all()
+    assert float(emulator.gp["log_ell"].min()) >= LOG_ELL_MIN
+
+
 def test_a_posterior_fitted_under_another_model_version_is_refused(tmp_path):
     """0.6.0 kept the name of `priming_memory_day` but changed its meaning: a posterior records the model
     version it was fitted under, and one from another version (or from before versions were recorded)
