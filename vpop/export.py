@@ -169,8 +169,8 @@ def _trace(fn, t, y, p):
 
 
 def patient_model(p: Params, schedule: Schedule, notes: str = "") -> Model:
-    """The equations of patient `p` (one patient's parameters, scalar leaves) and the dosing of
-    `schedule` as events."""
+    """The equations of patient `p` (one patient's parameters: scalar leaves, but the CRS
+    susceptibility may be one per dose period) and the dosing of `schedule` as events."""
     # The CRS susceptibility of each dose period (`population.occasion_susceptibility`): the first
     # period's as the parameter, the others set by the rescue's events at each period's start.
     susceptibility = np.broadcast_to(np.asarray(p.crs.susceptibility), np.shape(schedule.period_start_day))

@@ -141,13 +141,13 @@ class Problem:
         """Each patient's expected 0/1 endpoints of the trial runner: CRS over the susceptibility
         consistent with the patient's rescue history, response over the assessment effect
         (`vpop.endpoints`). Per-dose CRS comes as [patients, periods]."""
-        lo, hi = endpoints.rescue_bounds(red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility,
-                                         typ.crs.rescue)
+        history = (red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility, typ.crs.rescue)
         if cohort.occasions:
+            lo, hi = endpoints.rescue_bounds(*history)
             out = endpoints.occasion_crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs,
                                                        typ.crs.occasion_share, lo, hi)
         else:  # one susceptibility for the whole course: the exact interval probabilities
-            lo, hi = jnp.max(lo, axis=-1), jnp.min(hi, axis=-1)
+            lo, hi = endpoints.rescue_interval(*history)
             out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs, lo, hi)
             out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
         # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
