@@ -123,6 +123,21 @@ def test_occasion_probabilities_are_the_expectation_when_susceptibility_varies_b
     assert tested >= 10
 
 
+@pytest.mark.parametrize("share", [0.05, 0.3])
+def test_occasion_probabilities_are_exact_for_a_rescue_history_in_the_tail(share):
+    """One dose period: epsilon = a + b is N(0, omega^2) whatever the share, so within rescue bounds
+    in the tail (a patient whose rescue history puts epsilon 2.5-2.75 SD up) the quadrature must give
+    the interval probability. Equal-probability nodes over all of a, sparse in its tail, gave 33.7%
+    instead of 41.9% at share 0.05 (and 40.9% at 0.3)."""
+    omega, lo, hi = 0.8, 2.0, 2.2
+    peak = jnp.asarray([[[-2.1, -2.2, -5.0, -6.0]]])  # grade 1 at eps >= 2.1 (inside the bounds)
+    at_dose = jnp.full((1, 1, 4), -10.0)
+    p = endpoints.occasion_crs_probabilities(peak, at_dose, omega, jnp.asarray(share), jnp.asarray([[lo]]), jnp.asarray([[hi]]))
+    exact = endpoints.interval_probability(2.1, jnp.inf, omega, lo, hi)
+    assert float(p["crs_any"][0]) == pytest.approx(float(exact), abs=0.005)
+    assert float(p["crs_any_dose"][0, 0]) == pytest.approx(float(exact), abs=0.005)
+
+
 def test_occasion_probabilities_tend_to_the_interval_ones_as_the_share_vanishes():
     rng = np.random.default_rng(3)
     peak, at_dose = _synthetic_course(rng, 20, 5)

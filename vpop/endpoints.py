@@ -278,9 +278,8 @@ def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: 
     return out
 
 
-# Equal-probability nodes of the persistent part of epsilon (`occasion_crs_probabilities`): the rates'
-# quadrature error is below 0.2 percentage points at 64 (tests/test_endpoints.py).
-OCCASION_NODES = 64
+# Nodes of the quadrature over the persistent part of epsilon (`occasion_crs_probabilities`).
+OCCASION_NODES = 128
 
 
 def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share: Array, lo: Array, hi: Array,
@@ -294,14 +293,21 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
 
     $$ P(E) = \frac{\sum_j \prod_k Q_k(E_k \mid a_j)}{\sum_j \prod_k Q_k(-\infty, \infty \mid a_j)}, $$
 
-    over `nodes` equal-probability quantiles $a_j$ of $a$. CRS starting in period $k \ge 2$ involves
-    two periods: $\varepsilon_k \ge -m_{1k}$ and $\varepsilon_{k-1} < -s_{1k}$ (`started`)."""
+    by the midpoint rule with `nodes` points $a_j$ (weights $\propto \phi(a_j)$) over the range where the
+    rescue bounds leave $a$ any mass: within 6 of each period's own SDs of every bound and 6 SDs of
+    $a$'s own spread. A patient with a narrow rescue history then gets the nodes where its
+    susceptibility can be (equal-probability nodes over all of $a$: errors of tens of points in such
+    patients). CRS starting in period $k \ge 2$ involves two periods: $\varepsilon_k \ge -m_{1k}$ and
+    $\varepsilon_{k-1} < -s_{1k}$ (`started`)."""
     cdf = jstats.norm.cdf
     inf = jnp.asarray(jnp.inf, peak.dtype)
-    u = jstats.norm.ppf((jnp.arange(nodes, dtype=peak.dtype) + 0.5) / nodes)
-    a = (jnp.sqrt(1.0 - share) * omega)[..., None] * u  # [..., J]
-    a = a[..., :, None]  # [..., J, 1]
+    sd_a = jnp.asarray(jnp.sqrt(1.0 - share) * omega)[..., None]  # [..., 1]
     sd = jnp.asarray(jnp.sqrt(share) * omega)[..., None, None]
+    a_low = jnp.maximum(jnp.max(lo, axis=-1, keepdims=True) - 6.0 * sd[..., 0], -6.0 * sd_a)  # [..., 1]
+    a_high = jnp.maximum(jnp.minimum(jnp.min(hi, axis=-1, keepdims=True) + 6.0 * sd[..., 0], 6.0 * sd_a), a_low + 1e-6)
+    a = a_low + (a_high - a_low) * (jnp.arange(nodes, dtype=peak.dtype) + 0.5) / nodes  # [..., J]
+    log_weight = -0.5 * (a / sd_a) ** 2
+    a = a[..., :, None]  # [..., J, 1]
     lo_, hi_ = lo[..., None, :], hi[..., None, :]  # [..., 1, P]
 
     def log_mass(x, y, lower=lo_, upper=hi_):  # log Q_k(x, y | a_j), [..., J, P]
@@ -312,7 +318,7 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
         return x[..., None, :]
 
     box = log_mass(-inf, inf)  # [..., J, P]
-    total = jnp.sum(box, axis=-1)  # [..., J]
+    total = log_weight + jnp.sum(box, axis=-1)  # [..., J]
     norm = jax.nn.logsumexp(total, axis=-1)
 
     def expect(log_terms):  # [..., J] -> probability
@@ -322,7 +328,7 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
         quiet = log_mass(-inf, at(-peak[..., g]))
         if periods is not None:
             quiet = jnp.where(periods, quiet, box)
-        return expect(jnp.sum(quiet, axis=-1))
+        return expect(log_weight + jnp.sum(quiet, axis=-1))
 
     out = {name: 1.0 - none_reach(g) for g, name in enumerate(("crs_any", "crs_grade2plus", "crs_grade3plus"))}
     first = jnp.arange(peak.shape[-2]) == 0
