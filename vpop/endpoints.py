@@ -175,7 +175,8 @@ def per_period(epsilon: Array, peak: Array) -> Array:
     """epsilon [..., P], the susceptibility in each dose period, for peaks [..., P, 4]: a per-patient
     epsilon [...] holds in every period."""
     epsilon = jnp.asarray(epsilon)
-    return epsilon[..., None] if epsilon.ndim < peak.ndim - 1 else epsilon
+    e = epsilon[..., None] if epsilon.ndim < peak.ndim - 1 else epsilon
+    return jnp.broadcast_to(e, jnp.broadcast_shapes(e.shape, peak.shape[:-1]))
 
 
 def previous_period(epsilon: Array) -> Array:
@@ -188,7 +189,6 @@ def started(peak: Array, at_dose: Array, epsilon: Array) -> Array:
     period's peak reaches grade 1 at its susceptibility, and no episode of the period before (at
     that period's susceptibility) still runs at the administration."""
     e = per_period(epsilon, peak)
-    e = jnp.broadcast_to(e, jnp.broadcast_shapes(e.shape, peak.shape[:-1]))
     return (peak[..., 0] + e >= 0.0) & (at_dose[..., 0] + previous_period(e) < 0.0)
 
 
@@ -212,7 +212,6 @@ def grade_margin(peak, at_dose, epsilon):
     check on the host, `vpop.simulate`)."""
     peak, at_dose = np.asarray(peak), np.asarray(at_dose)
     e = np.asarray(per_period(epsilon, peak))
-    e = np.broadcast_to(e, np.broadcast_shapes(e.shape, peak.shape[:-1]))
     peaks = np.abs(peak + e[..., None]).min(axis=(-2, -1))
     doses = np.abs(at_dose[..., 0] + np.asarray(previous_period(e))).min(axis=-1)
     return np.minimum(peaks, doses)
@@ -225,7 +224,6 @@ def rescue_bounds(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue_o
     always lies inside."""
     inf = jnp.asarray(jnp.inf, peak.dtype)
     e = per_period(epsilon, peak)
-    e = jnp.broadcast_to(e, jnp.broadcast_shapes(e.shape, peak.shape[:-1]))
     lo, hi = -inf, inf
     for g, given in ((1, toci), (2, dex)):
         bound = -peak[..., g]
@@ -278,8 +276,11 @@ def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: 
     return out
 
 
-# Nodes of the quadrature over the persistent part of epsilon (`occasion_crs_probabilities`).
+# The quadrature over the persistent part of epsilon (`occasion_crs_probabilities`): its nodes, and
+# how far beyond the rescue bounds (in SDs) it looks; at 128 the rates lie within 0.03 pp per patient
+# of a 16,384-node one at share 0.27, 1.1 pp at 0.05.
 OCCASION_NODES = 128
+OCCASION_RANGE_SD = 6.0
 
 
 def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share: Array, lo: Array, hi: Array,
@@ -303,8 +304,9 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
     inf = jnp.asarray(jnp.inf, peak.dtype)
     sd_a = jnp.asarray(jnp.sqrt(1.0 - share) * omega)[..., None]  # [..., 1]
     sd = jnp.asarray(jnp.sqrt(share) * omega)[..., None, None]
-    a_low = jnp.maximum(jnp.max(lo, axis=-1, keepdims=True) - 6.0 * sd[..., 0], -6.0 * sd_a)  # [..., 1]
-    a_high = jnp.maximum(jnp.minimum(jnp.min(hi, axis=-1, keepdims=True) + 6.0 * sd[..., 0], 6.0 * sd_a), a_low + 1e-6)
+    reach = OCCASION_RANGE_SD
+    a_low = jnp.maximum(jnp.max(lo, axis=-1, keepdims=True) - reach * sd[..., 0], -reach * sd_a)  # [..., 1]
+    a_high = jnp.maximum(jnp.minimum(jnp.min(hi, axis=-1, keepdims=True) + reach * sd[..., 0], reach * sd_a), a_low + 1e-6)
     a = a_low + (a_high - a_low) * (jnp.arange(nodes, dtype=peak.dtype) + 0.5) / nodes  # [..., J]
     log_weight = -0.5 * (a / sd_a) ** 2
     a = a[..., :, None]  # [..., J, 1]
