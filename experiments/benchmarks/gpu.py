@@ -5,14 +5,16 @@
 1. throughput: the yardstick (experiments/benchmarks/yardstick.py) at each size, float32, one chunk
    per device call of `--chunk` patients: patients/s after compilation, compile s, peak device memory;
    and float64 at the first size;
-2. calibration with simulator gradients: one value-and-gradient of the calibration's log density
-   through the simulator for every calibration cohort (configs/calibration/default.yaml), compile
-   and per-call seconds, the cost that decides whether NUTS can run on the simulator itself;
+2. accuracy: vpop's default grid in float32 and float64 on the first `--accuracy-n` yardstick patients
+   (CRS rescue off), their per-period peak IL-6 signalling saved, and their log error against
+   `--reference` (median, p90, p99, max): libroadrunner at rtol 1e-9 on vpop's SBML export, the
+   reference of experiments/benchmarks/peer.py, computed on the host beforehand
+   (`--make-reference N PATH`, a few minutes on 2 cores for 1,000 patients) and carried;
 3. the streamed run through the app (`vpop-trial +experiment=yardstick`, experiments/benchmarks/streaming.py)
    at `--stream` patients;
-4. accuracy (`yardstick.accuracy`): a float64 reference (diffrax Kvaerno5, rtol 1e-8, 4x refined grid) of `--accuracy-n`
-   yardstick patients, and vpop's default grid in float32 and float64 on the same patients
-   (peak IL-6 signalling log error per dose period: median, p90, p99, max).
+4. calibration with simulator gradients: one value-and-gradient of the calibration's log density
+   through the simulator for every calibration cohort (configs/calibration/default.yaml), compile
+   and per-call seconds, the cost that decides whether NUTS can run on the simulator itself.
 
 Each step appends to DIR/gpu.json as it finishes, so a lease that runs out keeps what was measured.
 Every step runs in its own process (peak memories are that step's alone).
@@ -77,13 +79,19 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--chunk", type=int, default=1_000_000, help="patients per device call")
     ap.add_argument("--accuracy-n", type=int, default=1000)
-    ap.add_argument("--reference-timeout", type=float, default=240, help="seconds the float64 reference may take")
+    ap.add_argument("--reference", help="npz of the reference peaks (--make-reference); without it arrays are only saved")
+    ap.add_argument("--make-reference", nargs=2, metavar=("N", "PATH"),
+                    help="on the host: solve the first N yardstick patients in libroadrunner (rtol 1e-9) and save to PATH")
+    ap.add_argument("--gradient-timeout", type=float, default=300, help="seconds the gradient step may take")
     ap.add_argument("--stream", type=int, default=10_000_000, help="patients of the streamed app run (0: skip)")
     ap.add_argument("--stream-chunk", type=int, default=1_000_000)
     ap.add_argument("--gradient-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gradient_worker:
         print(json.dumps(gradient_timing()))
+        return
+    if args.make_reference:
+        make_reference(int(args.make_reference[0]), args.make_reference[1])
         return
 
     out = Path(args.out)
@@ -105,13 +113,13 @@ def main() -> None:
         record(f"yardstick float32 N={n}", lambda n=n: _worker(["vpop", str(n), str(min(n, args.chunk))]))
     record(f"yardstick float64 N={args.sizes[0]}", lambda: _worker(["vpop", str(args.sizes[0]), str(min(args.sizes[0], args.chunk))], x64=True))
 
-    def gradient():
-        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--gradient-worker"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+    n_acc = str(args.accuracy_n)
+    for name, x64 in (("float32", False), ("float64", True)):
+        path = str(arrays / f"vpop_{name}.npz")
+        record(f"accuracy {name}", lambda path=path, x64=x64: {
+            **_worker(["vpop", n_acc, n_acc, path], x64=x64),
+            **({"accuracy": accuracy(path, args.reference)} if args.reference else {})})
 
-    record("simulator gradient (calibration)", gradient)
     if args.stream:
         def stream():
             cmd = [sys.executable, str(HERE / "streaming.py"), "--sizes", str(args.stream), "--chunk-size", str(args.stream_chunk),
@@ -125,13 +133,26 @@ def main() -> None:
 
         record(f"streamed app run N={args.stream}", stream)
 
-    # Last: the adaptive float64 reference is the one step whose time is hard to foresee.
-    n_acc = str(args.accuracy_n)
-    ref, f32, f64 = (str(arrays / f"{k}.npz") for k in ("reference", "vpop_f32", "vpop_f64"))
-    record("reference float64", lambda: _worker(["reference", n_acc, ref], timeout_s=args.reference_timeout))
-    record("accuracy float32", lambda: {**_worker(["vpop", n_acc, n_acc, f32]), "accuracy": accuracy(f32, ref)})
-    record("accuracy float64", lambda: {**_worker(["vpop", n_acc, n_acc, f64], x64=True), "accuracy": accuracy(f64, ref)})
+    # Last: compiling the gradient through every calibration cohort is the step whose time is hardest to
+    # foresee (226 s on the 2-core CPU).
+    def gradient():
+        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--gradient-worker"], capture_output=True, text=True,
+                              timeout=args.gradient_timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    record("simulator gradient (calibration)", gradient)
+
+
+def make_reference(n: int, path: str) -> None:
+    """The accuracy reference on the host: the first `n` yardstick patients (CRS rescue off) in
+    libroadrunner at rtol 1e-9 on vpop's SBML export (peer.py's reference), 2 processes."""
+    from peer import _problem, roadrunner_run
+
+    ref = roadrunner_run(_problem(n), 1e-9, 2)
+    np.savez(path, peak_il6_signalling_pg_ml=ref["peaks"], malignant_nadir_fraction=ref["nadirs"])
+    print(json.dumps({k: ref[k] for k in ("method", "n", "run_s", "failed")}))
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,12 @@ def _problem(n: int):
     if np.any(steps.bolus_mg_per_kg) or np.any(steps.bolus_mg_per_m2) or np.any(steps.rate_mg_per_day_per_kg):
         raise SystemExit("the peer sets parameters per patient: dosing must not depend on weight or BSA")
     params = _patients(prepared, np.arange(n))
+    # One CRS susceptibility per dose period ([n, P], population.occasion_susceptibility): the peer sets a
+    # patient's values once, so every period's must be the same (model.crs.occasion_share 0, the default).
+    s = np.asarray(params.crs.susceptibility)
+    if not np.all(s == s[:, :1]):
+        raise SystemExit("the peer sets parameters per patient: the CRS susceptibility must not vary between dose periods")
+    params = params._replace(crs=params.crs._replace(susceptibility=params.crs.susceptibility[:, 0]))
     one = jax.tree_util.tree_map(lambda x: x[0], params)
     sbml = export.to_sbml(export.patient_model(one, sched, "vpop benchmark: yardstick arm"))
     names = export.leaf_names(one) + export.leaf_names(system.initial_state(one))

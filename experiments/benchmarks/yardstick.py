@@ -251,8 +251,8 @@ def accuracy(candidate: str, ref: str) -> dict:
         patients=int(n),
         il6_periods=il6["periods"],
         **{f"il6_log_error_{k}": il6[k] for k in ("median", "p90", "p99", "max")},
-        nadir_abs_error_median=float(np.median(np.abs(nx - ny))),
-        response_agreement=float(np.mean((nx <= 0.354) == (ny <= 0.354))),
+        nadir_abs_error_median=float(np.nanmedian(np.abs(nx - ny))),  # NaN: a patient the reference failed on
+        response_agreement=float(np.mean(((nx <= 0.354) == (ny <= 0.354))[np.isfinite(nx) & np.isfinite(ny)])),
     )
 
 
