@@ -117,3 +117,21 @@ def test_premedication_and_prophylaxis_blocks_name_their_fields():
     assert "arms.a.premedication: unknown key(s) ['administration']; did you mean 'administrations'?" in msg
     toci = {"drug": "tocilizumab", "amount": 8, "unit": "mg/kg", "hours_before": 4, "before_dose": "first"}
     assert "arms.a.prophylaxis.before_dose must be a whole number, got 'first'" in _error(prophylaxis=toci)
+
+
+def test_a_population_variability_entry_for_the_crs_susceptibility_is_refused(tmp_path, monkeypatch):
+    """The susceptibility's spread is the model's `crs.susceptibility_sd` (calibrated) since it left the
+    populations: a user's population that still gives it as a variability entry is refused before any
+    work, naming the entry and what to set instead (rather than drawing a second random effect on top)."""
+    from omegaconf import OmegaConf
+
+    from vpop import catalogue
+
+    old = catalogue.load("population", "fl_rr")
+    assert "crs.susceptibility" not in old.variability
+    old.variability["crs.susceptibility"] = 0.8
+    (tmp_path / "population").mkdir()
+    (tmp_path / "population" / "fl_rr_old.yaml").write_text(OmegaConf.to_yaml(old))
+    monkeypatch.setattr(catalogue, "_user_dirs", [tmp_path.resolve(), *catalogue._user_dirs])
+    msg = _error(population="fl_rr_old")
+    assert "population/fl_rr_old.variability.crs.susceptibility" in msg and "model.crs.susceptibility_sd" in msg

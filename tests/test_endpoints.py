@@ -13,8 +13,8 @@ from vpop.model import solver, system
 
 def _crs_params(**kw):
     base = dict(grade1_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, fever_other_weight=0.5,
-                vascular_other_weight=0.02, susceptibility=1.0, occasion_share=0.0, rescue=1.0, rescue_tocilizumab_mg_per_kg=8.0,
-                rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0, rescue_delay_hours=3.0,
+                vascular_other_weight=0.02, susceptibility=1.0, susceptibility_sd=0.8, occasion_share=0.0, rescue=1.0,
+                rescue_tocilizumab_mg_per_kg=8.0, rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0, rescue_delay_hours=3.0,
                 rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0)
     base.update(kw)
     return endpoints.CRSParams(**{k: jnp.asarray(v) for k, v in base.items()})

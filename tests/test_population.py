@@ -165,3 +165,72 @@ def test_occasion_share_redraws_part_of_the_crs_susceptibility_at_each_dose():
     assert np.corrcoef(log_s[:, 0], np.asarray(eps))[0, 1] == pytest.approx(np.sqrt(0.6), abs=0.03)
     np.testing.assert_array_equal(draw(0.4, keys[:5], eps[:5]), log_s[:5])
     np.testing.assert_array_equal(draw(0.0, keys[:5], eps[:5]), np.repeat(np.log(np.asarray(jnp.exp(eps[:5])))[:, None], n_periods, 1))
+
+
+def test_crs_susceptibility_is_drawn_as_when_it_was_a_population_random_effect(prepared):
+    """At the shipped spread (`model.crs.susceptibility_sd` 0.8) a patient's CRS susceptibility is the
+    one drawn when the spread was each population's variability entry, bit for bit: the same stream
+    of the patient's random-effects key and the same arithmetic, s exp(omega z)."""
+    import jax
+
+    from vpop import parameters
+    from vpop.simulate import _patient_params, cohort_covariates
+
+    inputs = prepared.inputs
+    assert "crs.susceptibility" not in prepared.variability_paths
+    assert float(inputs.typical.crs.susceptibility_sd) == pytest.approx(0.8)
+    f = parameters._float()
+    for seed in (0, 3):
+        ids = jnp.asarray([0, 1, 17, 4242])
+        cov = cohort_covariates(inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
+        for k, i in enumerate(ids):
+            p = _patient_params(inputs, jax.tree_util.tree_map(lambda x, k=k: x[k], cov), i, jnp.asarray(seed), prepared.variability_paths)
+            re_key = jax.random.fold_in(population.patient_key(jnp.asarray(seed), i), parameters.stream_id("random_effects"))
+            z = parameters.standard_normal(jax.random.fold_in(re_key, parameters.stream_id("crs.susceptibility")))
+            old = inputs.typical.crs.susceptibility * jnp.exp(jnp.asarray([0.8], f)[0] * z)
+            s = np.asarray(p.crs.susceptibility)
+            assert s.shape == (len(prepared.compiled.periods),)  # occasion_share 0: the one value in every period
+            np.testing.assert_array_equal(s, np.full(s.shape, np.asarray(old)))
+
+
+def test_susceptibility_sd_sets_the_spread_of_log_susceptibility():
+    """`model.crs.susceptibility_sd` is the SD of log s_i between patients: 0.4 halves the spread of
+    0.8, on the same patients (common random numbers), and the typical patient stays at s = 1."""
+    import jax
+
+    from vpop.simulate import _patient_params, cohort_covariates
+
+    def log_s(sd):
+        arm = prepare_arm(ARM, horizon_days=42, overrides={"model.crs.susceptibility_sd": sd})
+        ids = jnp.arange(4000)
+        cov = cohort_covariates(arm.inputs.covariate_params, ids, jnp.asarray(1), arm.covariate_kinds)
+        one = lambda c, i: _patient_params(arm.inputs, c, i, jnp.asarray(1), arm.variability_paths).crs.susceptibility[0]  # noqa: E731
+        return np.log(np.asarray(jax.jit(jax.vmap(one))(cov, ids)))
+
+    wide, narrow = log_s(0.8), log_s(0.4)
+    assert np.std(wide) == pytest.approx(0.8, rel=0.05) and np.std(narrow) == pytest.approx(0.4, rel=0.05)
+    assert np.std(narrow) / np.std(wide) == pytest.approx(0.5, rel=0.05)
+    assert abs(np.median(narrow)) < 0.05
+    np.testing.assert_allclose(narrow, wide / 2, atol=1e-5)  # the same z of each patient
+
+
+def test_posterior_draws_sharing_the_spread_draw_the_same_susceptibilities_as_one_draw():
+    """A trial stacks its posterior draws in one device call (`simulate_draws_chunk`). With every draw
+    at the same `crs.susceptibility_sd`, `stack_draws` keeps it a scalar, so each patient's
+    susceptibility is the single-draw kernel's bit for bit (as when omega was a population's random
+    effect); stacked over draws, XLA vectorises its exponential differently (float32 rounding)."""
+    from vpop.simulate import cohort_covariates, simulate_chunk, simulate_draws_chunk, stack_draws
+
+    draws = [prepare_arm(ARM, horizon_days=7, overrides={"model.crs.grade1_pg_ml": g}) for g in (60.0, 90.0)]
+    ids, seed = jnp.arange(64), jnp.asarray(0)
+    first = draws[0]
+    cov = cohort_covariates(first.inputs.covariate_params, ids, seed, first.covariate_kinds)
+    stacked = stack_draws([d.inputs.typical for d in draws])
+    assert np.ndim(stacked.crs.susceptibility_sd) == 0 and np.shape(stacked.crs.grade1_pg_ml) == (2,)
+    red = simulate_draws_chunk(first.inputs._replace(typical=stacked), cov, ids, seed, first.variability_paths)
+    for j, d in enumerate(draws):
+        one = simulate_chunk(d.inputs, cov, ids, seed, d.variability_paths)
+        np.testing.assert_array_equal(np.asarray(red.crs_log_susceptibility[j]), np.asarray(one.crs_log_susceptibility))
+    # Draws that differ in the spread are stacked like every other parameter.
+    other = prepare_arm(ARM, horizon_days=7, overrides={"model.crs.susceptibility_sd": 0.4})
+    assert np.shape(stack_draws([first.inputs.typical, other.inputs.typical]).crs.susceptibility_sd) == (2,)

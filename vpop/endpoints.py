@@ -10,7 +10,7 @@ $$ F = S + \phi_F\, O \quad\text{(fever: several mediators)}, \qquad
 ASTCT grade $\ge 1$ (fever) when $\log F + \varepsilon \ge \log\theta_1$ (or grade $\ge 2$ is reached),
 grade $\ge g$ for $g = 2, 3, 4$ when $\log V + \varepsilon \ge \log\theta_g$, with
 $\theta_g = f_g\theta_{g-1}$ and $\varepsilon = \log s_i \sim N(0, \omega^2)$ the patient's CRS
-susceptibility: one for the whole course, or with `occasion_share` $\rho > 0$ one per dose period,
+susceptibility ($\omega$ = `susceptibility_sd`, a calibrated model parameter): one for the whole course, or with `occasion_share` $\rho > 0$ one per dose period,
 $\varepsilon_k$, correlated $1 - \rho$ between periods (`population.occasion_susceptibility`). In terms of the indices $z_1 = \max(\log F/\theta_1, \log V/\theta_2)$ and
 $z_g = \log V/\theta_g$, a patient is at grade $\ge g$ when $z_g + \varepsilon \ge 0$.
 
@@ -121,6 +121,7 @@ class CRSParams(NamedTuple):
     fever_other_weight: Array  # phi_F: weight of the myeloid output O in the fever drive
     vascular_other_weight: Array  # phi_V: its weight in the vascular drive
     susceptibility: Array  # s_i = e^epsilon, 1 for the typical patient (log-normal variability); [P] per dose period in a patient
+    susceptibility_sd: Array  # omega: SD of epsilon = log s_i between patients (calibrated; the expectations integrate over it)
     occasion_share: Array  # rho: share of the variance of epsilon drawn anew at each administration (0: one epsilon per patient)
     rescue: Array  # 1: treat CRS in the simulation (tocilizumab at grade 2, dexamethasone at grade 3)
     rescue_tocilizumab_mg_per_kg: Array

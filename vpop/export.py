@@ -387,10 +387,13 @@ def patients(prepared, which, seed: int) -> list[tuple[str, Params]]:
     if which == "typical":
         cov = population.twins_covariates(pd.DataFrame(index=[0]), prepared.population)
         cov0 = jax.tree_util.tree_map(lambda x: x[0], cov)
-        p = population.individual_params(inputs.typical, cov0, inputs.physiology, inputs.pk_covariates,
+        crs = inputs.typical.crs
+        no_effects = inputs.typical._replace(crs=crs._replace(susceptibility_sd=0.0 * crs.susceptibility_sd))
+        p = population.individual_params(no_effects, cov0, inputs.physiology, inputs.pk_covariates,
                                          prepared.variability_paths, 0.0 * inputs.omegas, population.patient_key(jnp.asarray(seed), 0),
                                          n_periods(inputs.schedule))
-        return [("typical", p)]
+        # The model's spread stays a parameter of the export (unused by its equations), as in a patient's.
+        return [("typical", p._replace(crs=p.crs._replace(susceptibility_sd=crs.susceptibility_sd)))]
     ids = jnp.asarray([int(i) for i in which])
     cov = cohort_covariates(inputs.covariate_params, ids, jnp.asarray(seed), prepared.covariate_kinds)
     return [(f"patient{int(i)}", _patient_params(inputs, jax.tree_util.tree_map(lambda x, k=k: x[k], cov), i, jnp.asarray(seed),

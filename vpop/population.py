@@ -36,6 +36,7 @@ from vpop.model.system import Params, PatientCovariates
 log = logging.getLogger("vpop")
 DISTRIBUTIONS = ("normal", "lognormal", "lognormal_mixture", "bernoulli", "constant")
 LOCATIONS = ("tumour", "marrow")
+SUSCEPTIBILITY_STREAM = "crs.susceptibility"  # the random-effect stream of the CRS susceptibility (`crs_susceptibility`)
 
 
 class Covariates(NamedTuple):
@@ -86,6 +87,10 @@ def load(name: str) -> DictConfig:
     if isinstance(every, bool) or not isinstance(every, (int, float)) or not every > 0:
         raise ConfigError(f"population/{name}.response.assessment_every_days must be a positive number of days "
                           f"(how often response is assessed), got {every!r}")
+    if SUSCEPTIBILITY_STREAM in (pop.get("variability") or {}):
+        raise ConfigError(f"population/{name}.variability.{SUSCEPTIBILITY_STREAM}: the spread of the CRS susceptibility is no "
+                          "longer a population's variability entry; set model.crs.susceptibility_sd instead (a calibrated "
+                          "model parameter, the SD of log susceptibility between patients) and remove this entry")
     loc = pop.malignant.get("location")
     if loc not in LOCATIONS:
         raise ConfigError(f"population/{name}.malignant.location must be one of {LOCATIONS}, got {loc!r}")
@@ -269,6 +274,15 @@ def refractory_share(mp: cells.MalignantParams, key: jax.Array) -> cells.Maligna
     return mp._replace(refractory_fraction=jnp.where(mp.refractory_fraction > 0, share, 0.0))
 
 
+def crs_susceptibility(crs: endpoints.CRSParams, key: jax.Array) -> endpoints.CRSParams:
+    r"""The patient's CRS susceptibility $s_i = s\,e^{\omega z_i}$, $z_i \sim N(0, 1)$, with $\omega$ =
+    `susceptibility_sd` (a calibrated model parameter). `key` is the patient's random-effects key, and
+    $z_i$ comes from the stream `apply_variability` gave `crs.susceptibility` when $\omega$ was a
+    population's variability entry, by the same arithmetic: the patients are the same bit for bit."""
+    z = parameters.standard_normal(jax.random.fold_in(key, parameters.stream_id(SUSCEPTIBILITY_STREAM)))
+    return crs._replace(susceptibility=crs.susceptibility * jnp.exp(crs.susceptibility_sd * z))
+
+
 def occasion_susceptibility(crs: endpoints.CRSParams, typical: endpoints.CRSParams, omega: jax.Array, key: jax.Array,
                             n_periods: int) -> endpoints.CRSParams:
     r"""The patient's CRS susceptibility in each of `n_periods` dose periods (inter-occasion
@@ -292,13 +306,14 @@ def occasion_susceptibility(crs: endpoints.CRSParams, typical: endpoints.CRSPara
 def individual_params(typical: Params, cov: Covariates, phys: Physiology, pk_cov: parameters.PKCovariates,
                       paths: tuple[str, ...], omegas: jax.Array, key: jax.Array, n_periods: int) -> Params:
     """One patient's parameters: compartments and baselines from covariates, PK covariate effects,
-    log-normal random effects, the CRS susceptibility of each of `n_periods` dose periods and the
+    log-normal random effects (`paths`, `omegas`: the drug's and population's `variability`), the CRS
+    susceptibility (spread `typical.crs.susceptibility_sd`) of each of `n_periods` dose periods and the
     refractory share. Pure JAX; vmapped over patients."""
     f = parameters._float()
-    p = parameters.apply_variability(typical, paths, omegas, jax.random.fold_in(key, parameters.stream_id("random_effects")))
-    omega_crs = omegas[paths.index("crs.susceptibility")] if "crs.susceptibility" in paths else jnp.zeros((), f)
+    random_effects = jax.random.fold_in(key, parameters.stream_id("random_effects"))
+    p = parameters.apply_variability(typical, paths, omegas, random_effects)
     p = p._replace(malignant=refractory_share(p.malignant, key),
-                   crs=occasion_susceptibility(p.crs, typical.crs, omega_crs,
+                   crs=occasion_susceptibility(crs_susceptibility(p.crs, random_effects), typical.crs, typical.crs.susceptibility_sd,
                                                jax.random.fold_in(key, parameters.stream_id("crs.occasion")), n_periods))
     bsa = cov.bsa_m2
     p = p._replace(

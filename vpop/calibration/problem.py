@@ -47,7 +47,6 @@ class Cohort:
     paths: dict[str, str]  # config path -> Params path for the calibrated parameters that concern it
     kind: str
     cr_residual_volume_ml: float
-    omega_crs: float  # SD of the patients' log CRS susceptibility (epsilon)
     omega_response: float  # SD of the patients' response-assessment effect (delta)
     occasions: bool = False  # the susceptibility varies between dose periods (occasion_share calibrated or > 0)
 
@@ -140,16 +139,19 @@ class Problem:
     def _patient_probabilities(self, red, cov, cohort: Cohort, typ) -> dict[str, jax.Array]:
         """Each patient's expected 0/1 endpoints of the trial runner: CRS over the susceptibility
         consistent with the patient's rescue history, response over the assessment effect
-        (`vpop.endpoints`). Per-dose CRS comes as [patients, periods]."""
+        (`vpop.endpoints`). Per-dose CRS comes as [patients, periods]. `typ` is the cohort's typical
+        parameters at the values tried, so the susceptibility's spread omega (`crs.susceptibility_sd`)
+        is traced: the patients' susceptibilities and the expectation over them move with it."""
+        omega_crs = typ.crs.susceptibility_sd
         history = (red.crs_index_peak, red.toci_rescue, red.dex_rescue, red.crs_log_susceptibility, typ.crs.rescue)
         if cohort.occasions:
             lo, hi = endpoints.rescue_bounds(*history)
-            out = endpoints.occasion_crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs,
+            out = endpoints.occasion_crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, omega_crs,
                                                        typ.crs.occasion_share, lo, hi)
         else:  # one susceptibility for the whole course: the exact interval probabilities
             lo, hi = endpoints.rescue_interval(*history)
-            out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, cohort.omega_crs, lo, hi)
-            out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, cohort.omega_crs, lo, hi)
+            out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, omega_crs, lo, hi)
+            out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, omega_crs, lo, hi)
         # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
         margins = endpoints.response_margins(cohort.kind, red.malignant_fraction_at, red.marrow_malignant_fraction_at,
                                              cov.tumour_volume_ml, cov.marrow_malignant_percent, cohort.cr_residual_volume_ml, xp=jnp)
@@ -185,8 +187,8 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
         response = population.load(arm.population).response
         occasions = "crs.occasion_share" in paths.values() or float(prepared.inputs.typical.crs.occasion_share) > 0
         cohorts.append(Cohort(arm, float(t.horizon_days), prepared, group, paths, str(response.kind),
-                              float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "crs.susceptibility"),
-                              _omega(prepared, "response.assessment_bias"), occasions))
+                              float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "response.assessment_bias"),
+                              occasions))
     return Problem(targets, cohorts, params, int(cfg.patients_per_cohort), int(cfg.seed), model, fixed)
 
 
