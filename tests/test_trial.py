@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vpop import report, trial
+from vpop import catalogue, report, trial
 from vpop.trial.statistics import pooled_interval
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, prepare_arm, simulate_arm
@@ -267,7 +267,10 @@ def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "vpop.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
-def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path):
+def test_cli_runs_a_user_experiment_from_its_own_folder(tmp_path, monkeypatch):
+    # run_experiment(config_dir=...) adds the folder to this process's search path; undone after the test
+    # (else later tests list its `mine` experiment among the shipped ones).
+    monkeypatch.setattr(catalogue, "_user_dirs", [])
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text(USER_EXPERIMENT)
     out = tmp_path / "out"
