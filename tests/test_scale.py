@@ -183,8 +183,10 @@ def test_draws_packed_into_one_call_give_the_same_patients(monkeypatch):
     packed = trial.run_trial(arms, ref, trial.TrialSettings(**{**vars(settings), "chunk_size": 40}), draws=draws)
     assert calls == [2, 2, 1, 1]  # draws 0-1 of each arm, then draw 2 (padded to 2)
     # Grades, rescues and responses are the same; continuous values (peaks, onset times) agree to
-    # float32 rounding (XLA vectorises the typical parameters' arithmetic differently once stacked).
-    pd.testing.assert_frame_equal(packed.patients, alone.patients, check_exact=False, rtol=1e-5)
+    # float32 rounding (XLA vectorises the typical parameters' arithmetic differently once stacked:
+    # the draws' susceptibility spreads too, s exp(omega z), and an onset interpolated within a step
+    # carries that rounding, 1.1e-5 relative seen).
+    pd.testing.assert_frame_equal(packed.patients, alone.patients, check_exact=False, rtol=1e-4)
     exact = [c for c in alone.patients.columns
              if c.startswith(("crs_grade", "crs_any", "toci_rescue")) or c in ("crs_max_grade", "best_response", "orr", "cr")]
     assert len(exact) > 10
