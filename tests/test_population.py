@@ -149,14 +149,15 @@ def test_occasion_share_redraws_part_of_the_crs_susceptibility_at_each_dose():
     from vpop.endpoints import CRSParams
 
     omega, n_periods = 0.8, 6
-    typical = CRSParams(**{f: jnp.asarray(1.0) for f in CRSParams._fields})._replace(occasion_share=jnp.asarray(0.4))
+    typical = CRSParams(**{f: jnp.asarray(1.0) for f in CRSParams._fields})._replace(occasion_share=jnp.asarray(0.4),
+                                                                                     susceptibility_sd=jnp.asarray(omega))
     keys = jax.vmap(lambda i: population.patient_key(5, i))(jnp.arange(20_000))
     eps = jax.vmap(lambda k: omega * jax.random.normal(jax.random.fold_in(k, 99)))(keys)
 
     def draw(share, keys, eps):
         crs = typical._replace(occasion_share=jnp.asarray(share))
         return np.log(np.asarray(jax.vmap(lambda k, e: population.occasion_susceptibility(
-            crs._replace(susceptibility=jnp.exp(e)), typical, jnp.asarray(omega), k, n_periods).susceptibility)(keys, eps)))
+            crs._replace(susceptibility=jnp.exp(e)), typical, k, n_periods).susceptibility)(keys, eps)))
 
     log_s = draw(0.4, keys, eps)
     assert log_s.shape == (20_000, n_periods)
@@ -213,25 +214,3 @@ def test_susceptibility_sd_sets_the_spread_of_log_susceptibility():
     assert np.std(narrow) / np.std(wide) == pytest.approx(0.5, rel=0.05)
     assert abs(np.median(narrow)) < 0.05
     np.testing.assert_allclose(narrow, wide / 2, atol=1e-5)  # the same z of each patient
-
-
-def test_posterior_draws_sharing_the_spread_draw_the_same_susceptibilities_as_one_draw():
-    """A trial stacks its posterior draws in one device call (`simulate_draws_chunk`). With every draw
-    at the same `crs.susceptibility_sd`, `stack_draws` keeps it a scalar, so each patient's
-    susceptibility is the single-draw kernel's bit for bit (as when omega was a population's random
-    effect); stacked over draws, XLA vectorises its exponential differently (float32 rounding)."""
-    from vpop.simulate import cohort_covariates, simulate_chunk, simulate_draws_chunk, stack_draws
-
-    draws = [prepare_arm(ARM, horizon_days=7, overrides={"model.crs.grade1_pg_ml": g}) for g in (60.0, 90.0)]
-    ids, seed = jnp.arange(64), jnp.asarray(0)
-    first = draws[0]
-    cov = cohort_covariates(first.inputs.covariate_params, ids, seed, first.covariate_kinds)
-    stacked = stack_draws([d.inputs.typical for d in draws])
-    assert np.ndim(stacked.crs.susceptibility_sd) == 0 and np.shape(stacked.crs.grade1_pg_ml) == (2,)
-    red = simulate_draws_chunk(first.inputs._replace(typical=stacked), cov, ids, seed, first.variability_paths)
-    for j, d in enumerate(draws):
-        one = simulate_chunk(d.inputs, cov, ids, seed, d.variability_paths)
-        np.testing.assert_array_equal(np.asarray(red.crs_log_susceptibility[j]), np.asarray(one.crs_log_susceptibility))
-    # Draws that differ in the spread are stacked like every other parameter.
-    other = prepare_arm(ARM, horizon_days=7, overrides={"model.crs.susceptibility_sd": 0.4})
-    assert np.shape(stack_draws([first.inputs.typical, other.inputs.typical]).crs.susceptibility_sd) == (2,)

@@ -283,11 +283,11 @@ def crs_susceptibility(crs: endpoints.CRSParams, key: jax.Array) -> endpoints.CR
     return crs._replace(susceptibility=crs.susceptibility * jnp.exp(crs.susceptibility_sd * z))
 
 
-def occasion_susceptibility(crs: endpoints.CRSParams, typical: endpoints.CRSParams, omega: jax.Array, key: jax.Array,
+def occasion_susceptibility(crs: endpoints.CRSParams, typical: endpoints.CRSParams, key: jax.Array,
                             n_periods: int) -> endpoints.CRSParams:
     r"""The patient's CRS susceptibility in each of `n_periods` dose periods (inter-occasion
-    variability). With $\varepsilon_i = \log s_i - \log s$ the patient's effect (SD $\omega$) and
-    $\rho$ = `occasion_share`,
+    variability). With $\varepsilon_i = \log s_i - \log s$ the patient's effect (SD $\omega$ =
+    `susceptibility_sd`) and $\rho$ = `occasion_share`,
 
     $$ \log s_{ik} = \log s + \sqrt{1-\rho}\,\varepsilon_i + \sqrt{\rho}\,\omega\,\xi_{ik},
        \qquad \xi_{ik} \sim N(0, 1), $$
@@ -298,7 +298,7 @@ def occasion_susceptibility(crs: endpoints.CRSParams, typical: endpoints.CRSPara
     xi = jax.vmap(lambda k: parameters.standard_normal(jax.random.fold_in(key, k)))(jnp.arange(n_periods))
     log_typical = jnp.log(typical.susceptibility)
     log_s = (log_typical + jnp.sqrt(1.0 - crs.occasion_share) * (jnp.log(crs.susceptibility) - log_typical)
-             + jnp.sqrt(crs.occasion_share) * omega * xi)
+             + jnp.sqrt(crs.occasion_share) * crs.susceptibility_sd * xi)
     s = jnp.where(crs.occasion_share > 0, jnp.exp(log_s), jnp.broadcast_to(crs.susceptibility, (n_periods,)))
     return crs._replace(susceptibility=s.astype(crs.susceptibility.dtype))
 
@@ -313,7 +313,7 @@ def individual_params(typical: Params, cov: Covariates, phys: Physiology, pk_cov
     random_effects = jax.random.fold_in(key, parameters.stream_id("random_effects"))
     p = parameters.apply_variability(typical, paths, omegas, random_effects)
     p = p._replace(malignant=refractory_share(p.malignant, key),
-                   crs=occasion_susceptibility(crs_susceptibility(p.crs, random_effects), typical.crs, typical.crs.susceptibility_sd,
+                   crs=occasion_susceptibility(crs_susceptibility(p.crs, random_effects), typical.crs,
                                                jax.random.fold_in(key, parameters.stream_id("crs.occasion")), n_periods))
     bsa = cov.bsa_m2
     p = p._replace(

@@ -250,30 +250,13 @@ def simulate_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: ja
 def simulate_draws_chunk(inputs: ArmInputs, covariates: population.Covariates, ids: jax.Array, seed: jax.Array,
                          paths: tuple[str, ...]) -> solver.Reductions:
     """Reductions [draws, patients, ...] of patients `ids` under posterior draws stacked on the leading
-    axis of `inputs.typical` (`stack_draws`: the susceptibility's spread may stay a scalar shared by
-    every draw): a draw changes only the typical parameters, so the patients' covariates, random
-    effects and the schedule are shared by every draw."""
+    axis of `inputs.typical`: a draw changes only the typical parameters, so the patients' covariates,
+    random effects and the schedule are shared by every draw."""
 
     def draw(typical):
         return simulate_chunk(inputs._replace(typical=typical), covariates, ids, seed, paths)
 
-    axes = jax.tree_util.tree_map(lambda _: 0, inputs.typical)
-    shared = jnp.ndim(inputs.typical.crs.susceptibility_sd) == 0
-    axes = axes._replace(crs=axes.crs._replace(susceptibility_sd=None if shared else 0))
-    return jax.vmap(draw, in_axes=(axes,))(inputs.typical)
-
-
-def stack_draws(typicals: list[Params]) -> Params:
-    """Typical parameters of posterior draws stacked on a leading axis, except the CRS susceptibility's
-    spread (`crs.susceptibility_sd`) when every draw has the same: kept a scalar, the patients'
-    susceptibilities s exp(omega z) are computed once for all draws, as when omega was a population's
-    random effect, and come out the same bit for bit (batched over draws, XLA vectorises the
-    exponential differently: float32 rounding in 1 of 3 patients)."""
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *typicals)
-    sd = np.asarray([np.asarray(t.crs.susceptibility_sd) for t in typicals])
-    if (sd == sd[0]).all():
-        stacked = stacked._replace(crs=stacked.crs._replace(susceptibility_sd=typicals[0].crs.susceptibility_sd))
-    return stacked
+    return jax.vmap(draw)(inputs.typical)
 
 
 @partial(jax.jit, static_argnames=("paths",))
@@ -423,7 +406,7 @@ def dispatch_draws(draws: list[PreparedArm], ids: np.ndarray, seed: int = 0, chu
     ids = np.asarray(ids)
     dev_ids, cov = _device_batch(draws[0], ids, seed, chunk_size, twins)
     stacked = draws + [draws[-1]] * (block - len(draws))
-    inputs = draws[0].inputs._replace(typical=stack_draws([d.inputs.typical for d in stacked]))
+    inputs = draws[0].inputs._replace(typical=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(d.inputs.typical for d in stacked)))
     red = simulate_draws_chunk(inputs, cov, dev_ids, jnp.asarray(seed), draws[0].variability_paths)
     return [PendingChunk(d, ids, jax.tree_util.tree_map(lambda x: x[j], red), cov, seed) for j, d in enumerate(draws)]
 
