@@ -16,6 +16,7 @@ from vpop.trial import runner
 from vpop.cli import Progress
 from vpop.simulate import Arm, prepare_arm, simulate_arm
 from vpop.store import PatientStore
+from vpop.trial.table import patient_table
 
 EXPERIMENT = {"reference_arm": "iv", "arms": {
     "iv": {"drug": "mosunetuzumab", "route": "iv", "population": "fl_rr",
@@ -96,6 +97,44 @@ def test_resume_false_and_other_inputs_do_not_reuse_chunks(tmp_path, monkeypatch
     arms, ref = trial.arms_from_config(EXPERIMENT)
     other = trial.run_trial(arms, ref, trial.TrialSettings(**{**vars(SETTINGS), "seed": 3}), checkpoint_dir=tmp_path)
     assert other.dataset.parent != first.dataset.parent  # another seed is another run
+
+
+def test_writer_threads_write_the_parts_the_caller_would(tmp_path, monkeypatch):
+    """Parts handed to the store's writer threads read back equal to the table and to parts written in
+    the caller's thread, nullable columns of dose periods an arm lacks included (dtypes kept); a failed
+    write is raised when the run finishes, after the other parts are whole on disk."""
+    from vpop import store as store_module
+
+    prepared = prepare_arm(Arm("iv", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv"), horizon_days=21)
+    table = patient_table(prepared, simulate_arm(prepared, 30, seed=1), draw=0, n_doses=5)
+    assert len(prepared.compiled.periods) == 3
+    assert table["dose4"].isna().all() and str(table["dose4"].dtype) == "string"
+    assert str(table["crs_grade_dose5"].dtype) == "Int64" and str(table["crs_any_dose4"].dtype) == "boolean"
+    assert (table["dose1"] == prepared.compiled.periods[0].label).all() and str(table["dose1"].dtype) == "string"
+    stores = {w: PatientStore(tmp_path / f"w{w}", writers=w) for w in (0, 2)}
+    for s in stores.values():
+        for c in range(5):
+            s.write("iv", 0, c, table)
+        s.finish()
+    expected = table.drop(columns=["arm", "draw"])
+    for c in range(5):
+        pd.testing.assert_frame_equal(pd.read_parquet(stores[2].part("iv", 0, c)), expected)
+        pd.testing.assert_frame_equal(pd.read_parquet(stores[2].part("iv", 0, c)), pd.read_parquet(stores[0].part("iv", 0, c)))
+
+    real = store_module.write_part
+
+    def fail_third(rows, path):
+        if path.name == "part-000002.parquet":
+            raise OSError("disk full")
+        real(rows, path)
+
+    monkeypatch.setattr(store_module, "write_part", fail_third)
+    failing = PatientStore(tmp_path / "failing", writers=2)
+    for c in range(5):
+        failing.write("iv", 0, c, table)
+    with pytest.raises(OSError, match="disk full"):
+        failing.finish()
+    assert sorted(p.name for p in (tmp_path / "failing").rglob("part-*.parquet")) == [f"part-00000{c}.parquet" for c in (0, 1, 3, 4)]
 
 
 FOUR_DEVICES = textwrap.dedent("""

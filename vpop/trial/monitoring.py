@@ -64,11 +64,18 @@ class OnsetCounts:
                 h = hours[started[:, k], k]
                 self.onsets[arm, k][draw] += [len(h), *(np.sum(h <= w) for w in WINDOWS_HOURS)]
                 self._histogram(arm, k, h)
-            for name, watch in self.policies[arm]:
-                limit = np.full(hours.shape[1], -np.inf)  # hours after each dose under watch (none: -inf)
-                limit[:len(watch)] = [w if w > 0 else -np.inf for w in watch]
-                at_home = started & ~(np.nan_to_num(hours, nan=np.inf) <= limit)
-                self.home[arm, name][draw] += [at_home.sum(), at_home.any(axis=1).sum()]
+            names, limits = self._limits(arm, hours.shape[1])
+            at_home = started & ~(np.nan_to_num(hours, nan=np.inf) <= limits[:, None, :])  # [policy, n, doses]
+            for name, onsets, patients in zip(names, np.count_nonzero(at_home, axis=(1, 2)), np.count_nonzero(at_home.any(axis=2), axis=1)):
+                self.home[arm, name][draw] += [onsets, patients]
+
+    def _limits(self, arm: str, n_doses: int) -> tuple[list[str], np.ndarray]:
+        """Each policy's name and the hours after each dose it watches ([policy, dose]; -inf: not watched)."""
+        names = [name for name, _ in self.policies[arm]]
+        limits = np.full((len(names), n_doses), -np.inf)
+        for row, (_, watch) in zip(limits, self.policies[arm]):
+            row[:len(watch)] = [w if w > 0 else -np.inf for w in watch]
+        return names, limits
 
     def _histogram(self, arm: str, dose: int, hours: np.ndarray) -> None:
         self.histogram[arm, dose] = _pooled([self.histogram[arm, dose], np.bincount((hours / BIN_HOURS).astype(int))])

@@ -3,6 +3,7 @@ chunk, streamed to a parquet dataset or kept in memory, counted into the summary
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -171,21 +172,28 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
             pending[name] = {d: None for d in draws} | dict(zip(todo, runs))
         return pending
 
-    # One job ahead: the device simulates job i + 1 while the host tabulates and writes job i.
+    # One job ahead: the device simulates job i + 1 while the host tabulates job i and the store's
+    # writer threads write it.
     ahead = launch(*jobs[0])
-    for i, (draws, c, start) in enumerate(jobs):
-        pending, ahead = ahead, launch(*jobs[i + 1]) if i + 1 < len(jobs) else None
-        for d in draws:
-            tables, from_disk = _draw_tables(prepared[d], {name: runs[d] for name, runs in pending.items()}, d, c,
-                                             store, n_doses, labels, restarts)
-            kept += [((d, c), t) for t in tables.values()] if store is None else []
-            resumed += sum(from_disk)
-            for done in from_disk if progress is not None else []:
-                progress(min(chunk, n - start), resumed=done)
-            counts.add(d, tables)
-            onsets.add(d, tables)
-            if d == 0 and start < SAMPLE_PATIENTS:
-                sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
+    try:
+        for i, (draws, c, start) in enumerate(jobs):
+            pending, ahead = ahead, launch(*jobs[i + 1]) if i + 1 < len(jobs) else None
+            for d in draws:
+                tables, from_disk = _draw_tables(prepared[d], {name: runs[d] for name, runs in pending.items()}, d, c,
+                                                 store, n_doses, labels, restarts)
+                kept += [((d, c), t) for t in tables.values()] if store is None else []
+                resumed += sum(from_disk)
+                for done in from_disk if progress is not None else []:
+                    progress(min(chunk, n - start), resumed=done)
+                counts.add(d, tables)
+                onsets.add(d, tables)
+                if d == 0 and start < SAMPLE_PATIENTS:
+                    sample += [t.iloc[:SAMPLE_PATIENTS - start] for t in tables.values()]
+    except BaseException:
+        if store is not None:  # let the parts already handed over reach the disk whole, for a resume
+            with contextlib.suppress(Exception):
+                store.close()
+        raise
     if store is not None:
         store.finish()
     if resumed:

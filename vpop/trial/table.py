@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from vpop import endpoints
 from vpop.simulate import PreparedArm
@@ -27,6 +28,25 @@ def response_margins(prepared: PreparedArm, red: dict, cov: dict) -> endpoints.R
 PER_DOSE_VALUES = ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml")
 
 
+def repeated_string(value: str | None, n: int) -> pd.arrays.ArrowStringArray:
+    """A `string` column holding `value` (None: null) n times, built in Arrow: a list of n Python
+    strings, `pd.array([value] * n)`, made the dose labels a third of the table's host time."""
+    if value is None:
+        return pd.arrays.ArrowStringArray(pa.nulls(n, pa.large_string()))
+    codes = pa.array(np.zeros(n, np.int32))
+    return pd.arrays.ArrowStringArray(pa.DictionaryArray.from_arrays(codes, pa.array([value], pa.large_string())).cast(pa.large_string()))
+
+
+def missing_column(kind: str, n: int):
+    """An all-null column of a dose period the arm does not have (int, bool, float or str)."""
+    if kind == "str":
+        return repeated_string(None, n)
+    if kind == "float":
+        return np.full(n, np.nan, np.float32)
+    values = np.zeros(n, np.int64 if kind == "int" else bool)
+    return (pd.arrays.IntegerArray if kind == "int" else pd.arrays.BooleanArray)(values, np.ones(n, bool))
+
+
 def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None = None,
                   patient_labels: np.ndarray | None = None, restarts: bool | None = None) -> pd.DataFrame:
     """One row per patient: covariates, per-dose-period CRS and exposure, response and endpoints.
@@ -44,8 +64,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
     ids = result.patient_id if patient_labels is None else np.asarray(patient_labels)[result.patient_id]
     cols: dict[str, Any] = {"arm": prepared.arm.name, "draw": draw, "patient_id": ids, **cov}
     grades = red["crs_grade"]
-    missing = {"int": pd.array([pd.NA] * n, dtype="Int64"), "bool": pd.array([pd.NA] * n, dtype="boolean"),
-               "float": np.full(n, np.nan, np.float32), "str": pd.array([pd.NA] * n, dtype="string")}
+    missing = {kind: missing_column(kind, n) for kind in ("int", "bool", "float", "str")} if n_doses > n_periods or restarts else {}
     periods = prepared.compiled.periods
     for k in range(n_doses):
         d = f"_dose{k + 1}"
@@ -57,7 +76,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
             for name in PER_DOSE_VALUES:
                 cols[name + d] = missing["float"]
             continue
-        cols[f"dose{k + 1}"] = pd.array([periods[k].label] * n, dtype="string")
+        cols[f"dose{k + 1}"] = repeated_string(periods[k].label, n)
         cols["crs_grade" + d] = grades[:, k].astype(int)
         cols["crs_onset_day" + d] = np.where(red["crs_onset_day"][:, k] >= 0, red["crs_onset_day"][:, k], np.nan)
         cols["crs_duration_day" + d] = red["crs_duration_day"][:, k]
