@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 DATASET = "patients.parquet"
-WRITER_THREADS = min(4, os.cpu_count() or 1)
+WRITER_THREADS = min(2, os.cpu_count() or 1)  # 2 ran the host pipeline as fast as 4 (experiments/benchmarks/host_rows.py)
 
 
 def write_part(table: pd.DataFrame, path: Path) -> None:
@@ -48,9 +48,9 @@ def write_part(table: pd.DataFrame, path: Path) -> None:
 class PatientStore:
     """Chunks of one run's patient table under `root`/patients.parquet, plus a `run.json` describing the run.
 
-    writers: background threads writing the parts (0: write in the caller's thread). At most twice
-    as many parts as threads wait to be written, so host memory stays bounded; `close()` waits for
-    them and raises the first failed write's error."""
+    writers: background threads writing the parts (0: write in the caller's thread). At most one part
+    per thread is held for writing (`write` waits for the oldest beyond that), so host memory grows by
+    at most `writers` chunk tables; `close()` waits for them and raises the first failed write's error."""
 
     def __init__(self, root: str | Path, writers: int = 0):
         self.root = Path(root)
@@ -71,7 +71,7 @@ class PatientStore:
         rows, path = table.drop(columns=["arm", "draw"], errors="ignore"), self.part(arm, draw, chunk)
         if self._pool is None:
             return write_part(rows, path)
-        while len(self._pending) >= 2 * self._writers:
+        while len(self._pending) >= self._writers:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(write_part, rows, path))
 
