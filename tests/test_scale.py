@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,8 @@ def test_resume_false_and_other_inputs_do_not_reuse_chunks(tmp_path, monkeypatch
 def test_writer_threads_write_the_parts_the_caller_would(tmp_path, monkeypatch):
     """Parts handed to the store's writer threads read back equal to the table and to parts written in
     the caller's thread, nullable columns of dose periods an arm lacks included (dtypes kept); a failed
-    write is raised when the run finishes, after the other parts are whole on disk."""
+    write is raised (at the next write that waits for it, or when the run finishes), and the parts handed
+    over before it land whole."""
     from vpop import store as store_module
 
     prepared = prepare_arm(Arm("iv", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv"), horizon_days=21)
@@ -121,20 +123,24 @@ def test_writer_threads_write_the_parts_the_caller_would(tmp_path, monkeypatch):
         pd.testing.assert_frame_equal(pd.read_parquet(stores[2].part("iv", 0, c)), expected)
         pd.testing.assert_frame_equal(pd.read_parquet(stores[2].part("iv", 0, c)), pd.read_parquet(stores[0].part("iv", 0, c)))
 
-    real = store_module.write_part
+    real = store_module.pq.write_table
 
-    def fail_third(rows, path):
-        if path.name == "part-000002.parquet":
+    def fail_third(arrow, where, **kw):
+        if ".part-000002.parquet" in str(where):
+            Path(where).write_bytes(b"half a parquet file")
             raise OSError("disk full")
-        real(rows, path)
+        real(arrow, where, **kw)
 
-    monkeypatch.setattr(store_module, "write_part", fail_third)
+    monkeypatch.setattr(store_module.pq, "write_table", fail_third)
     failing = PatientStore(tmp_path / "failing", writers=2)
-    for c in range(5):
-        failing.write("iv", 0, c, table)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"):  # at the write that waits for it, or at the end
+        for c in range(5):
+            failing.write("iv", 0, c, table)
         failing.finish()
-    assert sorted(p.name for p in (tmp_path / "failing").rglob("part-*.parquet")) == [f"part-00000{c}.parquet" for c in (0, 1, 3, 4)]
+    failing.close()  # the runner's cleanup: the parts handed over before the error land whole
+    written = sorted(p.name for p in (tmp_path / "failing").rglob("*") if p.is_file())
+    assert written[:2] == ["part-000000.parquet", "part-000001.parquet"] and "part-000002.parquet" not in written
+    assert all(name.startswith("part-") for name in written)  # no temporary file left
 
 
 FOUR_DEVICES = textwrap.dedent("""

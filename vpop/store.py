@@ -41,7 +41,11 @@ def write_part(table: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     strings = [f.name for f in arrow.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    pq.write_table(arrow, tmp, use_dictionary=strings)
+    try:
+        pq.write_table(arrow, tmp, use_dictionary=strings)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing (a killed process leaves the .tmp; `finish` drops it)
+        raise
     os.replace(tmp, path)
 
 
@@ -50,7 +54,8 @@ class PatientStore:
 
     writers: background threads writing the parts (0: write in the caller's thread). At most one part
     per thread is held for writing (`write` waits for the oldest beyond that), so host memory grows by
-    at most `writers` chunk tables; `close()` waits for them and raises the first failed write's error."""
+    at most `writers` chunk tables. A failed write raises in the `write` that waits for it, or in
+    `close()`, which waits for every part handed over."""
 
     def __init__(self, root: str | Path, writers: int = 0):
         self.root = Path(root)
