@@ -28,13 +28,14 @@ def response_margins(prepared: PreparedArm, red: dict, cov: dict) -> endpoints.R
 PER_DOSE_VALUES = ("peak_il6_signalling_pg_ml", "peak_il6_serum_pg_ml", "cmax_ng_ml", "auc_ng_day_ml")
 
 
-def repeated_string(value: str | None, n: int) -> pd.arrays.ArrowStringArray:
-    """A `string` column holding `value` (None: null) n times, built in Arrow: a list of n Python
-    strings, `pd.array([value] * n)`, made the dose labels a third of the table's host time."""
+def repeated_string(value: str | None, n: int):
+    """A `string` column holding `value` (None: null) n times, built in Arrow (zero-copy into pandas'
+    default Arrow-backed strings): a list of n Python strings, `pd.array([value] * n)`, made the dose
+    labels a third of the table's host time."""
     if value is None:
-        return pd.arrays.ArrowStringArray(pa.nulls(n, pa.large_string()))
+        return pd.array(pa.nulls(n, pa.large_string()), dtype="string")
     codes = pa.array(np.zeros(n, np.int32))
-    return pd.arrays.ArrowStringArray(pa.DictionaryArray.from_arrays(codes, pa.array([value], pa.large_string())).cast(pa.large_string()))
+    return pd.array(pa.DictionaryArray.from_arrays(codes, pa.array([value], pa.large_string())).cast(pa.large_string()), dtype="string")
 
 
 def missing_column(kind: str, n: int):
