@@ -10,9 +10,12 @@
    `--reference` (median, p90, p99, max): libroadrunner at rtol 1e-9 on vpop's SBML export, the
    reference of experiments/benchmarks/peer.py, computed on the host beforehand
    (`--make-reference N PATH`, a few minutes on 2 cores for 1,000 patients) and carried;
-3. the streamed run through the app (`vpop-trial +experiment=yardstick`, experiments/benchmarks/streaming.py)
+3. the host's share of a streamed run (experiments/benchmarks/host_rows.py) on a chunk of `--host-rows`
+   patients: each host step's time per row and the host pipeline's rows/s with 0, 1, 2 and 4 writer
+   threads, the ceiling a streamed run meets once the device is faster;
+4. the streamed run through the app (`vpop-trial +experiment=yardstick`, experiments/benchmarks/streaming.py)
    at `--stream` patients;
-4. calibration with simulator gradients: one value-and-gradient of the calibration's log density
+5. calibration with simulator gradients: one value-and-gradient of the calibration's log density
    through the simulator for every calibration cohort (configs/calibration/default.yaml), compile
    and per-call seconds, the cost that decides whether NUTS can run on the simulator itself.
 
@@ -82,7 +85,8 @@ def main() -> None:
     ap.add_argument("--reference", help="npz of the reference peaks (--make-reference); without it arrays are only saved")
     ap.add_argument("--make-reference", nargs=2, metavar=("N", "PATH"),
                     help="on the host: solve the first N yardstick patients in libroadrunner (rtol 1e-9) and save to PATH")
-    ap.add_argument("--gradient-timeout", type=float, default=300, help="seconds the gradient step may take")
+    ap.add_argument("--gradient-timeout", type=float, default=300, help="seconds the gradient step may take (0: skip it)")
+    ap.add_argument("--host-rows", type=int, default=1_000_000, help="patients of the host-share chunk (0: skip)")
     ap.add_argument("--stream", type=int, default=10_000_000, help="patients of the streamed app run (0: skip)")
     ap.add_argument("--stream-chunk", type=int, default=1_000_000)
     ap.add_argument("--gradient-worker", action="store_true", help=argparse.SUPPRESS)
@@ -120,6 +124,19 @@ def main() -> None:
             **_worker(["vpop", n_acc, n_acc, path], x64=x64),
             **({"accuracy": accuracy(path, args.reference)} if args.reference else {})})
 
+    if args.host_rows:
+        def host_rows():
+            cmd = [sys.executable, str(HERE / "host_rows.py"), "--n", str(args.host_rows), "--chunks", "4", "--out", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stdout[-1500:] + proc.stderr[-1500:])
+            import pandas as pd
+
+            rows = pd.read_csv(out / "host_rows.csv")
+            return {"host_rows": rows.astype(object).where(rows.notna(), None).to_dict("records")}  # null, not NaN, in gpu.json
+
+        record(f"host share N={args.host_rows}", host_rows)
+
     if args.stream:
         def stream():
             cmd = [sys.executable, str(HERE / "streaming.py"), "--sizes", str(args.stream), "--chunk-size", str(args.stream_chunk),
@@ -142,7 +159,8 @@ def main() -> None:
             raise RuntimeError(proc.stderr[-3000:])
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    record("simulator gradient (calibration)", gradient)
+    if args.gradient_timeout > 0:
+        record("simulator gradient (calibration)", gradient)
 
 
 def make_reference(n: int, path: str) -> None:
