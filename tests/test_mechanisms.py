@@ -288,3 +288,23 @@ def test_a_susceptibility_drawn_anew_at_each_dose_spreads_crs_over_more_patients
     assert by_dose[:, 3:].mean(axis=0).max() < 0.03  # weekly 1.5 mg/kg from day 8 on
     assert not np.array_equal(runs[1]["crs_log_susceptibility"][:, 0], runs[1]["crs_log_susceptibility"][:, 1])
     np.testing.assert_array_equal(runs[0]["crs_log_susceptibility"][:, 0], runs[0]["crs_log_susceptibility"][:, 1])
+
+
+
+def test_blood_reach_weighs_the_release_of_the_first_step_up_dose_in_lymphoma_only():
+    """Release by T cells engaging in blood counts with the reach w_B (`cytokines.blood_reach`). A CD20
+    engager's first step-up dose meets targets in blood (B cells, circulating lymphoma cells) and clears
+    them, so a lower w_B lowers mosunetuzumab's IL-6 peak and CRS after 1 mg and hardly moves the later
+    doses, which engage in tissue and tumour. BCMA's targets sit in the marrow: teclistamab's CRS does
+    not depend on w_B at all."""
+    def by_reach(arm, horizon):
+        return [simulate_arm(p, N, seed=3, chunk_size=N).reductions for p in common_shape(
+            [prepare_arm(arm, horizon_days=horizon, overrides={"model.cytokines.blood_reach": w}) for w in (1.0, 0.1)])]
+
+    full, low = by_reach(Arm("mosun", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2), 21)  # 1 / 2 / 60 mg
+    ratio = np.median(low["peak_il6_signalling_pg_ml"] / full["peak_il6_signalling_pg_ml"], axis=0)
+    assert ratio[0] < 0.92 and ratio[1:].min() > 0.97
+    assert _starts(full, 0) - _starts(low, 0) > 0.03
+    assert abs(_starts(full, 2) - _starts(low, 2)) < 0.03
+    full, low = by_reach(Arm("tec", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"), 10)
+    np.testing.assert_allclose(full["peak_il6_signalling_pg_ml"], low["peak_il6_signalling_pg_ml"], rtol=1e-3)

@@ -87,3 +87,27 @@ def test_report_on_a_tiny_population(validation, tmp_path):
     for fig in ("validation.png", "crs_by_dose_period.png", "sensitivity.png"):
         assert (out / "figures" / fig).stat().st_size > 0
     assert not (tmp_path / "report.partial").exists()
+
+
+def test_compare_sets_two_reports_side_by_side(tmp_path):
+    """experiments/validation/compare.py: MAE and overlap by role and kind, and the targets that moved."""
+    spec = importlib.util.spec_from_file_location("validation_compare", SCRIPT.parent / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    rows = dict(target=["A", "B", "C"], endpoint=["crs_any", "orr", "crs_any"], role=["calibration", "calibration", "validation"],
+                drug="x", observed=[0.30, 0.50, 0.20])
+    base = pd.DataFrame(rows | dict(predicted=[0.40, 0.52, 0.25], abs_error=[0.10, 0.02, 0.05], overlap=[False, True, True]))
+    new = pd.DataFrame(rows | dict(predicted=[0.33, 0.52, 0.35], abs_error=[0.03, 0.02, 0.15], overlap=[True, True, False]))
+    for name, table in (("base", base), ("new", new)):
+        (tmp_path / name).mkdir()
+        table.to_csv(tmp_path / name / "validation.csv", index=False)
+    b, n = compare._read(tmp_path / "base"), compare._read(tmp_path / "new")
+    s = compare.summary(b, n).set_index(["role", "targets"])
+    assert s.loc[("calibration", "all"), ["MAE base (pp)", "MAE new (pp)"]].tolist() == [6.0, 2.5]
+    assert s.loc[("calibration", "CRS"), ["overlapping base", "overlapping new"]].tolist() == [0, 1]
+    assert s.loc[("validation", "all"), "MAE new (pp)"] == 15.0
+    moved = compare.moved(b, n, threshold_pp=1.5)
+    assert list(moved.index) == ["A", "C"] and list(moved.closer) == ["new", "base"]
+    new.iloc[:2].to_csv(tmp_path / "new" / "validation.csv", index=False)
+    with pytest.raises(SystemExit, match="only in base"):
+        compare.main([str(tmp_path / "base"), str(tmp_path / "new")])

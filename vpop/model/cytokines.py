@@ -11,8 +11,8 @@ drug's occupancy in blood, the drug factor of $\alpha$),
 $$ \dot H_c = k_P\, (\alpha_c - H_c)_+ - (1 - u_B)\, H_c/\tau_P . $$
 
 Only engagement beyond the primed level by more than a margin $\delta$ releases, weighted by the systemic
-reach $w_c$ of each compartment (blood 1; release in lymphoid tissue and marrow, $w_T$, and in a tumour,
-$w_M$, reaches the circulation in part):
+reach $w_c$ of each compartment (release in blood $w_B$, in lymphoid tissue and marrow $w_T$, in a tumour
+$w_M$; each calibrated, $w_B$ = 1 through 0.23):
 
 $$ s(t) = (1 - I_{dex}) \sum_c w_c\, (R_c + P_c)\, \big(\alpha_c - (1 + \delta) H_c\big)_+ . $$
 
@@ -101,7 +101,8 @@ class CytokineParams(NamedTuple):
     myeloid_hill: Array  # steepness of myeloid activation by IFN-g and TNF-a excess
     ec50_tnfa_pg_ml: Array
     ic50_il10_pg_ml: Array
-    tissue_reach: Array  # systemic reach w of release in lymphoid tissue and marrow (blood 1)
+    blood_reach: Array  # systemic reach w_B of release by T cells meeting their targets in blood
+    tissue_reach: Array  # systemic reach w of release in lymphoid tissue and marrow
     tumour_reach: Array  # systemic reach of release in a solid tumour (lymphoma masses)
     priming_rate_per_day: Array  # k_P: how fast the primed levels follow a rising activation rate
     priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
@@ -131,7 +132,7 @@ def release_drive(activation: ByCompartment, engageable: ByCompartment, primed: 
     not yet applied)."""
     threshold = 1.0 + p.priming_margin
     excess = engageable * cmap(lambda a, h: jnp.maximum(a - threshold * h, 0.0), activation, primed)
-    return excess.blood + p.tissue_reach * (excess.lymphoid + excess.marrow) + p.tumour_reach * excess.tumour
+    return p.blood_reach * excess.blood + p.tissue_reach * (excess.lymphoid + excess.marrow) + p.tumour_reach * excess.tumour
 
 
 def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
