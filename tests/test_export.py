@@ -130,7 +130,12 @@ def test_the_exported_rescue_follows_the_solvers():
     dex_vpop, dex_rr = np.asarray(traj.drugs.dexamethasone.central), np.asarray(got["drugs_dexamethasone_central"])[1:]
     assert np.argmax(dex_rr > 1e-9) == np.argmax(dex_vpop > 1e-9)  # the same step of the 16x grid
     il6_rr = np.asarray(got["il6_signalling_pg_ml"])[1:]
-    assert np.max(np.abs(il6_rr - il6) / il6) < 0.03  # the refined grid's own error, mostly
+    # Tocilizumab takes IL-6 signalling from ~95 to ~4 pg/mL within minutes of its start: at a grid point
+    # inside that fall (0.24.0's nominals put one 13 s after the start) seconds of timing are 20% of the
+    # value, so the courses are compared away from it; the start itself agrees to minutes (above).
+    away = np.abs(t - starts.min()) > 5.0 / 1440.0
+    assert (~away).sum() <= 4  # of 832 points
+    assert np.max(np.abs(il6_rr - il6)[away] / il6[away]) < 0.03  # the refined grid's own error, mostly
     assert il6_rr.max() == pytest.approx(il6.max(), rel=1e-3)
 
 

@@ -88,7 +88,10 @@ def test_refined_grid_is_closer_to_a_fine_reference_and_shared_by_every_draw():
     # Three corrector passes (0.17.0) left the default grid 3x closer than two did, so the refined grid
     # gains less at the median (0.0047 against 0.0098 here; two passes: under 0.3x).
     assert np.median(err_refined) < 0.6 * np.median(err_default)
-    assert err_refined.max() < 0.5 * err_default.max()
+    assert err_refined.mean() < 0.6 * err_default.mean()
+    # At the 0.24.0 nominals the default grid's worst period here is 0.044 and the refined grid's 0.038
+    # (0.23.0's: 0.085 and 0.038): the worst case only has to get no worse.
+    assert err_refined.max() <= err_default.max()
 
 
 @pytest.mark.parametrize("value", [0, 1.5, "fine"])
