@@ -308,3 +308,18 @@ def test_blood_reach_weighs_the_release_of_the_first_step_up_dose_in_lymphoma_on
     assert abs(_starts(full, 2) - _starts(low, 2)) < 0.03
     full, low = by_reach(Arm("tec", "teclistamab", "sc", "mm_rr", "teclistamab_mm", "dexamethasone_16mg_step_up"), 10)
     np.testing.assert_allclose(full["peak_il6_signalling_pg_ml"], low["peak_il6_signalling_pg_ml"], rtol=1e-3)
+
+
+def test_a_release_potency_fold_moves_crs_to_the_larger_step_up_doses():
+    """Release needs phi x the drug that activation needs (`cytokines.release_potency_fold`). With
+    phi = 1 talquetamab's 0.4 mg/kg step-up already saturates engagement in the marrow, so 0.8 mg/kg
+    three days later starts no new CRS (the label: 12% after the first 0.8 mg/kg of the 2-weekly
+    schedule); with phi = 10 the doubling still raises release, while the first, smallest step-up
+    dose releases less."""
+    arm = Arm("talq", "talquetamab", "sc", "mm_rr", "talquetamab_mm_biweekly", "dexamethasone_16mg_four_step_up")
+    one, ten = (simulate_arm(p, N, seed=3, chunk_size=N).reductions for p in common_shape(
+        [prepare_arm(arm, horizon_days=14, overrides={"model.cytokines.release_potency_fold": phi}) for phi in (1.0, 10.0)]))
+    assert _starts(one, 3) < 0.02 and _starts(ten, 3) > _starts(one, 3) + 0.04
+    assert _starts(ten, 0) < _starts(one, 0) - 0.05
+    peak = "peak_il6_signalling_pg_ml"
+    assert np.median(ten[peak][:, 3] / one[peak][:, 3]) > 1.2

@@ -3,18 +3,23 @@ r"""The cytokine cascade behind cytokine release syndrome (CRS), driven by new e
 Serum cytokines are in pg/mL. Cytokines are released when T cells are engaged *beyond what they have
 already met*. In compartment $c$ (blood, lymphoid tissue, marrow, tumour) the engageable T cells
 $R_c + P_c$ (resting and post-activated, 1e9) are activated at the per-cell rate $\alpha_c$ (1/day, see
-`engagement.activation_rate`: drug occupancy x target availability). $H_c$ is the primed level, the
-highest activation rate the compartment's T cells have recently met: it follows a rising $\alpha_c$ at
-rate $k_P$ and is forgotten with time constant $\tau_P$ only while the drug is off board ($u_B$ is the
-drug's occupancy in blood, the drug factor of $\alpha$),
+`engagement.activation_rate`: drug occupancy x target availability). Releasing cytokines takes more
+drug than activation does: $\tilde\alpha_c$ is the same rate with the drug concentration divided by the
+release potency fold $\varphi \ge 1$ (T cells are killed by targets at 1e-12-1e-15 M antigen but make
+IFN-g only above about 1e-9 M, with 20-50% of their receptors triggered: Valitutti et al. 1996 J Exp Med
+183:1917). With $\varphi = 1$ (the default through 0.24) $\tilde\alpha_c = \alpha_c$; with $\varphi > 1$
+a dose that saturates activation can still raise release, so CRS moves to the later, larger step-up
+doses. $H_c$ is the primed level, the highest release rate the compartment's T cells have recently met:
+it follows a rising $\tilde\alpha_c$ at rate $k_P$ and is forgotten with time constant $\tau_P$ only
+while the drug is off board ($u_B$ is the drug's occupancy in blood, the drug factor of $\alpha$),
 
-$$ \dot H_c = k_P\, (\alpha_c - H_c)_+ - (1 - u_B)\, H_c/\tau_P . $$
+$$ \dot H_c = k_P\, (\tilde\alpha_c - H_c)_+ - (1 - u_B)\, H_c/\tau_P . $$
 
 Only engagement beyond the primed level by more than a margin $\delta$ releases, weighted by the systemic
 reach $w_c$ of each compartment (release in blood $w_B$, in lymphoid tissue and marrow $w_T$, in a tumour
 $w_M$; each calibrated, $w_B$ = 1 through 0.23):
 
-$$ s(t) = (1 - I_{dex}) \sum_c w_c\, (R_c + P_c)\, \big(\alpha_c - (1 + \delta) H_c\big)_+ . $$
+$$ s(t) = (1 - I_{dex}) \sum_c w_c\, (R_c + P_c)\, \big(\tilde\alpha_c - (1 + \delta) H_c\big)_+ . $$
 
 The margin is the tuned activation threshold: a T cell adapted to a level of stimulation responds to
 a relative rise above it, not to the level itself (Grossman & Singer 1996 PNAS 93:14747). Without it
@@ -74,7 +79,7 @@ class Cytokines(NamedTuple):
     tnfa_pg_ml: Array
     il10_pg_ml: Array
     myeloid_activation: Array  # fraction of the myeloid pool activated, 0..1
-    primed: ByCompartment  # H_c (1/day): the T-cell activation rate already met; 0 in a patient never exposed
+    primed: ByCompartment  # H_c (1/day): the T-cell release rate already met; 0 in a patient never exposed
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
 
 
@@ -107,6 +112,7 @@ class CytokineParams(NamedTuple):
     priming_rate_per_day: Array  # k_P: how fast the primed levels follow a rising activation rate
     priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
     priming_margin: Array  # delta: relative rise over the primed level below which engagement releases nothing
+    release_potency_fold: Array  # phi: cytokine release needs phi x the drug concentration that activation does
 
 
 def baseline(p: CytokineParams) -> Cytokines:
@@ -127,7 +133,7 @@ def myeloid_output(c: Cytokines, p: CytokineParams) -> Array:
 
 
 def release_drive(activation: ByCompartment, engageable: ByCompartment, primed: ByCompartment, p: CytokineParams) -> Array:
-    r"""$\sum_c w_c (R_c + P_c)(\alpha_c - (1 + \delta) H_c)_+$ (1e9 cells/day): engagement beyond the
+    r"""$\sum_c w_c (R_c + P_c)(\tilde\alpha_c - (1 + \delta) H_c)_+$ (1e9 cells/day): engagement beyond the
     primed level by more than the margin, weighted by each compartment's systemic reach (dexamethasone
     not yet applied)."""
     threshold = 1.0 + p.priming_margin
@@ -151,8 +157,8 @@ def rates(
     margination_half_life_day: Array,
     p: CytokineParams,
 ) -> tuple[Cytokines, Cytokines]:
-    """Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
-    `activation` the per-cell activation rates $\alpha_c$ the primed levels follow, `drug_free` is
+    r"""Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
+    `activation` the per-cell release rates $\tilde\alpha_c$ the primed levels follow, `drug_free` is
     $1 - u_B$, the gate on their forgetting."""
     rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
     release = drive * (1.0 - dex_inhibition)

@@ -22,6 +22,7 @@ from vpop.model import cytokines as cyto
 from vpop.model import engagement as eng
 from vpop.model import pk
 from vpop.model import supportive as sup
+from vpop.model.compartments import ByCompartment
 
 
 class Drugs(NamedTuple):
@@ -136,24 +137,45 @@ def drug_rates(t: Array, d: Drugs, p: Params) -> tuple[Drugs, Drugs]:
     return Drugs(prod_bs, prod_toci, prod_dex, prod_cd20), Drugs(loss_bs, loss_toci, loss_dex, loss_cd20)
 
 
+class Engagement(NamedTuple):
+    """How the bispecific on board engages T cells, per compartment."""
+
+    conc_ng_ml: ByCompartment  # free drug concentration
+    occupancy: ByCompartment  # drug saturation of activation, 0..1 (`engagement.occupancy`)
+    log_target: ByCompartment  # log of the target-bearing cells (1e9)
+    activation: ByCompartment  # alpha_c (1/day)
+    release: ByCompartment  # alpha_c at concentration / phi (1/day): what releases, and what the primed levels H_c follow
+
+
+def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
+    r"""Drug occupancy, targets, the activation rate $\alpha_c$ of each compartment (`vpop.model.engagement`)
+    and the release rate $\tilde\alpha_c$, the same rate at $1/\varphi$ of the drug concentration
+    (`vpop.model.cytokines`)."""
+    e = p.engagement
+    plasma = pk.free_concentration(d.bispecific, p.bispecific_pk)
+    log_conc = eng.log_of(e.partition) + jnp.log(jnp.maximum(1000.0 * plasma, 1e-12))
+    log_target = eng.log_of(eng.targets(c.b_normal, c.malignant, e))
+    occupancy = eng.occupancy(log_conc, e)
+    log_t_available = eng.log_of(c.t_resting + c.t_post)
+    engaged = eng.engaged_fraction(occupancy, log_target, log_t_available, e)
+    activation = eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
+    release_occupancy = eng.occupancy(log_conc - jnp.log(p.cytokines.release_potency_fold), e)
+    release = eng.activation_rate(eng.engaged_fraction(release_occupancy, log_target, log_t_available, e),
+                                  p.tcells.k_activation_per_day, e)
+    return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release)
+
+
 def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     """Production and loss of cells and cytokines given the drugs on board."""
-    plasma = pk.free_concentration(d.bispecific, p.bispecific_pk)
     theta = sup.il6_receptor_free_fraction(pk.free_concentration(d.tocilizumab, p.tocilizumab_pk), p.supportive)
     dex_cytokine, dex_kill = sup.dexamethasone_inhibition(b.supportive, p.supportive)
     cd20_normal, cd20_malignant = sup.anti_cd20_kill(pk.free_concentration(d.anti_cd20, p.anti_cd20_pk), p.supportive)
 
-    # Engagement.
     c = b.cells
     e = p.engagement
-    conc = eng.compartment_concentration_ng_ml(plasma, e)
-    target = eng.targets(c.b_normal, c.malignant, e)
-    log_conc = eng.log_of(e.partition) + jnp.log(jnp.maximum(1000.0 * plasma, 1e-12))
-    log_target = eng.log_of(target)
-    occupancy = eng.occupancy(log_conc, e)
-    engaged = eng.engaged_fraction(occupancy, log_target, eng.log_of(c.t_resting + c.t_post), e)
-    activation = eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
-    kill = eng.kill_rate(conc, eng.log_of(c.t_active), log_target, e) * (1.0 - dex_kill)
+    engaged = engagement(d, c, p)
+    occupancy, activation = engaged.occupancy, engaged.activation
+    kill = eng.kill_rate(engaged.conc_ng_ml, eng.log_of(c.t_active), engaged.log_target, e) * (1.0 - dex_kill)
 
     prod_cells, loss_cells = cells_mod.rates(
         c,
@@ -168,9 +190,9 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     )
 
     # Cytokines follow engagement beyond what the T cells have already met, not the standing activated pool.
-    drive = cyto.release_drive(activation, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
+    drive = cyto.release_drive(engaged.release, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
     drug_free = 1.0 - occupancy.blood  # the primed levels are forgotten only off drug
-    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, activation, drug_free, theta, dex_cytokine,
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, engaged.release, drug_free, theta, dex_cytokine,
                                       p.tcells.margination_half_life_day, p.cytokines)
     prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
     return Host(prod_cells, prod_cyto, prod_sup), Host(loss_cells, loss_cyto, loss_sup)
