@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -111,3 +112,21 @@ def test_compare_sets_two_reports_side_by_side(tmp_path):
     new.iloc[:2].to_csv(tmp_path / "new" / "validation.csv", index=False)
     with pytest.raises(SystemExit, match="only in base"):
         compare.main([str(tmp_path / "base"), str(tmp_path / "new")])
+
+
+def test_release_sources_trace_a_first_dose_against_an_unprimed_compartment():
+    """experiments/validation/release_sources.py: one row per dose in the horizon; teclistamab's first
+    dose meets a marrow never exposed (primed level ~0) and releases, and each step-up's peak rate
+    exceeds the primed level it meets."""
+    spec = importlib.util.spec_from_file_location("release_sources", SCRIPT.parent / "release_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main(["--arms", "no_such_arm"])
+    table = module.release_sources(module.label_arms()["teclistamab"], patients=4, days=8.0)
+    rows = [r for r in table.splitlines() if r.startswith("| C")]
+    assert [r.split(" | ")[0] for r in rows] == ["| C1D1 0.06 mg/kg", "| C1D4 0.3 mg/kg", "| C1D7 1.5 mg/kg"]
+    marrow = [r.split(" | ")[1].split(" (")[0].split(" / ") for r in rows]
+    rate, primed = (np.array([float(m[i]) for m in marrow]) for i in (0, 1))
+    assert primed[0] < 1e-9 < rate[0] and (rate > primed).all()
+    assert all(float(r.split(" | ")[2]) > 0 for r in rows)  # each step-up releases
