@@ -155,13 +155,15 @@ def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
     plasma = pk.free_concentration(d.bispecific, p.bispecific_pk)
     log_conc = eng.log_of(e.partition) + jnp.log(jnp.maximum(1000.0 * plasma, 1e-12))
     log_target = eng.log_of(eng.targets(c.b_normal, c.malignant, e))
-    occupancy = eng.occupancy(log_conc, e)
     log_t_available = eng.log_of(c.t_resting + c.t_post)
-    engaged = eng.engaged_fraction(occupancy, log_target, log_t_available, e)
-    activation = eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
-    release_occupancy = eng.occupancy(log_conc - jnp.log(p.cytokines.release_potency_fold), e)
-    release = eng.activation_rate(eng.engaged_fraction(release_occupancy, log_target, log_t_available, e),
-                                  p.tcells.k_activation_per_day, e)
+
+    def rate_at(log_c):  # occupancy at log concentration log_c and the per-cell rate it drives
+        occupancy = eng.occupancy(log_c, e)
+        engaged = eng.engaged_fraction(occupancy, log_target, log_t_available, e)
+        return occupancy, eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
+
+    occupancy, activation = rate_at(log_conc)
+    _, release = rate_at(log_conc - jnp.log(p.cytokines.release_potency_fold))
     return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release)
 
 
