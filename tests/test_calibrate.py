@@ -62,6 +62,22 @@ def test_parameter_paths_reach_the_right_arms():
         calibrated_parameters(["model.tcells.k_activation_per_day"])
 
 
+def test_calibration_priors_replace_a_configs_range_for_that_run_only():
+    """`calibration.priors` moves the prior's central 95% (u = +-2) to the given range; a path that
+    is not fitted, or a range that is not 0 < low < high (< 1 for fractions), is refused by name."""
+    path, share = "drug.odronextamab.engagement.kd_kill_ng_ml", "population.fl_rr.malignant.refractory_fraction"
+    shipped, = calibrated_parameters([path])
+    wide, = calibrated_parameters([path], priors={path: [0.05, 2000]})
+    assert (shipped.low, shipped.high) == (0.05, 5.0)
+    np.testing.assert_allclose([float(wide.constrain(jnp.asarray(u))) for u in (-2.0, 2.0)], [0.05, 2000], rtol=1e-5)
+    with pytest.raises(ConfigError, match="not among calibration.parameters"):
+        calibrated_parameters([path], priors={share: [0.001, 0.1]})
+    with pytest.raises(ConfigError, match=r"calibration.priors\['drug.odronextamab.*0 < low < high"):
+        calibrated_parameters([path], priors={path: [5, 0.05]})
+    with pytest.raises(ConfigError, match="< 1"):
+        calibrated_parameters([share], priors={share: [0.001, 1.5]})
+
+
 def test_rates_respond_to_parameters_smoothly(problem):
     def rates(grade1_pg_ml, kill_factor):  # through the design's kernel (shared with the recovery test)
         values = {"model.crs.grade1_pg_ml": grade1_pg_ml, "population.fl_rr.malignant.kill_factor": kill_factor}
@@ -346,7 +362,7 @@ def test_shipped_calibration_configs_name_calibratable_parameters_and_known_targ
 
     with initialize_config_dir(config_dir=str(catalogue.shipped_configs()), version_base="1.3"):
         cfg = compose(config_name="calibrate", overrides=[f"calibration={name}"]).calibration
-    fitted = calibrated_parameters(list(cfg.parameters))
+    fitted = calibrated_parameters(list(cfg.parameters), priors=cfg.get("priors"))
     t = published.load(cfg.targets)
     if cfg.only_targets:
         assert set(cfg.only_targets) <= set(t.id)

@@ -47,12 +47,14 @@ def design_identity(problem: Problem, cfg: DictConfig) -> dict[str, np.ndarray]:
     numbers (the app's `model` group, overrides included; not the nominals of the calibrated ones,
     which the design sets), the fitted parameters (unconstrained scale), the targets (logit scale, in
     this order), the virtual cohorts (patients, seed, horizon cap; -1 for none) and, with
-    `calibration.extends`, the base posterior's medians."""
+    `calibration.extends`, the base posterior's medians, and with `calibration.priors` every prior range."""
     model = (problem.model if problem.model is not None else catalogue.load("model", "default")).copy()
     for p in problem.parameters:
         if p.config_path.startswith("model."):
             OmegaConf.update(model, p.config_path.removeprefix("model.") + ".nominal", None)
     base = {"base_medians": np.asarray(run_key([repr(sorted(problem.fixed.items()))]))} if problem.fixed else {}
+    if cfg.get("priors"):  # u means another value under another prior
+        base["priors"] = np.asarray([[p.low, p.high] for p in problem.parameters])
     return {**base, "model_version": np.asarray(model_version),
             "model_config": np.asarray(run_key([OmegaConf.to_yaml(model, sort_keys=True)])),
             "parameters": np.asarray([p.config_path for p in problem.parameters]),

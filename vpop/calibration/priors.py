@@ -12,6 +12,7 @@ normal on that scale.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -47,20 +48,30 @@ class CalibratedParameter:
         return self.transform(u)
 
 
-def calibrated_parameters(paths: list[str], truncation_sd: float = 3.0, model: DictConfig | None = None
-                          ) -> list[CalibratedParameter]:
+def calibrated_parameters(paths: list[str], truncation_sd: float = 3.0, model: DictConfig | None = None,
+                          priors: Mapping[str, Sequence[float]] | None = None) -> list[CalibratedParameter]:
     """The parameters at config paths, each checked to be an unknown (`unknown: true`) with a prior
-    (`model.*` priors read from `model`, default the shipped model)."""
+    (`model.*` priors read from `model`, default the shipped model). `priors` (`calibration.priors`)
+    replaces the configs' [low, high] of some of them for this calibration only."""
+    priors = dict(priors or {})
+    stray = sorted(set(priors) - set(paths))
+    if stray:
+        raise ConfigError(f"calibration.priors: {stray} not among calibration.parameters; allowed: {', '.join(paths)}")
     out = []
     for path in paths:
         entry = parameters.config_entry(path, model)
         if not (isinstance(entry, DictConfig) and entry.get("unknown", False)):
             raise ConfigError(f"calibration.parameters: '{path}' has a published value; only "
                               "{nominal, prior, unknown: true} entries are calibrated")
-        low, high = (float(x) for x in entry.prior)
         scale = entry.get("scale", "log")
         if scale not in ("log", "logit"):
             raise ConfigError(f"'{path}'.scale must be log or logit, got {scale!r}")
+        prior = priors.get(path, entry.prior)
+        if len(prior) != 2 or not 0 < float(prior[0]) < float(prior[1]) or (scale == "logit" and float(prior[1]) >= 1):
+            where = f"calibration.priors['{path}']" if path in priors else f"'{path}'.prior"
+            raise ConfigError(f"{where} must be [low, high] with 0 < low < high{' < 1' if scale == 'logit' else ''}, "
+                              f"got {list(prior)}")
+        low, high = (float(x) for x in prior)
         out.append(CalibratedParameter(path, low, high, logit=scale == "logit", truncation_sd=truncation_sd))
     return out
 

@@ -172,7 +172,7 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
     if cfg.get("horizon_days"):
         targets["horizon_days"] = np.minimum(targets.horizon_days.astype(float), float(cfg.horizon_days))
     model = model if model is not None else catalogue.load("model", "default")
-    params = calibrated_parameters(list(cfg.parameters), float(cfg.prior_truncation_sd), model)
+    params = calibrated_parameters(list(cfg.parameters), float(cfg.prior_truncation_sd), model, cfg.get("priors"))
     fixed = base_medians(cfg, params)
     cohorts = []
     for _, group in targets.groupby(list(published.COHORT), sort=False, dropna=False):
