@@ -78,6 +78,24 @@ def test_calibration_priors_replace_a_configs_range_for_that_run_only():
         calibrated_parameters([share], priors={share: [0.001, 1.5]})
 
 
+def test_a_design_is_reused_only_under_the_priors_it_was_made_with(problem, tmp_path):
+    """A design's parameter sets live on the unconstrained scale, so under another prior range they
+    would be other values: a design saved under the configs' priors is refused by a run with
+    `calibration.priors`, and one saved under those priors is taken by it."""
+    from dataclasses import replace
+
+    paths = [p.config_path for p in problem.parameters]
+    u, y = np.zeros((2, len(paths))), np.zeros((2, len(problem.targets)))
+    cfg, widened = _cfg(), _cfg(priors={paths[1]: [0.001, 1.0]})
+    wide = replace(problem, parameters=calibrated_parameters(paths, priors=widened.priors))
+    plain = design.save_design(tmp_path / "plain.npz", u, y, problem, cfg)
+    with pytest.raises(ConfigError, match="other priors"):
+        design.load_design(plain, wide, widened)
+    mine = design.save_design(tmp_path / "widened.npz", u, y, wide, widened)
+    assert np.array_equal(design.load_design(mine, wide, widened)[0], u)
+    design.load_design(plain, problem, cfg)  # without `priors`, designs saved before it still load
+
+
 def test_rates_respond_to_parameters_smoothly(problem):
     def rates(grade1_pg_ml, kill_factor):  # through the design's kernel (shared with the recovery test)
         values = {"model.crs.grade1_pg_ml": grade1_pg_ml, "population.fl_rr.malignant.kill_factor": kill_factor}
