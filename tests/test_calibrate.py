@@ -76,6 +76,8 @@ def test_calibration_priors_replace_a_configs_range_for_that_run_only():
         calibrated_parameters([path], priors={path: [5, 0.05]})
     with pytest.raises(ConfigError, match="< 1"):
         calibrated_parameters([share], priors={share: [0.001, 1.5]})
+    with pytest.raises(ConfigError, match="0 < low < high"):
+        calibrated_parameters([path], priors={path: ["low", 5]})
 
 
 def test_a_design_is_reused_only_under_the_priors_it_was_made_with(problem, tmp_path):

@@ -67,11 +67,14 @@ def calibrated_parameters(paths: list[str], truncation_sd: float = 3.0, model: D
         if scale not in ("log", "logit"):
             raise ConfigError(f"'{path}'.scale must be log or logit, got {scale!r}")
         prior = priors.get(path, entry.prior)
-        if len(prior) != 2 or not 0 < float(prior[0]) < float(prior[1]) or (scale == "logit" and float(prior[1]) >= 1):
+        try:
+            low, high = (float(x) for x in prior)
+        except (TypeError, ValueError):  # not two numbers
+            low = high = float("nan")
+        if not (0 < low < high and (scale == "log" or high < 1)):
             where = f"calibration.priors['{path}']" if path in priors else f"'{path}'.prior"
             raise ConfigError(f"{where} must be [low, high] with 0 < low < high{' < 1' if scale == 'logit' else ''}, "
                               f"got {list(prior)}")
-        low, high = (float(x) for x in prior)
         out.append(CalibratedParameter(path, low, high, logit=scale == "logit", truncation_sd=truncation_sd))
     return out
 
