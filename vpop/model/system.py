@@ -22,7 +22,7 @@ from vpop.model import cytokines as cyto
 from vpop.model import engagement as eng
 from vpop.model import pk
 from vpop.model import supportive as sup
-from vpop.model.compartments import ByCompartment
+from vpop.model.compartments import ByCompartment, cmap
 
 
 class Drugs(NamedTuple):
@@ -144,7 +144,8 @@ class Engagement(NamedTuple):
     occupancy: ByCompartment  # drug saturation of activation, 0..1 (`engagement.occupancy`)
     log_target: ByCompartment  # log of the target-bearing cells (1e9)
     activation: ByCompartment  # alpha_c (1/day)
-    release: ByCompartment  # alpha_c at concentration / phi (1/day): what releases, and what the primed levels H_c follow
+    release: ByCompartment  # alpha_c at concentration / phi (1/day): what releases
+    unsaturation: ByCompartment  # u_c = (1 + x^n)^gamma: the primed levels H_c follow release x u_c (`vpop.model.cytokines`)
 
 
 def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
@@ -163,8 +164,12 @@ def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
         return occupancy, eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
 
     occupancy, activation = rate_at(log_conc)
-    _, release = rate_at(log_conc - jnp.log(p.cytokines.release_potency_fold))
-    return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release)
+    log_release_conc = log_conc - jnp.log(p.cytokines.release_potency_fold)
+    _, release = rate_at(log_release_conc)
+    # log(1 + x^n) with x the release concentration over K_act; gamma = 0 gives exactly 1.
+    unsaturation = cmap(lambda lc: jnp.exp(p.cytokines.priming_exposure_exponent * jax.nn.softplus(
+        e.hill_activation * (lc - jnp.log(e.kd_activation_ng_ml)))), log_release_conc)
+    return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release, unsaturation)
 
 
 def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
@@ -192,9 +197,9 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     )
 
     # Cytokines follow engagement beyond what the T cells have already met, not the standing activated pool.
-    drive = cyto.release_drive(engaged.release, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
+    drive = cyto.release_drive(engaged.release, engaged.unsaturation, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
     drug_free = 1.0 - occupancy.blood  # the primed levels are forgotten only off drug
-    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, engaged.release, drug_free, theta, dex_cytokine,
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, engaged.release * engaged.unsaturation, drug_free, theta, dex_cytokine,
                                       p.tcells.margination_half_life_day, p.cytokines)
     prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
     return Host(prod_cells, prod_cyto, prod_sup), Host(loss_cells, loss_cyto, loss_sup)
