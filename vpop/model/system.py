@@ -22,7 +22,7 @@ from vpop.model import cytokines as cyto
 from vpop.model import engagement as eng
 from vpop.model import pk
 from vpop.model import supportive as sup
-from vpop.model.compartments import ByCompartment, cmap
+from vpop.model.compartments import ByCompartment
 
 
 class Drugs(NamedTuple):
@@ -148,12 +148,6 @@ class Engagement(NamedTuple):
     unsaturation: ByCompartment  # u_c = (1 + x^n)^gamma: the primed levels H_c follow release x u_c (`vpop.model.cytokines`)
 
 
-def _log1p_exp(z: Array) -> Array:
-    """log(1 + e^z) without overflow, in primitives the SBML export translates (`jax.nn.softplus` is a
-    custom-JVP function it cannot read)."""
-    return jnp.maximum(z, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
-
-
 def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
     r"""Drug occupancy, targets, the activation rate $\alpha_c$ of each compartment (`vpop.model.engagement`)
     and the release rate $\tilde\alpha_c$, the same rate at $1/\varphi$ of the drug concentration
@@ -172,8 +166,7 @@ def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
     occupancy, activation = rate_at(log_conc)
     log_release_conc = log_conc - jnp.log(p.cytokines.release_potency_fold)
     _, release = rate_at(log_release_conc)
-    unsaturation = cmap(lambda lc: jnp.exp(p.cytokines.priming_exposure_exponent * _log1p_exp(
-        e.hill_activation * (lc - jnp.log(e.kd_activation_ng_ml)))), log_release_conc)  # gamma = 0: exactly 1
+    unsaturation = eng.unsaturation(log_release_conc, p.cytokines.priming_exposure_exponent, e)
     return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release, unsaturation)
 
 
