@@ -39,7 +39,7 @@ def _at_time(y: system.State, p: system.Params):
     primed = y.host.cytokines.primed
     per = {k: (getattr(e.release, k), getattr(primed, k), getattr(engageable, k), getattr(e.occupancy, k))
            for k in e.release._fields}
-    drive = cyto.release_drive(e.release, e.unsaturation, engageable, primed, p.cytokines)
+    drive = cyto.release_drive(e.release, engageable, primed, p.cytokines)
     return per, drive, system.observe(y, p).il6_signalling_pg_ml
 
 

@@ -28,17 +28,6 @@ post-infusion peaks of 3-weekly doses, and each of those peaks released again (0
 mosunetuzumab's second 60 mg, 7.5-9.7% at every glofitamab dose from C3D1; labels: single digits and
 about 3%).
 
-The release rate saturates with the drug ($\tilde\alpha_c \propto C^n / (K^n + C^n)$), so once a dose
-saturates it, a larger one cannot rise above the primed level: a doubled or accumulating full dose
-releases nothing. With the priming exponent $\gamma$ (`priming_exposure_exponent`, 0 through 0.24) the
-primed level follows $q_c = \tilde\alpha_c u_c$, $u_c = (1 + x_c^n)^\gamma$ with $x_c = C_c / (\varphi K)$,
-the rate with its drug saturation undone to the power $\gamma$, and release is
-$\tilde\alpha_c (1 - (1 + \delta) H_c / q_c)_+$: how much is released still saturates, but whether a dose
-releases follows how far the signal, which keeps growing with the drug, exceeds the highest met
-before. At $\gamma = 1$ a dose releases when it raises $C^n$ by more than the margin over the highest
-met, however saturated (a hypothesis: T cells tune to the strength of stimulation, the number of
-engaged receptors, which grows past the point where activation saturates).
-
 So what a dose releases follows how far its exposure exceeds the highest met before (CRS review, seed
 002): a step-up dose releases its increment over the previous step, a repeated identical dose little
 (its peak meets a primed level not forgotten while drug is on board), a standing exposure (T cells
@@ -124,7 +113,6 @@ class CytokineParams(NamedTuple):
     priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
     priming_margin: Array  # delta: relative rise over the primed level below which engagement releases nothing
     release_potency_fold: Array  # phi: cytokine release needs phi x the drug concentration that activation does
-    priming_exposure_exponent: Array  # gamma: the primed levels follow the release rate with its drug saturation undone to this power (0: the rate itself)
 
 
 def baseline(p: CytokineParams) -> Cytokines:
@@ -144,15 +132,12 @@ def myeloid_output(c: Cytokines, p: CytokineParams) -> Array:
     return p.k_il6_myeloid_pg_ml_per_day * p.myeloid_capacity * c.myeloid_activation / p.k_el_il6_per_day
 
 
-def release_drive(activation: ByCompartment, unsaturation: ByCompartment, engageable: ByCompartment,
-                  primed: ByCompartment, p: CytokineParams) -> Array:
-    r"""$\sum_c w_c (R_c + P_c)\,\tilde\alpha_c\,\big(1 - (1 + \delta) H_c / q_c\big)_+$ (1e9 cells/day), with
-    $q_c = \tilde\alpha_c u_c$ what the primed level follows (`unsaturation` is $u_c$): engagement beyond the
-    primed level by more than the margin, weighted by each compartment's systemic reach (dexamethasone not
-    yet applied). Written as $(\tilde\alpha_c - (1 + \delta) H_c / u_c)_+$, the same expression as
-    without the exponent when $u_c = 1$ ($\gamma = 0$), so the default model is unchanged bit for bit."""
+def release_drive(activation: ByCompartment, engageable: ByCompartment, primed: ByCompartment, p: CytokineParams) -> Array:
+    r"""$\sum_c w_c (R_c + P_c)(\tilde\alpha_c - (1 + \delta) H_c)_+$ (1e9 cells/day): engagement beyond the
+    primed level by more than the margin, weighted by each compartment's systemic reach (dexamethasone
+    not yet applied)."""
     threshold = 1.0 + p.priming_margin
-    excess = engageable * cmap(lambda a, u, h: jnp.maximum(a - threshold * h / u, 0.0), activation, unsaturation, primed)
+    excess = engageable * cmap(lambda a, h: jnp.maximum(a - threshold * h, 0.0), activation, primed)
     return p.blood_reach * excess.blood + p.tissue_reach * (excess.lymphoid + excess.marrow) + p.tumour_reach * excess.tumour
 
 
@@ -173,8 +158,8 @@ def rates(
     p: CytokineParams,
 ) -> tuple[Cytokines, Cytokines]:
     r"""Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
-    `activation` what the primed levels follow, $q_c = \tilde\alpha_c u_c$ (the per-cell release rates
-    when $\gamma = 0$), `drug_free` is $1 - u_B$, the gate on their forgetting."""
+    `activation` the per-cell release rates $\tilde\alpha_c$ the primed levels follow, `drug_free` is
+    $1 - u_B$, the gate on their forgetting."""
     rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
     release = drive * (1.0 - dex_inhibition)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction

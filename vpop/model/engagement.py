@@ -86,18 +86,6 @@ def occupancy(log_conc: ByCompartment, p: EngagementParams) -> ByCompartment:
     return hill_log(log_conc - jnp.log(p.kd_activation_ng_ml), p.hill_activation)
 
 
-def unsaturation(log_conc: ByCompartment, exponent: Array, p: EngagementParams) -> ByCompartment:
-    r"""$(1 + x^n)^\gamma$ with $x = C/K_{act}$ (from log concentration, ng/mL): the drug saturation of
-    `occupancy` undone to the power $\gamma$, exactly 1 at $\gamma = 0$. The primed levels follow the
-    release rate times this (`vpop.model.cytokines`, the priming exponent)."""
-    def one(lc):
-        z = p.hill_activation * (lc - jnp.log(p.kd_activation_ng_ml))
-        # log(1 + e^z) written out: the SBML export reads primitives, and jax.nn.softplus is a custom-JVP function
-        return jnp.exp(exponent * (jnp.maximum(z, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(z)))))
-
-    return cmap(one, log_conc)
-
-
 def engaged_fraction(drug_occupancy: ByCompartment, log_target: ByCompartment, log_t_available: ByCompartment,
                      p: EngagementParams) -> ByCompartment:
     """Drug occupancy (`occupancy`) x target-availability saturation shared by activation and secretion

@@ -144,8 +144,7 @@ class Engagement(NamedTuple):
     occupancy: ByCompartment  # drug saturation of activation, 0..1 (`engagement.occupancy`)
     log_target: ByCompartment  # log of the target-bearing cells (1e9)
     activation: ByCompartment  # alpha_c (1/day)
-    release: ByCompartment  # alpha_c at concentration / phi (1/day): what releases
-    unsaturation: ByCompartment  # u_c = (1 + x^n)^gamma: the primed levels H_c follow release x u_c (`vpop.model.cytokines`)
+    release: ByCompartment  # alpha_c at concentration / phi (1/day): what releases, and what the primed levels H_c follow
 
 
 def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
@@ -164,10 +163,8 @@ def engagement(d: Drugs, c: cells_mod.Cells, p: Params) -> Engagement:
         return occupancy, eng.activation_rate(engaged, p.tcells.k_activation_per_day, e)
 
     occupancy, activation = rate_at(log_conc)
-    log_release_conc = log_conc - jnp.log(p.cytokines.release_potency_fold)
-    _, release = rate_at(log_release_conc)
-    unsaturation = eng.unsaturation(log_release_conc, p.cytokines.priming_exposure_exponent, e)
-    return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release, unsaturation)
+    _, release = rate_at(log_conc - jnp.log(p.cytokines.release_potency_fold))
+    return Engagement(eng.compartment_concentration_ng_ml(plasma, e), occupancy, log_target, activation, release)
 
 
 def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
@@ -195,9 +192,9 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     )
 
     # Cytokines follow engagement beyond what the T cells have already met, not the standing activated pool.
-    drive = cyto.release_drive(engaged.release, engaged.unsaturation, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
+    drive = cyto.release_drive(engaged.release, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
     drug_free = 1.0 - occupancy.blood  # the primed levels are forgotten only off drug
-    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, engaged.release * engaged.unsaturation, drug_free, theta, dex_cytokine,
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, engaged.release, drug_free, theta, dex_cytokine,
                                       p.tcells.margination_half_life_day, p.cytokines)
     prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
     return Host(prod_cells, prod_cyto, prod_sup), Host(loss_cells, loss_cyto, loss_sup)
