@@ -233,7 +233,24 @@ def test_convergence_problems_are_logged(caplog):
     assert diagnostics.warn_convergence(diag.iloc[:1].assign(divergences=0)) == []
 
 
-def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
+LATER_DOSE_ENDPOINTS = ("crs_any_from_dose2", "crs_grade2plus_from_dose1", "crs_recurrent")
+
+
+def _with_later_dose_targets(tmp_path, like: str) -> str:
+    """targets.csv with three validation targets on the cohort of target `like` (so no cohort is added):
+    CRS starting after its second administration or a later one, grade >= 2 CRS starting after any
+    (not the overall grade >= 2: an episode running into the next dose that reaches grade 2 there is
+    not a new one), and recurrent CRS (starting after two or more)."""
+    t = published.load("targets")
+    row = t[t.id == like].iloc[0]
+    extra = pd.DataFrame([row.to_dict() | {"id": f"{like}_{e}", "endpoint": e, "role": "validation", "k": 1, "likelihood_n": np.nan}
+                          for e in LATER_DOSE_ENDPOINTS])
+    path = tmp_path / "targets.csv"
+    pd.concat([t, extra]).to_csv(path, index=False)
+    return str(path)
+
+
+def test_smooth_rates_are_the_expectation_of_the_trial_endpoints(tmp_path):
     """One definition of every endpoint: on the same virtual patients, each patient's trial outcome
     (0/1, rescue on) minus its smooth probability averages to zero, within what the patients' own
     Bernoulli noise allows. Cohorts of different lengths are simulated stacked. Grade >= 2 with
@@ -242,7 +259,8 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
     from vpop.trial import TrialSettings, run_trial
 
     n = 96
-    cfg = _cfg(only_targets=["T01", "T03", "T04", "T09", "T10"], horizon_days=None, patients_per_cohort=n)
+    cfg = _cfg(only_targets=["T01", "T03", "T04", "T09", "T10", *(f"T09_{e}" for e in LATER_DOSE_ENDPOINTS)],
+               targets=_with_later_dose_targets(tmp_path, "T09"), horizon_days=None, patients_per_cohort=n)
     prob = calibration.build_problem(cfg)
     nominal = {p.config_path: float(parameters.config_entry(p.config_path).nominal) for p in prob.parameters}
     per_patient = prob.patient_expectations(nominal)
@@ -252,7 +270,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
                           draws=[nominal])
         for t in cohort.targets.itertuples():
             p = np.asarray(per_patient[t.id])
-            y = trial.patients[t.endpoint].to_numpy(float)
+            y = published.patient_outcomes(trial.patients, t.endpoint).to_numpy(float)
             se = np.sqrt(np.sum(p * (1 - p))) / n
             assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
             assert 0.02 < p.mean() < 0.98, t.id  # a rate the comparison can see
@@ -266,7 +284,8 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints():
     ({"model.crs.occasion_share": 0.5, "model.crs.susceptibility_sd": 0.5}, 96, None),
     ({"model.crs.susceptibility_sd": 0.3}, 1024, 14),
 ], ids=["occasion_share", "susceptibility_sd", "both", "susceptibility_sd_1024_patients"])
-def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_away_from_the_nominal_susceptibility(fitted, n, horizon_days):
+def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_away_from_the_nominal_susceptibility(fitted, n, horizon_days,
+                                                                                                         tmp_path):
     """The same contract with the susceptibility partly drawn anew at each dose (`occasion_share`
     0.5, calibrated, so the cohort takes the quadrature over the persistent part), with a spread other
     than the nominal 0.8 (`susceptibility_sd`, calibrated: the patients' susceptibilities and the
@@ -277,7 +296,8 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_away_from_the_n
     comes out 6.7 points (8 SEs) below the trial's (measured)."""
     from vpop.trial import TrialSettings, run_trial
 
-    cfg = _cfg(only_targets=["T07", "T08", "T09", "T10", "T11"], horizon_days=horizon_days, patients_per_cohort=n,
+    cfg = _cfg(only_targets=["T07", "T08", "T09", "T10", "T11", *(f"T07_{e}" for e in LATER_DOSE_ENDPOINTS)],
+               targets=_with_later_dose_targets(tmp_path, "T07"), horizon_days=horizon_days, patients_per_cohort=n,
                parameters=["model.crs.grade1_pg_ml", *fitted])
     prob = calibration.build_problem(cfg)
     (cohort,) = prob.cohorts
@@ -288,7 +308,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_away_from_the_n
                       TrialSettings(n=n, horizon_days=cohort.horizon_days, trajectories=0), draws=[values])
     for t in cohort.targets.itertuples():
         p = np.asarray(per_patient[t.id])
-        y = trial.patients[t.endpoint].to_numpy(float)
+        y = published.patient_outcomes(trial.patients, t.endpoint).to_numpy(float)
         se = np.sqrt(np.sum(p * (1 - p))) / n
         assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
         assert 0.02 < p.mean() < 0.98, t.id

@@ -79,6 +79,37 @@ def test_smooth_crs_probabilities_are_the_expectation_of_the_0_1_endpoints():
         np.testing.assert_allclose(np.asarray(late), (first >= k).mean(0), atol=0.03)
 
 
+def test_crs_after_dose_k_or_later_and_recurrent_crs_are_the_expectation_of_the_0_1_endpoints():
+    """"CRS following the third dose or later" with one susceptibility is a union of intervals of
+    epsilon (one per period, overlapping where the same patient reacts to several doses): its smooth
+    form must not count a patient twice, also within rescue bounds (rejection sample inside them).
+    "Recurrent CRS" (starts after two or more doses) is epsilon in at least two of the intervals."""
+    rng = np.random.default_rng(5)
+    n, periods, omega = 40, 6, 0.8
+    peak, at_dose = _synthetic_course(rng, n, periods)
+    lo = np.where(rng.random(n) < 0.3, rng.normal(-0.5, 0.5, n), -np.inf)
+    hi = np.where(rng.random(n) < 0.3, lo + rng.gamma(2.0, 0.6, n), np.inf)
+    eps = rng.normal(0.0, omega, 200_000)
+    grades = np.asarray(jax.vmap(lambda e: endpoints.period_grades(jnp.asarray(peak), jnp.asarray(at_dose), e))(jnp.asarray(eps[:20_000])))
+    tested = 0
+    args = (jnp.asarray(peak), jnp.asarray(at_dose))
+    cases = [(endpoints.from_dose_probability(*args, k, g, omega, jnp.asarray(lo), jnp.asarray(hi)),
+              lambda grades, k=k, g=g: endpoints.crs_from_dose(grades, k, g + 1)) for k in (1, 3, 5) for g in (0, 1)]
+    cases.append((endpoints.recurrent_probability(*args, omega, jnp.asarray(lo), jnp.asarray(hi)), endpoints.recurrent_crs))
+    for p, outcome in cases:
+        for i in range(n):
+            inside = (eps[:20_000] >= lo[i]) & (eps[:20_000] < hi[i])
+            if inside.sum() < 4_000:
+                continue
+            tested += 1
+            assert float(p[i]) == pytest.approx(outcome(grades[inside, i]).mean(), abs=0.02), i
+    assert tested >= 170
+    # The union is not the sum over periods: here patients react to several doses, so the sum overcounts.
+    per_dose = endpoints.crs_probabilities(jnp.asarray(peak), jnp.asarray(at_dose), omega, jnp.full(n, -jnp.inf), jnp.full(n, jnp.inf))
+    union = endpoints.from_dose_probability(jnp.asarray(peak), jnp.asarray(at_dose), 1, 0, omega, jnp.full(n, -jnp.inf), jnp.full(n, jnp.inf))
+    assert float(jnp.sum(per_dose["crs_any_dose"], axis=-1).mean()) > float(union.mean()) + 0.05
+
+
 def _synthetic_course(rng, n, periods):
     """Nested period peaks and indices at the doses as a trajectory makes them: the index at a dose is
     the last value of the period before, never above its peak; before the first dose, at rest."""
@@ -120,6 +151,11 @@ def test_occasion_probabilities_are_the_expectation_when_susceptibility_varies_b
             assert float(p[name][i]) == pytest.approx((worst >= g + 1).mean(), abs=0.02), (i, name)
         first = endpoints.first_crs_dose(grades)
         assert float(p["crs_first_at_dose"](3)[i]) == pytest.approx((first >= 3).mean(), abs=0.02)
+        for k in (1, 3):
+            for g, name in enumerate(("crs_any_from_dose", "crs_grade2plus_from_dose")):
+                observed = endpoints.crs_from_dose(grades, k, g + 1).mean()
+                assert float(p[name](k)[i]) == pytest.approx(observed, abs=0.02), (i, name, k)
+        assert float(p["crs_recurrent"][i]) == pytest.approx(endpoints.recurrent_crs(grades).mean(), abs=0.02), i
     assert tested >= 10
 
 

@@ -264,6 +264,48 @@ def first_crs_dose(grades: np.ndarray) -> np.ndarray:
     return np.where(started.any(axis=-1), started.argmax(axis=-1) + 1, 0)
 
 
+def crs_from_dose(grades, k: int, grade: int = 1):
+    """[...]: a CRS of grade >= `grade` starts after administration k (1-based) or a later one (the
+    labels' "CRS following the third dose or later"), from [..., P] period grades; numpy or jax."""
+    return (grades[..., k - 1:] >= grade).any(axis=-1)
+
+
+def recurrent_crs(grades):
+    """[...]: CRS starts after two or more administrations (the labels' "recurrent CRS": more than one
+    episode; one still running at a dose is one episode), from [..., P] period grades; numpy or jax."""
+    return (grades >= 1).sum(axis=-1) >= 2
+
+
+def _at_least(lower: Array, upper: Array, times: int, omega: Array, lo: Array, hi: Array) -> Array:
+    r"""P(epsilon lies in at least `times` of the intervals $[l_j, u_j)$ | lo <= epsilon < hi) for epsilon ~
+    N(0, omega^2), per patient (bounds [..., P]). The intervals' ends cut the line into segments on each of
+    which the number of intervals holding epsilon is constant; the probability is the normal mass of the
+    segments where it reaches `times`."""
+    cdf = jstats.norm.cdf
+    e = lambda x: jnp.asarray(x)[..., None]  # noqa: E731 - per-segment broadcast of patient scalars
+    cuts = jnp.sort(jnp.concatenate([lower, upper], axis=-1), axis=-1)  # [..., 2P]
+    count = jnp.sum((lower[..., None, :] <= cuts[..., :, None]) & (cuts[..., :, None] < upper[..., None, :]), axis=-1)
+    left = jnp.clip(cuts[..., :-1], e(lo), e(hi))
+    right = jnp.clip(cuts[..., 1:], e(lo), e(hi))
+    mass = jnp.maximum(cdf(right / e(omega)) - cdf(left / e(omega)), 0.0)
+    return jnp.sum(jnp.where(count[..., :-1] >= times, mass, 0.0), axis=-1) / jnp.maximum(cdf(hi / omega) - cdf(lo / omega), 1e-12)
+
+
+def from_dose_probability(peak: Array, at_dose: Array, k: int, g: int, omega: Array, lo: Array, hi: Array) -> Array:
+    r"""Expectation over one susceptibility $\varepsilon$ (per patient) of `crs_from_dose` at grade $g + 1$.
+    A CRS of that grade starts in period $j$ when $\varepsilon \in [-m_{gj}, -s_{1j})$ (`started`; the
+    grade-$g$ index never exceeds grade 1's), so the event is $\varepsilon$ in at least one of these
+    intervals over $j \ge k$ (their union, which the sum over periods would overcount), within the
+    rescue bounds $[l, h)$."""
+    return _at_least(-peak[..., k - 1:, g], -at_dose[..., k - 1:, 0], 1, omega, lo, hi)
+
+
+def recurrent_probability(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: Array) -> Array:
+    """Expectation over one susceptibility (per patient) of `recurrent_crs`: epsilon in at least two of
+    the periods' start intervals (`from_dose_probability`)."""
+    return _at_least(-peak[..., 0], -at_dose[..., 0], 2, omega, lo, hi)
+
+
 def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: Array) -> dict[str, Array]:
     """Expectation over epsilon of the trial's CRS endpoints (per patient): overall any / grade >= 2 /
     grade >= 3, and per period any and grade >= 2 ([P] arrays)."""
@@ -274,6 +316,7 @@ def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: 
     e = lambda x: jnp.asarray(x)[..., None]  # noqa: E731 - per-period broadcast of patient scalars
     for g, name in ((0, "crs_any_dose"), (1, "crs_grade2plus_dose")):
         out[name] = interval_probability(-peak[..., g], -at_dose[..., 0], e(omega), e(lo), e(hi))
+    out["crs_recurrent"] = recurrent_probability(peak, at_dose, omega, lo, hi)
     return out
 
 
@@ -349,6 +392,51 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
         return none_reach(0, before) - none_reach(0)
 
     out["crs_first_at_dose"] = first_at
+
+    def period_mass(j, x, y):  # P(x <= eps_j < y | a) within period j's rescue bounds, [..., J]
+        node = a[..., 0]
+        inside = cdf((hi[..., j:j + 1] - node) / sd[..., 0]) - cdf((lo[..., j:j + 1] - node) / sd[..., 0])
+        top, bottom = jnp.minimum(y, hi[..., j:j + 1]), jnp.maximum(x, lo[..., j:j + 1])
+        mass = cdf((top - node) / sd[..., 0]) - cdf((bottom - node) / sd[..., 0])
+        return jnp.maximum(mass, 0.0) / jnp.maximum(inside, 1e-30)
+
+    def start_counts(g, k):
+        """Given a ([..., J]): the probabilities of 0, 1 and >= 2 CRS starts of grade >= g + 1 in the
+        periods from administration k (1-based) on. A chain over those periods whose state is the count
+        so far and whether the last period's episode (if any) has ended by the next dose (eps_j <
+        -s_{1,j+1}), which decides whether the next period can start one (`started`)."""
+        periods = peak.shape[-2]
+        threshold = lambda j: -peak[..., j:j + 1, g]  # noqa: E731 - eps_j at or above it: grade g + 1 in period j
+        inf_ = jnp.full_like(threshold(0), jnp.inf)
+        next_dose = lambda j: -at_dose[..., j + 1:j + 2, 0] if j + 1 < periods else inf_  # noqa: E731
+        zero = jnp.zeros_like(a[..., 0])
+        if k == 1:  # the first period has no period before: a start between its threshold and its index at the dose
+            m, s, c = threshold(0), -at_dose[..., 0:1, 0], next_dose(0)
+            ended = [period_mass(0, -inf_, jnp.minimum(m, c)) + period_mass(0, s, c), period_mass(0, m, jnp.minimum(s, c)), zero]
+            running = [period_mass(0, c, m) + period_mass(0, jnp.maximum(s, c), inf_), period_mass(0, jnp.maximum(m, c), s), zero]
+        else:
+            c = -at_dose[..., k - 1:k, 0]
+            ended, running = [period_mass(k - 2, -inf_, c), zero, zero], [period_mass(k - 2, c, inf_), zero, zero]
+        for j in range(max(k - 1, 1), periods):
+            m, c = threshold(j), next_dose(j)
+            quiet = (period_mass(j, -inf_, jnp.minimum(m, c)), period_mass(j, c, m))  # after an ended episode: no start; to (ended, running)
+            new = (period_mass(j, m, c), period_mass(j, jnp.maximum(m, c), inf_))  # a start
+            carried = (period_mass(j, -inf_, c), period_mass(j, c, inf_))  # after a running one: no start
+            def to(i):  # the counts 0, 1, >= 2 landing in state i (0: ended by the next dose, 1: running)
+                started = [0.0, ended[0] * new[i], (ended[1] + ended[2]) * new[i]]
+                return [ended[n] * quiet[i] + running[n] * carried[i] + started[n] for n in range(3)]
+
+            ended, running = to(0), to(1)
+        return [x + y for x, y in zip(ended, running)]
+
+    def expect_given_a(values):  # [..., J] conditional probabilities -> their expectation over a
+        return jnp.sum(jnp.exp(total - norm[..., None]) * values, axis=-1)
+
+    def from_dose(g):
+        return lambda k: 1.0 - expect_given_a(start_counts(g, k)[0])
+
+    out["crs_any_from_dose"], out["crs_grade2plus_from_dose"] = from_dose(0), from_dose(1)
+    out["crs_recurrent"] = expect_given_a(start_counts(0, 1)[2])
     return out
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vpop import endpoints
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm
 
@@ -38,9 +39,11 @@ SUPPORT = ("calibrated", "validated", "extrapolated")
 COHORT = ("drug", "population", "regimen", "route", "premedication", "prophylaxis", "horizon_days", "delay")
 DELAY_PATTERN = re.compile(r"after_dose=([0-9]+) days=([0-9.]+)(?: restart_from=([0-9]+))?")
 # Endpoints a target may name: the overall rates, and CRS starting after the k-th administration.
-# And the share of patients whose first CRS starts at dose k or later (the labels' "first CRS at a later dose").
-ENDPOINT_PATTERN = re.compile(r"(orr|cr|crs_any|crs_grade2plus|crs_grade3plus)|(crs_any|crs_grade2plus)_dose[1-9][0-9]*"
-                              r"|crs_first_at_dose[1-9][0-9]*plus")
+# And the share of patients whose first CRS starts at dose k or later (the labels' "first CRS at a later dose"),
+# and of those with a CRS starting after dose k or any later one ("CRS following the third dose or later"),
+# or after two or more doses ("recurrent CRS").
+ENDPOINT_PATTERN = re.compile(r"(orr|cr|crs_any|crs_grade2plus|crs_grade3plus|crs_recurrent)|(crs_any|crs_grade2plus)_dose[1-9][0-9]*"
+                              r"|crs_first_at_dose[1-9][0-9]*plus|(crs_any|crs_grade2plus)_from_dose[1-9][0-9]*")
 
 
 def load(name_or_path: str = "targets") -> pd.DataFrame:
@@ -62,7 +65,8 @@ def load(name_or_path: str = "targets") -> pd.DataFrame:
     bad = used[~used.endpoint.map(lambda e: bool(ENDPOINT_PATTERN.fullmatch(str(e))))]
     if len(bad):
         raise ConfigError(f"targets {path}: endpoint of {bad.id.iloc[0]} is {bad.endpoint.iloc[0]!r}; allowed: orr, cr, "
-                          "crs_any, crs_grade2plus, crs_grade3plus, crs_any_dose<k>, crs_grade2plus_dose<k>, crs_first_at_dose<k>plus")
+                          "crs_any, crs_grade2plus, crs_grade3plus, crs_recurrent, crs_any_dose<k>, crs_grade2plus_dose<k>, crs_first_at_dose<k>plus, "
+                          "crs_any_from_dose<k>, crs_grade2plus_from_dose<k>")
     if ((used.k < 0) | (used.k > used.n)).any():
         raise ConfigError(f"targets {path}: every k must lie in 0..n")
     if "likelihood_n" in df.columns:
@@ -90,8 +94,8 @@ def likelihood_counts(target) -> tuple[int, int]:
 
 
 def endpoint_family(endpoint: str) -> str:
-    """'crs_any_dose3' -> 'crs_any_dose', 'crs_first_at_dose4plus' -> 'crs_first_at_dose'; overall
-    endpoints are their own family."""
+    """'crs_any_dose3' -> 'crs_any_dose', 'crs_first_at_dose4plus' -> 'crs_first_at_dose',
+    'crs_any_from_dose3' -> 'crs_any_from_dose'; overall endpoints are their own family."""
     return re.sub(r"_dose[0-9]+(plus)?$", "_dose", endpoint)
 
 
@@ -100,6 +104,26 @@ def dose_number(endpoint: str) -> int | None:
     overall endpoint."""
     m = re.search(r"_dose([0-9]+)(plus)?$", endpoint)
     return int(m.group(1)) if m else None
+
+
+def patient_outcomes(patients: pd.DataFrame, endpoint: str) -> pd.Series:
+    """Each patient row's 0/1 outcome (float; NaN where the arm has no such dose) of an endpoint a target
+    may name, from a trial's patient table: its column, or derived from the per-dose CRS grades by
+    `vpop.endpoints` (`crs_first_at_dose<k>plus`, `crs_any_from_dose<k>`, `crs_grade2plus_from_dose<k>`,
+    `crs_recurrent`)."""
+    family, k = endpoint_family(endpoint), dose_number(endpoint)
+    if family == "crs_first_at_dose":
+        return (patients.crs_first_dose >= k).astype(float)
+    if family in ("crs_any_from_dose", "crs_grade2plus_from_dose", "crs_recurrent"):
+        doses = sorted((c for c in patients if c.startswith("crs_grade_dose")), key=lambda c: int(c.removeprefix("crs_grade_dose")))
+        grades = patients[doses].astype(float).fillna(0.0).to_numpy()
+        if family == "crs_recurrent":
+            return pd.Series(endpoints.recurrent_crs(grades).astype(float), index=patients.index)
+        grade = 2 if family == "crs_grade2plus_from_dose" else 1
+        return pd.Series(endpoints.crs_from_dose(grades, k, grade).astype(float), index=patients.index)
+    if endpoint not in patients:
+        raise KeyError(f"endpoint {endpoint!r} not simulated for this arm")
+    return patients[endpoint].astype(float)
 
 
 def support(targets: pd.DataFrame, drug: str, route: str, population: str, endpoint: str) -> str:

@@ -73,12 +73,7 @@ class Simulator:
 
 
 def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
-    if published.endpoint_family(endpoint) == "crs_first_at_dose":  # first CRS at dose k or later, from the patient rows
-        k = published.dose_number(endpoint)
-        return (patients.crs_first_dose >= k).groupby(patients.draw).mean().to_numpy(float)
-    if endpoint not in patients:
-        raise KeyError(f"endpoint {endpoint!r} not simulated for this arm")
-    return patients.groupby("draw")[endpoint].mean().to_numpy(float)
+    return published.patient_outcomes(patients, endpoint).groupby(patients.draw).mean().to_numpy(float)
 
 
 def stream(seed: int, *names: str) -> np.random.Generator:

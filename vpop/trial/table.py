@@ -118,7 +118,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
     restart = prepared.compiled.restart_period
     if restarts or (restarts is None and restart is not None):
         for name, g in zip(RESTART_ENDPOINTS, (1, 2)):
-            cols[name] = (grades[:, restart:] >= g).any(axis=1) if restart is not None else missing["bool"]
+            cols[name] = endpoints.crs_from_dose(grades, restart + 1, g) if restart is not None else missing["bool"]
     for k in range(n_doses):
         cols[f"crs_any_dose{k + 1}"] = grades[:, k] >= 1 if k < n_periods else missing["bool"]
         cols[f"crs_grade2plus_dose{k + 1}"] = grades[:, k] >= 2 if k < n_periods else missing["bool"]
