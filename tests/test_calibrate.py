@@ -38,6 +38,20 @@ def test_targets_file_is_valid_and_keeps_validation_out_of_the_fit():
     assert "validation" not in set(fit.targets.role) and len(fit.targets) == (t.role == "calibration").sum()
 
 
+def test_fit_targets_move_validation_targets_into_the_likelihood_for_one_run_only():
+    """`calibration.fit_targets` (an experiment's choice) puts named validation targets into the fit; a
+    calibration target or an id outside `only_targets` is refused before any work, naming the field."""
+    cfg = _cfg(only_targets=["T07", "V33"], horizon_days=14, patients_per_cohort=2, fit_targets=["V33"])
+    fit = calibration.build_problem(cfg, roles=("calibration",))
+    assert list(fit.targets.id) == ["T07", "V33"] and set(fit.targets.role) == {"calibration"}
+    assert list(calibration.build_problem(_cfg(only_targets=["T07", "V33"], horizon_days=14, patients_per_cohort=2),
+                                          roles=("calibration",)).targets.id) == ["T07"]
+    assert published.load("targets").set_index("id").role["V33"] == "validation"  # the file is untouched
+    for bad in (["T07"], ["V01"]):
+        with pytest.raises(ConfigError, match="calibration.fit_targets"):
+            calibration.build_problem(_cfg(only_targets=["T07", "V33"], fit_targets=bad))
+
+
 def test_a_recalled_rate_weighs_as_a_smaller_trial(tmp_path):
     """`likelihood_n` keeps the rate and shrinks the evidence: the binomial log likelihood of a rate
     away from the observed one is penalised in proportion to the counts used."""
