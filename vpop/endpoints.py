@@ -422,6 +422,7 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
             quiet = (period_mass(j, -inf_, jnp.minimum(m, c)), period_mass(j, c, m))  # after an ended episode: no start; to (ended, running)
             new = (period_mass(j, m, c), period_mass(j, jnp.maximum(m, c), inf_))  # a start
             carried = (period_mass(j, -inf_, c), period_mass(j, c, inf_))  # after a running one: no start
+
             def to(i):  # the counts 0, 1, >= 2 landing in state i (0: ended by the next dose, 1: running)
                 started = [0.0, ended[0] * new[i], (ended[1] + ended[2]) * new[i]]
                 return [ended[n] * quiet[i] + running[n] * carried[i] + started[n] for n in range(3)]

@@ -166,12 +166,13 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
     """One virtual cohort per arm and horizon of the targets of the given roles, simulated with
     `model` (the `model` group of the calibration app; default the shipped configs/model/default.yaml)."""
     targets = published.load(cfg.targets)
-    moved = list(cfg.get("fit_targets") or [])
+    moved = set(cfg.get("fit_targets") or [])
     validation = set(targets.id[targets.role == "validation"])
-    if set(moved) - validation or (cfg.get("only_targets") and set(moved) - set(cfg.only_targets)):
-        raise ConfigError(f"calibration.fit_targets: {sorted(set(moved) - validation)} not validation targets, or "
-                          f"{sorted(set(moved) - set(cfg.get('only_targets') or moved))} not in only_targets; allowed: "
-                          f"validation targets ({', '.join(sorted(validation))})")
+    if moved - validation:
+        raise ConfigError(f"calibration.fit_targets: {sorted(moved - validation)} are not validation targets; "
+                          f"allowed: {', '.join(sorted(validation))}")
+    if cfg.get("only_targets") and moved - set(cfg.only_targets):
+        raise ConfigError(f"calibration.fit_targets: {sorted(moved - set(cfg.only_targets))} not in calibration.only_targets")
     targets.loc[targets.id.isin(moved), "role"] = "calibration"  # into the likelihood, for this run only
     if cfg.get("only_targets"):
         unknown = sorted(set(cfg.only_targets) - set(targets.id))
