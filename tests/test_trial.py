@@ -60,6 +60,10 @@ def test_contract_columns_and_endpoint_names(small_trial, tmp_path):
     assert per_dose.loc[("iv", "crs_any_dose3"), ["cycle", "day", "amount", "unit"]].tolist() == [1, 15, 60, "mg"]
     assert per_dose.loc[("sc", "crs_any_dose2"), ["cycle", "day", "amount", "unit"]].tolist() == [1, 8, 45, "mg"]
     assert set(patients[patients.arm == "iv"].dose3) == {"C1D15 60 mg"}
+    # Recurrent CRS: CRS starting after two or more doses, read from the per-dose grades; counted in summary.csv.
+    starts = (patients.filter(regex=r"^crs_grade_dose\d+$").astype(float).fillna(0) >= 1).sum(axis=1)
+    np.testing.assert_array_equal(patients.crs_recurrent.to_numpy(bool), (starts >= 2).to_numpy())
+    assert 0 < patients.crs_recurrent.mean() < patients.crs_any.mean() and "crs_recurrent" in names
     doses = pd.read_csv(tmp_path / "doses.csv")
     assert list(doses[(doses.arm == "iv") & (doses.role == "bispecific")].amount) == [1, 2, 60, 60]
 
@@ -113,7 +117,7 @@ def test_per_dose_comparisons_pair_the_same_calendar_day():
     step = pd.DataFrame({"patient_id": np.arange(n), "crs_any_dose1": rng.random(n) < 0.05, "crs_any_dose2": rng.random(n) < 0.05,
                          "crs_any_dose3": rng.random(n) < 0.3})
     for t in (ref, step):
-        for c in trial.MAIN_ENDPOINTS + ("progression", "b_cell_depletion"):
+        for c in trial.MAIN_ENDPOINTS + ("crs_recurrent", "progression", "b_cell_depletion"):
             t[c] = False
     counts.add(0, {"ref": ref, "step": step})
     c = counts.comparisons().set_index("endpoint")

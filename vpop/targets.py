@@ -109,16 +109,13 @@ def dose_number(endpoint: str) -> int | None:
 def patient_outcomes(patients: pd.DataFrame, endpoint: str) -> pd.Series:
     """Each patient row's 0/1 outcome (float; NaN where the arm has no such dose) of an endpoint a target
     may name, from a trial's patient table: its column, or derived from the per-dose CRS grades by
-    `vpop.endpoints` (`crs_first_at_dose<k>plus`, `crs_any_from_dose<k>`, `crs_grade2plus_from_dose<k>`,
-    `crs_recurrent`)."""
+    `vpop.endpoints` (`crs_first_at_dose<k>plus`, `crs_any_from_dose<k>`, `crs_grade2plus_from_dose<k>`)."""
     family, k = endpoint_family(endpoint), dose_number(endpoint)
     if family == "crs_first_at_dose":
         return (patients.crs_first_dose >= k).astype(float)
-    if family in ("crs_any_from_dose", "crs_grade2plus_from_dose", "crs_recurrent"):
+    if family in ("crs_any_from_dose", "crs_grade2plus_from_dose"):
         doses = sorted((c for c in patients if c.startswith("crs_grade_dose")), key=lambda c: int(c.removeprefix("crs_grade_dose")))
         grades = patients[doses].astype(float).fillna(0.0).to_numpy()
-        if family == "crs_recurrent":
-            return pd.Series(endpoints.recurrent_crs(grades).astype(float), index=patients.index)
         grade = 2 if family == "crs_grade2plus_from_dose" else 1
         return pd.Series(endpoints.crs_from_dose(grades, k, grade).astype(float), index=patients.index)
     if endpoint not in patients:

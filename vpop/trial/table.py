@@ -109,6 +109,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         crs_any=worst >= 1,
         crs_grade2plus=worst >= 2,
         crs_grade3plus=worst >= 3,
+        crs_recurrent=endpoints.recurrent_crs(grades),  # CRS starting after two or more doses
         toci_rescue=red["toci_rescue"].max(axis=1) > 0,
         progression=first_pd >= 0,
         b_cell_depletion=red["blood_b_min_fraction"] < endpoints.B_CELL_DEPLETION_FRACTION,
@@ -129,7 +130,7 @@ def endpoint_names(n_doses: int, restarts: bool = False) -> list[str]:
     """Every binary endpoint of an arm with `n_doses` dose periods (and a delay: `restarts`), main
     endpoints first: the columns summary.csv counts and an objective may name."""
     doses = range(1, n_doses + 1)
-    return [*MAIN_ENDPOINTS, *(RESTART_ENDPOINTS if restarts else ()), "progression", "b_cell_depletion",
+    return [*MAIN_ENDPOINTS, *(RESTART_ENDPOINTS if restarts else ()), "crs_recurrent", "progression", "b_cell_depletion",
             *(f"crs_any_dose{k}" for k in doses), *(f"crs_grade2plus_dose{k}" for k in doses)]
 
 
