@@ -306,9 +306,10 @@ def recurrent_probability(peak: Array, at_dose: Array, omega: Array, lo: Array, 
     return _at_least(-peak[..., 0], -at_dose[..., 0], 2, omega, lo, hi)
 
 
-def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: Array) -> dict[str, Array]:
+def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: Array) -> dict:
     """Expectation over epsilon of the trial's CRS endpoints (per patient): overall any / grade >= 2 /
-    grade >= 3, and per period any and grade >= 2 ([P] arrays)."""
+    grade >= 3 and recurrent, per period any and grade >= 2 ([P] arrays), and as functions of the
+    administration k: first CRS at k or later, CRS (grade >= 2) starting after k or later."""
     inf = jnp.asarray(jnp.inf, peak.dtype)
     worst = jnp.max(peak, axis=-2)  # [4]: the largest index over all periods
     out = {name: interval_probability(-worst[..., g], inf, omega, lo, hi)
@@ -317,6 +318,9 @@ def crs_probabilities(peak: Array, at_dose: Array, omega: Array, lo: Array, hi: 
     for g, name in ((0, "crs_any_dose"), (1, "crs_grade2plus_dose")):
         out[name] = interval_probability(-peak[..., g], -at_dose[..., 0], e(omega), e(lo), e(hi))
     out["crs_recurrent"] = recurrent_probability(peak, at_dose, omega, lo, hi)
+    out["crs_first_at_dose"] = lambda k: first_crs_probability(peak, k, omega, lo, hi)
+    out["crs_any_from_dose"], out["crs_grade2plus_from_dose"] = (
+        (lambda k, g=g: from_dose_probability(peak, at_dose, k, g, omega, lo, hi)) for g in (0, 1))
     return out
 
 
@@ -393,12 +397,9 @@ def occasion_crs_probabilities(peak: Array, at_dose: Array, omega: Array, share:
 
     out["crs_first_at_dose"] = first_at
 
-    def period_mass(j, x, y):  # P(x <= eps_j < y | a) within period j's rescue bounds, [..., J]
-        node = a[..., 0]
-        inside = cdf((hi[..., j:j + 1] - node) / sd[..., 0]) - cdf((lo[..., j:j + 1] - node) / sd[..., 0])
-        top, bottom = jnp.minimum(y, hi[..., j:j + 1]), jnp.maximum(x, lo[..., j:j + 1])
-        mass = cdf((top - node) / sd[..., 0]) - cdf((bottom - node) / sd[..., 0])
-        return jnp.maximum(mass, 0.0) / jnp.maximum(inside, 1e-30)
+    def period_mass(j, x, y):  # P(x <= eps_j < y | a, eps_j within period j's rescue bounds), [..., J]; x, y [..., 1]
+        one = slice(j, j + 1)
+        return jnp.exp(log_mass(x[..., None, :], y[..., None, :], lo_[..., one], hi_[..., one]) - box[..., one])[..., 0]
 
     def start_counts(g, k):
         """Given a ([..., J]): the probabilities of 0, 1 and >= 2 CRS starts of grade >= g + 1 in the

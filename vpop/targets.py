@@ -25,6 +25,7 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from vpop import endpoints
@@ -106,6 +107,14 @@ def dose_number(endpoint: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def per_dose_values(patients: pd.DataFrame, name: str) -> np.ndarray:
+    """[patients, doses] of a per-dose column family of a trial's patient table (`crs_grade`,
+    `crs_duration_day`, `toci_rescue`, ...: `<name>_dose1`, `<name>_dose2`, ...), doses an arm does not
+    have as 0."""
+    cols = sorted((c for c in patients if re.fullmatch(rf"{name}_dose[0-9]+", c)), key=lambda c: int(c.rsplit("_dose", 1)[1]))
+    return patients[cols].astype(float).fillna(0.0).to_numpy()
+
+
 def patient_outcomes(patients: pd.DataFrame, endpoint: str) -> pd.Series:
     """Each patient row's 0/1 outcome (float; NaN where the arm has no such dose) of an endpoint a target
     may name, from a trial's patient table: its column, or derived from the per-dose CRS grades by
@@ -114,8 +123,7 @@ def patient_outcomes(patients: pd.DataFrame, endpoint: str) -> pd.Series:
     if family == "crs_first_at_dose":
         return (patients.crs_first_dose >= k).astype(float)
     if family in ("crs_any_from_dose", "crs_grade2plus_from_dose"):
-        doses = sorted((c for c in patients if c.startswith("crs_grade_dose")), key=lambda c: int(c.removeprefix("crs_grade_dose")))
-        grades = patients[doses].astype(float).fillna(0.0).to_numpy()
+        grades = per_dose_values(patients, "crs_grade")
         grade = 2 if family == "crs_grade2plus_from_dose" else 1
         return pd.Series(endpoints.crs_from_dose(grades, k, grade).astype(float), index=patients.index)
     if endpoint not in patients:

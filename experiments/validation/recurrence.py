@@ -14,9 +14,9 @@ episode (the labels count onsets). Per draw, then the median and 2.5-97.5 percen
   carried over a dose);
 - `days_at_grade1_per_patient`: median time at grade >= 1 over the course, among patients with CRS;
 - `recurrent_after_tocilizumab_first` / `_without`: among patients with CRS, the share with another
-  episode later, split by whether the first episode got tocilizumab (grade >= 2 in its period).
-  MajesTEC-1 (teclistamab, Martin T et al. Cancer 2023;129:2035): 20.0% with tocilizumab for the first
-  event against 62.2% without. Tocilizumab there was the investigators' choice, not a grade-2 rule.
+  episode later, split by whether the first episode got tocilizumab (grade >= 2 in its period), beside
+  MajesTEC-1's split (recurrence_published.csv, with its source); tocilizumab there was the
+  investigators' choice, not a grade-2 rule.
 """
 
 from __future__ import annotations
@@ -32,19 +32,13 @@ from vpop import targets as published
 from vpop.trial import TrialSettings, run_trial
 
 TARGETS = ("V33", "N39")
-# Published: MajesTEC-1's recurrence with and without tocilizumab for the first CRS event (Martin 2023).
-PUBLISHED = {"V33": {"recurrent_after_tocilizumab_first": 0.200, "recurrent_after_tocilizumab_first_without": 0.622}}
-
-
-def per_dose(patients: pd.DataFrame, name: str) -> np.ndarray:
-    """[patients, doses] of a per-dose column family (`crs_grade`, `crs_duration_day`, `toci_rescue`)."""
-    cols = sorted((c for c in patients if c.startswith(name + "_dose")), key=lambda c: int(c.rsplit("_dose", 1)[1]))
-    return patients[cols].astype(float).fillna(0.0).to_numpy()
+# Published statistics beside the targets' own rates, with their sources.
+PUBLISHED = Path(__file__).with_name("recurrence_published.csv")
 
 
 def episode_statistics(patients: pd.DataFrame) -> dict[str, float]:
     """The statistics above for one draw's patient rows."""
-    grades, days, toci = (per_dose(patients, n) for n in ("crs_grade", "crs_duration_day", "toci_rescue"))
+    grades, days, toci = (published.per_dose_values(patients, n) for n in ("crs_grade", "crs_duration_day", "toci_rescue"))
     starts = (grades >= 1).sum(axis=1)
     crs = starts >= 1
     first = endpoints.first_crs_dose(grades)
@@ -75,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name} must be >= 1")
     draws = posterior.draws(args.posterior, args.draws, args.seed)
     targets = published.load("targets").set_index("id")
+    reported = pd.read_csv(PUBLISHED).set_index(["target", "statistic"]).published
     rows = []
     for tid in TARGETS:
         t = targets.loc[tid]
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for stat, values in stats.items():
             rows.append(dict(target=tid, drug=t.drug, regimen=t.regimen, statistic=stat, median=values.median(),
                              lower=values.quantile(0.025), upper=values.quantile(0.975),
-                             published=t.k / t.n if stat == "recurrent" else PUBLISHED.get(tid, {}).get(stat, np.nan)))
+                             published=t.k / t.n if stat == "recurrent" else reported.get((tid, stat), np.nan)))
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "recurrence.csv", index=False, float_format="%.4f")

@@ -151,10 +151,6 @@ class Problem:
         else:  # one susceptibility for the whole course: the exact interval probabilities
             lo, hi = endpoints.rescue_interval(*history)
             out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, omega_crs, lo, hi)
-            out["crs_first_at_dose"] = lambda k: endpoints.first_crs_probability(red.crs_index_peak, k, omega_crs, lo, hi)
-            for g, name in enumerate(("crs_any_from_dose", "crs_grade2plus_from_dose")):
-                out[name] = functools.partial(endpoints.from_dose_probability, red.crs_index_peak, red.crs_index_at_dose,
-                                              g=g, omega=omega_crs, lo=lo, hi=hi)
         # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
         margins = endpoints.response_margins(cohort.kind, red.malignant_fraction_at, red.marrow_malignant_fraction_at,
                                              cov.tumour_volume_ml, cov.marrow_malignant_percent, cohort.cr_residual_volume_ml, xp=jnp)
