@@ -276,6 +276,20 @@ def recurrent_crs(grades):
     return (grades >= 1).sum(axis=-1) >= 2
 
 
+def episode_days(grades: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """[n, P] days at grade >= 1 of the CRS episode starting after each administration (NaN where none
+    starts), from [n, P] period grades and each period's days at grade >= 1: the days of its own period and
+    of the following ones it runs into without a new start. A period's days belong to the latest episode
+    started by then, so an episode that ends in the period where the next starts lends it its tail; an
+    episode still running at the end of the horizon is cut there."""
+    started = grades >= 1
+    episode = np.cumsum(started, axis=-1)  # the episode each period's days belong to (0: before the first)
+    n, periods = grades.shape
+    totals = np.zeros((n, periods + 1))
+    np.add.at(totals, (np.repeat(np.arange(n)[:, None], periods, axis=1), episode), np.nan_to_num(days))
+    return np.where(started, np.take_along_axis(totals, episode, axis=-1), np.nan)
+
+
 def _at_least(lower: Array, upper: Array, times: int, omega: Array, lo: Array, hi: Array) -> Array:
     r"""P(epsilon lies in at least `times` of the intervals $[l_j, u_j)$ | lo <= epsilon < hi) for epsilon ~
     N(0, omega^2), per patient (bounds [..., P]). The intervals' ends cut the line into segments on each of

@@ -121,7 +121,7 @@ class Reductions(NamedTuple):
     crs_grade: Float[Array, " P"]  # ASTCT grade 0-4 of CRS starting in the period (at the patient's susceptibility)
     crs_max_grade: Float[Array, ""]  # highest ASTCT grade over the whole course
     crs_onset_day: Float[Array, " P"]  # days from the administration to the onset of that CRS (-1: none)
-    crs_duration_day: Float[Array, " P"]  # days spent at grade >= 1 in the period
+    crs_duration_day: Float[Array, " P"]  # days at grade >= 1 in the period (index linear within a step)
     toci_rescue: Float[Array, " P"]  # 1 if the period reached grade 2: tocilizumab given (after `rescue_delay_hours`)
     dex_rescue: Float[Array, " P"]  # 1 if the period reached grade 3: dexamethasone given too
     crs_log_susceptibility: Float[Array, " P"]  # epsilon_k, the patient's CRS susceptibility in each period
@@ -412,6 +412,10 @@ def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observa
     # patient's threshold (the step end alone would put onsets up to a step, 6-12 h, late).
     before = jnp.clip((z[0] + eps) / jnp.maximum(z[0] - z_start[0], 1e-12), 0.0, 1.0)
     onset = jnp.maximum(t_end - before * step.dt - start, 0.0)
+    # Time at grade >= 1 within the step, the index linear between the step's ends as for the onset: the
+    # share of the step on the side of the threshold where the larger end lies (1 or 0 when both agree).
+    a, b = z_start[0] + eps, z[0] + eps
+    above = jnp.clip(jnp.maximum(a, b) / jnp.maximum(jnp.abs(b - a), 1e-12), 0.0, 1.0)
     lower_nadir = m_frac < red.malignant_nadir_fraction
     return red._replace(
         peak_il6_signalling_pg_ml=period_max(red.peak_il6_signalling_pg_ml, sig),
@@ -424,7 +428,7 @@ def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observa
         crs_index_peak=_update_at(red.crs_index_peak, i, lambda old: jnp.where(in_period, jnp.maximum(jnp.maximum(old, z), jnp.where(first_step, z_start, old)), old)),
         crs_index_at_dose=_update_at(red.crs_index_at_dose, i, lambda old: jnp.where(first_step, z_start, old)),
         crs_onset_day=_update_at(red.crs_onset_day, i, lambda old: jnp.where(crs & (old < 0), onset, old)),
-        crs_duration_day=_update_at(red.crs_duration_day, i, lambda old: old + jnp.where(crs, step.dt, 0.0)),
+        crs_duration_day=_update_at(red.crs_duration_day, i, lambda old: old + jnp.where(in_period, above * step.dt, 0.0)),
         malignant_nadir_fraction=jnp.where(lower_nadir, m_frac, red.malignant_nadir_fraction),
         malignant_nadir_day=jnp.where(lower_nadir, t_end, red.malignant_nadir_day),
         blood_b_min_fraction=jnp.minimum(red.blood_b_min_fraction, b_frac),

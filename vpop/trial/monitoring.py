@@ -5,8 +5,9 @@ Clinics hospitalise or monitor patients for a window after the doses that carry 
 what such a policy misses:
 
 - onsets.csv, per arm and dose (and all doses pooled): the patients whose CRS starts after the dose,
-  the share of those onsets within 24, 48 and 72 h of the administration, and the median and quartiles
-  of the onset time, beside the published median onset where there is one (vpop/data/onsets.csv);
+  the share of those onsets within 24, 48 and 72 h of the administration, the median and quartiles
+  of the onset time and of the episode's duration (hours at grade >= 1, `endpoints.episode_days`), beside
+  the published medians where there are (vpop/data/onsets.csv);
 - monitoring.csv, per arm and monitoring policy (W hours after each of the first m doses, or after dose m
   only, for W = 24, 48, 72 h and m up to 4): the share of all CRS onsets that start outside monitoring
   (at home), and the share of patients with at least one such onset.
@@ -24,6 +25,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from vpop import endpoints
 from vpop.trial.statistics import pooled_interval
 
 WINDOWS_HOURS = (24, 48, 72)  # monitoring windows after a dose (labels hospitalise for 24 or 48 h)
@@ -36,8 +38,16 @@ def onset_hours(table: pd.DataFrame, dose: int) -> np.ndarray:
     return 24.0 * table[f"crs_onset_day_dose{dose}"].to_numpy(dtype=float, na_value=np.nan)
 
 
+def episode_hours(table: pd.DataFrame, doses: int) -> np.ndarray:
+    """[n, doses] hours at grade >= 1 of the CRS episode starting after each dose (NaN: none starts)."""
+    grades, days = (table[[f"{name}_dose{k + 1}" for k in range(doses)]].to_numpy(dtype=float, na_value=np.nan)
+                    for name in ("crs_grade", "crs_duration_day"))
+    return 24.0 * endpoints.episode_days(np.nan_to_num(grades), days)
+
+
 def published_onsets() -> pd.DataFrame:
-    """Published median onset times (vpop/data/onsets.csv: drug, route, dose or 'all', hours, source)."""
+    """Published median onset times and episode durations (vpop/data/onsets.csv: drug, route, dose or
+    'all', hours, source)."""
     with resources.files("vpop.data").joinpath("onsets.csv").open() as f:
         return pd.read_csv(f, comment="#", dtype={"dose": str})
 
@@ -51,7 +61,8 @@ class OnsetCounts:
         self.periods = periods
         self.patients = defaultdict(lambda: defaultdict(int))  # arm -> draw -> patients
         self.onsets = defaultdict(lambda: defaultdict(lambda: np.zeros(1 + len(WINDOWS_HOURS))))  # (arm, dose) -> draw -> [all, within W...]
-        self.histogram = defaultdict(lambda: np.zeros(0))  # (arm, dose) -> counts per BIN_HOURS, draws pooled
+        self.histogram = defaultdict(lambda: np.zeros(0))  # (arm, dose) -> onset hours' counts per BIN_HOURS, draws pooled
+        self.durations = defaultdict(lambda: np.zeros(0))  # (arm, dose) -> episode hours' counts per BIN_HOURS, draws pooled
         self.policies = {arm: policies(len(p)) for arm, p in periods.items()}
         self.home = defaultdict(lambda: defaultdict(lambda: np.zeros(2)))  # (arm, policy) -> draw -> [onsets, patients] at home
 
@@ -60,10 +71,12 @@ class OnsetCounts:
             self.patients[arm][draw] += len(t)
             hours = np.stack([onset_hours(t, k + 1) for k in range(len(self.periods[arm]))], axis=1)  # [n, doses]
             started = ~np.isnan(hours)
+            lasting = episode_hours(t, hours.shape[1])
             for k in range(hours.shape[1]):
                 h = hours[started[:, k], k]
                 self.onsets[arm, k][draw] += [len(h), *(np.sum(h <= w) for w in WINDOWS_HOURS)]
-                self._histogram(arm, k, h)
+                self.histogram[arm, k] = _binned(self.histogram[arm, k], h)
+                self.durations[arm, k] = _binned(self.durations[arm, k], lasting[~np.isnan(lasting[:, k]), k])
             names, limits = self._limits(arm, hours.shape[1])
             at_home = started & ~(np.nan_to_num(hours, nan=np.inf) <= limits[:, None, :])  # [policy, n, doses]
             for name, onsets, patients in zip(names, np.count_nonzero(at_home, axis=(1, 2)), np.count_nonzero(at_home.any(axis=2), axis=1)):
@@ -76,9 +89,6 @@ class OnsetCounts:
         for row, (_, watch) in zip(limits, self.policies[arm]):
             row[:len(watch)] = [w if w > 0 else -np.inf for w in watch]
         return names, limits
-
-    def _histogram(self, arm: str, dose: int, hours: np.ndarray) -> None:
-        self.histogram[arm, dose] = _pooled([self.histogram[arm, dose], np.bincount((hours / BIN_HOURS).astype(int))])
 
     def onsets_table(self, drugs: dict[str, tuple[str, str]], seed: int = 0) -> pd.DataFrame:
         """onsets.csv; `drugs` gives each arm's (drug, route) for the published medians."""
@@ -98,11 +108,15 @@ class OnsetCounts:
                     est, lo, hi = pooled_interval(counts[:, 1 + j], counts[:, 0], rng) if counts[:, 0].sum() else (np.nan,) * 3
                     row |= {f"within_{w}h_percent": 100 * est, f"within_{w}h_lower": 100 * lo, f"within_{w}h_upper": 100 * hi}
                 q25, q50, q75 = _quantiles(hist, (0.25, 0.5, 0.75))
+                d25, d50, d75 = _quantiles(_pooled([self.durations[arm, k] for k in ks]), (0.25, 0.5, 0.75))
                 drug, route = drugs[arm]
                 match = published[(published.drug == drug) & (published.route == route) & (published.dose == dose)]
+                reported = match.iloc[0] if len(match) else pd.Series(dtype=object)
                 row |= {"median_onset_hours": q50, "onset_q25_hours": q25, "onset_q75_hours": q75,
-                        "published_median_onset_hours": float(match.median_onset_hours.iloc[0]) if len(match) else np.nan,
-                        "published_source": match.source.iloc[0] if len(match) else ""}
+                        "median_duration_hours": d50, "duration_q25_hours": d25, "duration_q75_hours": d75,
+                        "published_median_onset_hours": float(reported.get("median_onset_hours", np.nan)),
+                        "published_median_duration_hours": float(reported.get("median_duration_hours", np.nan)),
+                        "published_source": reported.get("source", "")}
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -136,6 +150,11 @@ def policies(doses: int) -> list[tuple[str, tuple[float, ...]]]:
             if m > 1:
                 out.append((f"{w} h after dose {m} only", (0,) * (m - 1) + (w,)))
     return out
+
+
+def _binned(histogram: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """A histogram (counts per BIN_HOURS from zero) with `hours` added."""
+    return _pooled([histogram, np.bincount((hours / BIN_HOURS).astype(int))])
 
 
 def _pooled(histograms: list[np.ndarray]) -> np.ndarray:
