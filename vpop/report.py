@@ -185,7 +185,9 @@ def versus_published(result: TrialResult, path: Path) -> None:
 def crs_onsets(result: TrialResult, path: Path) -> None:
     """When CRS starts after each dose: patients with an onset within 24 h, 24-48 h, 48-72 h and later
     (stacked, % of patients), the median onset above each bar and the published median (diamond,
-    right axis) where there is one; doses after which under 0.5% of patients start CRS are left out."""
+    right axis) where there is one, and how long those episodes last (median hours at grade >= 1,
+    squares; the published median over all doses dotted); doses after which under 0.5% of patients
+    start CRS are left out."""
     from vpop.trial.monitoring import WINDOWS_HOURS
 
     arms = list(result.arms)
@@ -206,12 +208,17 @@ def crs_onsets(result: TrialResult, path: Path) -> None:
         ax2 = ax.twinx()
         ax2.plot(x, t.median_onset_hours, "o", color="k", ms=3, label="median onset (model)")
         ax2.plot(x, t.published_median_onset_hours, "D", color="tab:blue", ms=5, label="median onset (published)")
+        ax2.plot(x, t.median_duration_hours, "s", color="0.45", ms=3, label="median episode (model)")
         pooled = result.onsets[(result.onsets.arm == arm) & (result.onsets.dose == "all")]
         if len(pooled) and np.isfinite(pooled.published_median_onset_hours.iloc[0]):
             ax2.axhline(pooled.published_median_onset_hours.iloc[0], color="tab:blue", ls="--", lw=1,
                         label="median onset, all doses (published)")
-        ax2.set_ylabel("median onset (h)", fontsize=8)
-        ax2.set_ylim(0, max(96.0, 1.1 * np.nanmax([*t.median_onset_hours, *t.published_median_onset_hours, 1.0])))
+        if len(pooled) and np.isfinite(pooled.published_median_duration_hours.iloc[0]):
+            ax2.axhline(pooled.published_median_duration_hours.iloc[0], color="0.45", ls=":", lw=1.2,
+                        label="median episode, all doses (published)")
+        ax2.set_ylabel("median onset, episode (h)", fontsize=8)
+        shown = [*t.median_onset_hours, *t.published_median_onset_hours, *t.median_duration_hours, *pooled.published_median_duration_hours, 1.0]
+        ax2.set_ylim(0, max(96.0, 1.1 * np.nanmax(shown)))
         ax.set_xticks(x, t.label, fontsize=7, rotation=45 if len(t) > 8 else 0, ha="right" if len(t) > 8 else "center")
         ax.set_ylabel("patients with CRS starting (%)", fontsize=8)
         ax.set_ylim(0, max(5.0, 1.2 * (total.max() if len(total) else 0.0)))
