@@ -126,7 +126,8 @@ def mae_table(table: pd.DataFrame, per: pd.DataFrame, rates: dict[str, np.ndarra
                                    posterior=with_posterior)
             row |= {f"{name}_mae": float(np.median(sampled)), f"{name}_lower": float(np.percentile(sampled, 2.5)),
                     f"{name}_upper": float(np.percentile(sampled, 97.5))}
-        row["predictive_share_at_least"] = float((sampled >= row["mae"]).mean())
+            if with_posterior:
+                row["predictive_share_at_least"] = float((sampled >= row["mae"]).mean())
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -407,14 +407,14 @@ def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observa
         return _update_at(arr, j, lambda old: jnp.where(at, val, old))
 
     eps = lax.dynamic_index_in_dim(red.crs_log_susceptibility, i, keepdims=False)
-    crs = in_period & (z[0] + eps >= 0.0)
+    a, b = z_start[0] + eps, z[0] + eps  # the grade-1 index against the patient's threshold at the step's start and end
+    crs = in_period & (b >= 0.0)
     # Onset within the step: where the grade-1 index, linear between the step's ends, crosses the
     # patient's threshold (the step end alone would put onsets up to a step, 6-12 h, late).
-    before = jnp.clip((z[0] + eps) / jnp.maximum(z[0] - z_start[0], 1e-12), 0.0, 1.0)
+    before = jnp.clip(b / jnp.maximum(b - a, 1e-12), 0.0, 1.0)
     onset = jnp.maximum(t_end - before * step.dt - start, 0.0)
-    # Time at grade >= 1 within the step, the index linear between the step's ends as for the onset: the
-    # share of the step on the side of the threshold where the larger end lies (1 or 0 when both agree).
-    a, b = z_start[0] + eps, z[0] + eps
+    # Time at grade >= 1 within the step, the index linear as for the onset: the share of the step on
+    # the threshold's side where the larger end lies (1 or 0 when both ends agree).
     above = jnp.clip(jnp.maximum(a, b) / jnp.maximum(jnp.abs(b - a), 1e-12), 0.0, 1.0)
     lower_nadir = m_frac < red.malignant_nadir_fraction
     return red._replace(
