@@ -38,7 +38,7 @@ def test_onset_windows_and_policies_count_what_a_clinic_would():
     d2 = [5, None, None, None, 5] + [None] * 5
     counts = OnsetCounts({"a": _periods(2)})
     counts.add(0, {"a": _table([d1, d2])})
-    onsets = counts.onsets_table({"a": ("mosunetuzumab", "iv")}).set_index("dose")
+    onsets = counts.onsets_table({"a": Arm("a", "mosunetuzumab", "iv", "fl_rr", "mosunetuzumab_fl_iv")}).set_index("dose")
     assert onsets.loc["1", "onsets_per_100_patients"] == 40.0
     assert [onsets.loc["1", f"within_{w}h_percent"] for w in (24, 48, 72)] == [25.0, 50.0, 75.0]
     assert onsets.loc["2", "within_24h_percent"] == 100.0 and onsets.loc["all", "onsets_per_100_patients"] == 60.0
@@ -60,7 +60,7 @@ def test_median_onset_from_the_pooled_histogram():
     counts = OnsetCounts({"a": _periods(1)})
     for draw, part in enumerate(np.split(hours, 4)):  # four draws, added chunk by chunk
         counts.add(draw, {"a": _table([list(part)])})
-    row = counts.onsets_table({"a": ("x", "iv")}).iloc[0]
+    row = counts.onsets_table({"a": Arm("a", "x", "iv", "fl_rr", "x")}).iloc[0]
     assert abs(row.median_onset_hours - np.median(hours)) < 0.3
     assert abs(row.within_24h_percent - 100 * np.mean(hours <= 24)) < 1e-9
     assert row.within_24h_lower < row.within_24h_percent < row.within_24h_upper
@@ -102,8 +102,28 @@ def test_an_episode_lasts_over_the_doses_it_runs_into():
     # Dose 1: episodes of 10, 20 and 40 h (the last running 16 h into dose 2's period); dose 2: one of 6 h.
     counts = OnsetCounts({"a": _periods(2)})
     counts.add(0, {"a": _table([[2, 3, 1, None], [None, None, None, 4]], [[10, 20, 24, 0], [0, 0, 16, 6]])})
-    onsets = counts.onsets_table({"a": ("talquetamab", "sc")}).set_index("dose")
+    talvey = Arm("a", "talquetamab", "sc", "mm_rr", "talquetamab_mm_weekly", "dexamethasone_16mg_step_up")
+    onsets = counts.onsets_table({"a": talvey}).set_index("dose")
     assert 10 <= onsets.loc["1", "duration_q25_hours"] <= onsets.loc["1", "median_duration_hours"] <= 20.25
     assert 19.75 <= onsets.loc["1", "median_duration_hours"] and 5.75 <= onsets.loc["2", "median_duration_hours"] <= 6.25
     assert onsets.loc["all", "published_median_duration_hours"] == 17  # Talvey USPI (vpop/data/onsets.csv)
     assert np.isnan(onsets.loc["1", "published_median_duration_hours"])
+
+
+def test_published_onsets_belong_to_their_cohort_only():
+    """onsets.csv shows a published median only beside the arm that is the published cohort: epcoritamab's
+    20 h after its first full dose (LBCL, dose 3 = 48 mg) is not the FL schedule's dose 3 (the 3 mg step),
+    and Talvey's pooled 17 h applies to both label schedules but not to one given without premedication."""
+    arms = {"epco_lbcl": Arm("epco_lbcl", "epcoritamab", "sc", "dlbcl_rr", "epcoritamab_dlbcl", "epcoritamab_corticosteroid"),
+            "epco_fl": Arm("epco_fl", "epcoritamab", "sc", "fl_rr", "epcoritamab_fl", "epcoritamab_corticosteroid"),
+            "talq_q2w": Arm("talq_q2w", "talquetamab", "sc", "mm_rr", "talquetamab_mm_biweekly", "dexamethasone_16mg_four_step_up"),
+            "talq_bare": Arm("talq_bare", "talquetamab", "sc", "mm_rr", "talquetamab_mm_weekly")}
+    counts = OnsetCounts({name: _periods(4) for name in arms})
+    counts.add(0, {name: _table([[10, None]] * 4) for name in arms})
+    onsets = counts.onsets_table(arms).set_index(["arm", "dose"])
+    assert onsets.loc[("epco_lbcl", "3"), "published_median_onset_hours"] == 20
+    assert onsets.loc[("epco_lbcl", "all"), "published_median_duration_hours"] == 48  # Tepkinly Swiss label
+    assert np.isnan(onsets.loc[("epco_fl", "3"), "published_median_onset_hours"])
+    assert onsets.loc[("talq_q2w", "all"), "published_median_duration_hours"] == 17
+    assert np.isnan(onsets.loc[("talq_bare", "all"), "published_median_onset_hours"])
+    assert onsets.loc[("talq_bare", "all"), "published_source"] == ""

@@ -184,19 +184,20 @@ def versus_published(result: TrialResult, path: Path) -> None:
 
 def crs_onsets(result: TrialResult, path: Path) -> None:
     """When CRS starts after each dose: patients with an onset within 24 h, 24-48 h, 48-72 h and later
-    (stacked, % of patients), the median onset above each bar and the published median (diamond,
-    right axis) where there is one, and how long those episodes last (median hours at grade >= 1,
-    squares; the published median over all doses dotted); doses after which under 0.5% of patients
-    start CRS are left out."""
+    (stacked, % of patients), the median onset above each bar and, on the right axis, the model's median
+    onset (dot) and episode (median hours at grade >= 1, square) beside the published medians (blue)
+    where there are; the last position pools all doses, as the labels mostly report them. Doses after
+    which under 0.5% of patients start CRS are left out."""
     from vpop.trial.monitoring import WINDOWS_HOURS
 
     arms = list(result.arms)
-    fig, axes = plt.subplots(len(arms), 1, figsize=(9.0, 2.9 * len(arms)), squeeze=False)
+    fig, axes = plt.subplots(len(arms), 1, figsize=(11.0, 2.9 * len(arms)), squeeze=False)
     edges = [0, *WINDOWS_HOURS, None]
     shades = plt.get_cmap("Reds")(np.linspace(0.85, 0.3, len(edges) - 1))
     for ax, arm in zip(axes[:, 0], arms):
         t = result.onsets[(result.onsets.arm == arm) & (result.onsets.dose != "all")]
         t = t[t.onsets_per_100_patients >= 0.5]
+        pooled = result.onsets[(result.onsets.arm == arm) & (result.onsets.dose == "all")]
         x = np.arange(len(t))
         total = t.onsets_per_100_patients.to_numpy()
         within = [np.zeros(len(t))] + [np.nan_to_num(t[f"within_{w}h_percent"].to_numpy()) / 100 * total for w in WINDOWS_HOURS] + [total]
@@ -206,25 +207,23 @@ def crs_onsets(result: TrialResult, path: Path) -> None:
         for xi, h, m in zip(x, total, t.median_onset_hours):
             ax.text(xi, h + 0.5, f"{m:.0f} h", ha="center", va="bottom", fontsize=6.5)
         ax2 = ax.twinx()
-        ax2.plot(x, t.median_onset_hours, "o", color="k", ms=3, label="median onset (model)")
-        ax2.plot(x, t.published_median_onset_hours, "D", color="tab:blue", ms=5, label="median onset (published)")
-        ax2.plot(x, t.median_duration_hours, "s", color="0.45", ms=3, label="median episode (model)")
-        pooled = result.onsets[(result.onsets.arm == arm) & (result.onsets.dose == "all")]
-        if len(pooled) and np.isfinite(pooled.published_median_onset_hours.iloc[0]):
-            ax2.axhline(pooled.published_median_onset_hours.iloc[0], color="tab:blue", ls="--", lw=1,
-                        label="median onset, all doses (published)")
-        if len(pooled) and np.isfinite(pooled.published_median_duration_hours.iloc[0]):
-            ax2.axhline(pooled.published_median_duration_hours.iloc[0], color="0.45", ls=":", lw=1.2,
-                        label="median episode, all doses (published)")
+        xs = np.append(x, len(t))  # the doses, then all doses pooled
+        both = pd.concat([t, pooled])
+        ax2.plot(xs, both.median_onset_hours, "o", color="k", ms=3, label="median onset (model)")
+        ax2.plot(xs, both.median_duration_hours, "s", color="0.45", ms=3, label="median episode (model)")
+        ax2.plot(xs, both.published_median_onset_hours, "D", color="tab:blue", ms=5, label="median onset (published)")
+        ax2.plot(xs, both.published_median_duration_hours, "s", mfc="none", mec="tab:blue", ms=7, label="median episode (published)")
+        ax.axvline(len(t) - 0.5, color="0.8", lw=0.8)
         ax2.set_ylabel("median onset, episode (h)", fontsize=8)
-        shown = [*t.median_onset_hours, *t.published_median_onset_hours, *t.median_duration_hours, *pooled.published_median_duration_hours, 1.0]
+        shown = [*both.median_onset_hours, *both.published_median_onset_hours, *both.median_duration_hours,
+                 *both.published_median_duration_hours, 1.0]
         ax2.set_ylim(0, max(96.0, 1.1 * np.nanmax(shown)))
-        ax.set_xticks(x, t.label, fontsize=7, rotation=45 if len(t) > 8 else 0, ha="right" if len(t) > 8 else "center")
+        ax.set_xticks(xs, [*t.label, "all doses"], fontsize=7, rotation=45 if len(t) > 8 else 0, ha="right" if len(t) > 8 else "center")
         ax.set_ylabel("patients with CRS starting (%)", fontsize=8)
-        ax.set_ylim(0, max(5.0, 1.2 * (total.max() if len(total) else 0.0)))
+        ax.set_ylim(0, max(5.0, 1.15 * (total.max() if len(total) else 0.0)))
         ax.set_title(f"{arm}: when CRS starts after each dose", fontsize=10)
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=6.5, frameon=False, loc="upper right", ncol=2)
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(1.07, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

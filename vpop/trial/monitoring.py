@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from vpop import endpoints
+from vpop.simulate import Arm
+from vpop.targets import cohort_arm
 from vpop.trial.statistics import pooled_interval
 
 WINDOWS_HOURS = (24, 48, 72)  # monitoring windows after a dose (labels hospitalise for 24 or 48 h)
@@ -46,10 +48,17 @@ def episode_hours(table: pd.DataFrame, doses: int) -> np.ndarray:
 
 
 def published_onsets() -> pd.DataFrame:
-    """Published median onset times and episode durations (vpop/data/onsets.csv: drug, route, dose or
-    'all', hours, source)."""
+    """Published median onset times and episode durations (vpop/data/onsets.csv: the published cohort as
+    an arm, as in targets.csv; dose or 'all'; hours; source)."""
     with resources.files("vpop.data").joinpath("onsets.csv").open() as f:
         return pd.read_csv(f, comment="#", dtype={"dose": str})
+
+
+def published_for(arm: Arm, published: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `published_onsets` whose cohort is exactly this arm (drug, route, population, regimen,
+    premedication, prophylaxis and delay, compared as `targets.published_rates` does), by dose."""
+    same = [cohort_arm(row, arm.name) == arm for row in published.itertuples()]
+    return published[same].set_index("dose")
 
 
 class OnsetCounts:
@@ -90,12 +99,13 @@ class OnsetCounts:
             row[:len(watch)] = [w if w > 0 else -np.inf for w in watch]
         return names, limits
 
-    def onsets_table(self, drugs: dict[str, tuple[str, str]], seed: int = 0) -> pd.DataFrame:
-        """onsets.csv; `drugs` gives each arm's (drug, route) for the published medians."""
+    def onsets_table(self, arms: dict[str, Arm], seed: int = 0) -> pd.DataFrame:
+        """onsets.csv; `arms` by name, to find the published medians of the arms that are a published cohort."""
         rng = np.random.default_rng(seed)
         published = published_onsets()
         rows = []
         for arm, periods in self.periods.items():
+            reported_by_dose = published_for(arms[arm], published)
             draws = sorted(self.patients[arm])
             n = np.array([self.patients[arm][d] for d in draws], float)
             doses = [(str(k + 1), periods[k].label, [k]) for k in range(len(periods))]
@@ -109,9 +119,7 @@ class OnsetCounts:
                     row |= {f"within_{w}h_percent": 100 * est, f"within_{w}h_lower": 100 * lo, f"within_{w}h_upper": 100 * hi}
                 q25, q50, q75 = _quantiles(hist, (0.25, 0.5, 0.75))
                 d25, d50, d75 = _quantiles(_pooled([self.durations[arm, k] for k in ks]), (0.25, 0.5, 0.75))
-                drug, route = drugs[arm]
-                match = published[(published.drug == drug) & (published.route == route) & (published.dose == dose)]
-                reported = match.iloc[0] if len(match) else pd.Series(dtype=object)
+                reported = reported_by_dose.loc[dose] if dose in reported_by_dose.index else pd.Series(dtype=object)
                 row |= {"median_onset_hours": q50, "onset_q25_hours": q25, "onset_q75_hours": q75,
                         "median_duration_hours": d50, "duration_q25_hours": d25, "duration_q75_hours": d75,
                         "published_median_onset_hours": float(reported.get("median_onset_hours", np.nan)),

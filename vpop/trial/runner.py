@@ -206,7 +206,7 @@ def run_trial(arms: dict[str, Arm], reference_arm: str, settings: TrialSettings,
                        {name: p.compiled.administrations for name, p in prepared[0].items()},
                        {name: response_kind(p) for name, p in prepared[0].items()},
                        pd.concat(sample, ignore_index=True),
-                       onsets.onsets_table({name: (a.drug, a.route) for name, a in arms.items()}, settings.seed),
+                       onsets.onsets_table(arms, settings.seed),
                        onsets.monitoring_table(settings.seed),
                        patients=pd.concat([t for _, t in sorted(kept, key=lambda k: k[0])], ignore_index=True) if store is None else None,
                        dataset=store.dataset if store is not None else None, time_courses=courses)
