@@ -17,7 +17,10 @@
    at `--stream` patients;
 5. calibration with simulator gradients: one value-and-gradient of the calibration's log density
    through the simulator for every calibration cohort (configs/calibration/default.yaml), compile
-   and per-call seconds, the cost that decides whether NUTS can run on the simulator itself.
+   and per-call seconds, the cost that decides whether NUTS can run on the simulator itself. The 19
+   cohorts are padded to one grid shape (`--gradient-growth`, default inf: one kernel), since padding
+   costs a device little and compilation is what cut 0.22.0's attempt short (2-core CPU, 0.26.1:
+   compile 110 s and 14.1 s per gradient with one kernel, 311 s and 9.6 s with the trial's four).
 
 Each step appends to DIR/gpu.json as it finishes, so a lease that runs out keeps what was measured.
 Every step runs in its own process (peak memories are that step's alone).
@@ -49,18 +52,22 @@ def _worker(args: list[str], x64: bool = False, timeout_s: float | None = None) 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def gradient_timing(repeats: int = 3) -> dict:
+def gradient_timing(growth: float, repeats: int = 3) -> dict:
     """Seconds to compile and to evaluate one value-and-gradient of the calibration log density
-    through the simulator (all calibration cohorts of the shipped calibration settings)."""
+    through the simulator (all calibration cohorts of the shipped calibration settings), the cohorts
+    grouped by grid length at `growth` (`model.solver.shared_shape_growth`; inf: one kernel)."""
     import jax
     from numpyro.infer.util import potential_energy
     from omegaconf import OmegaConf
 
+    from vpop import catalogue
     from vpop.calibration import build_problem
     from vpop.calibration.likelihood import numpyro_model
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "calibration" / "default.yaml")
-    problem = build_problem(cfg, roles=("calibration",))
+    model = catalogue.load("model", "default")
+    model.solver.shared_shape_growth = growth
+    problem = build_problem(cfg, roles=("calibration",), model=model)
     u = {p.site: jax.numpy.asarray(0.0) for p in problem.parameters}
     energy = jax.jit(jax.value_and_grad(lambda z: potential_energy(numpyro_model, (problem,), {}, z)))
     t0 = time.perf_counter()
@@ -71,7 +78,7 @@ def gradient_timing(repeats: int = 3) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(energy(u))
         times.append(time.perf_counter() - t0)
-    return dict(cohorts=len(problem.cohorts), patients_per_cohort=int(cfg.patients_per_cohort),
+    return dict(cohorts=len(problem.cohorts), kernels=len(problem.stacks), patients_per_cohort=int(cfg.patients_per_cohort),
                 parameters=len(problem.parameters), compile_s=compile_s, seconds_per_gradient=float(np.median(times)),
                 device=str(jax.devices()[0]))
 
@@ -86,13 +93,15 @@ def main() -> None:
     ap.add_argument("--make-reference", nargs=2, metavar=("N", "PATH"),
                     help="on the host: solve the first N yardstick patients in libroadrunner (rtol 1e-9) and save to PATH")
     ap.add_argument("--gradient-timeout", type=float, default=300, help="seconds the gradient step may take (0: skip it)")
+    ap.add_argument("--gradient-growth", type=float, default=float("inf"),
+                    help="cohorts padded to one grid shape while their lengths differ by at most this factor (inf: one kernel)")
     ap.add_argument("--host-rows", type=int, default=1_000_000, help="patients of the host-share chunk (0: skip)")
     ap.add_argument("--stream", type=int, default=10_000_000, help="patients of the streamed app run (0: skip)")
     ap.add_argument("--stream-chunk", type=int, default=1_000_000)
     ap.add_argument("--gradient-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gradient_worker:
-        print(json.dumps(gradient_timing()))
+        print(json.dumps(gradient_timing(args.gradient_growth)))
         return
     if args.make_reference:
         make_reference(int(args.make_reference[0]), args.make_reference[1])
@@ -151,9 +160,10 @@ def main() -> None:
         record(f"streamed app run N={args.stream}", stream)
 
     # Last: compiling the gradient through every calibration cohort is the step whose time is hardest to
-    # foresee (226 s on the 2-core CPU).
+    # foresee (2-core CPU: 110 s with one kernel, 226-311 s with four).
     def gradient():
-        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--gradient-worker"], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--gradient-worker",
+                               "--gradient-growth", str(args.gradient_growth)], capture_output=True, text=True,
                               timeout=args.gradient_timeout)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
