@@ -1,5 +1,6 @@
 """Virtual patients: reproducibility, chunk independence, digital twins."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -214,3 +215,21 @@ def test_susceptibility_sd_sets_the_spread_of_log_susceptibility():
     assert np.std(narrow) / np.std(wide) == pytest.approx(0.5, rel=0.05)
     assert abs(np.median(narrow)) < 0.05
     np.testing.assert_allclose(narrow, wide / 2, atol=1e-5)  # the same z of each patient
+
+
+def test_sclc_sets_its_own_dll3_negative_share_over_the_shared_spread():
+    """SCLC's DLL3-negative share (median 0.262, logit SD 3.21, from SP347 staining) is its own: the
+    posterior's shared spread `model.malignant.refractory_logit_sd` does not reach it, and drawn over
+    many patients the share puts DLL3 on >= 50% of cells in ~63% and on >= 25% in ~75% of them, the
+    midpoints of the staining review it was set from."""
+    from vpop.parameters import ParameterScope, params_path
+
+    sclc, fl = ParameterScope("tarlatamab", "iv", "sclc_2l"), ParameterScope("mosunetuzumab", "iv", "fl_rr")
+    assert params_path("model.malignant.refractory_logit_sd", sclc) is None
+    assert params_path("model.malignant.refractory_logit_sd", fl) == "malignant.refractory_logit_sd"
+    prepared = prepare_arm(Arm("t", "tarlatamab", "iv", "sclc_2l", "tarlatamab_sclc"), horizon_days=7)
+    m = prepared.inputs.typical.malignant
+    assert np.isclose(float(m.refractory_fraction), 0.262) and np.isclose(float(m.refractory_logit_sd), 3.21)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20_000)
+    share = np.asarray(jax.vmap(lambda k: population.refractory_share(m, k).refractory_fraction)(keys))
+    assert abs(np.mean(share <= 0.5) - 0.6265) < 0.015 and abs(np.mean(share <= 0.75) - 0.747) < 0.015
