@@ -135,3 +135,17 @@ def test_a_population_variability_entry_for_the_crs_susceptibility_is_refused(tm
     monkeypatch.setattr(catalogue, "_user_dirs", [tmp_path.resolve(), *catalogue._user_dirs])
     msg = _error(population="fl_rr_old")
     assert "population/fl_rr_old.variability.crs.susceptibility" in msg and "model.crs.susceptibility_sd" in msg
+
+
+def test_crs_switches_take_0_or_1_and_holds_are_not_exported(tmp_path):
+    """`model.crs.rescue` and `hold_until_resolved` are switches: another value is refused naming the
+    field; the SBML export refuses dose holds (its regimen is timed events) before writing anything."""
+    from vpop import export
+
+    arm = Arm("a", "mosunetuzumab", "iv", "fl_rr", GOOD)
+    with pytest.raises(ConfigError, match=r"model.crs.hold_until_resolved must be 0 \(off\) or 1 \(on\), got 2"):
+        prepare_arm(arm, overrides={"model.crs.hold_until_resolved": 2.0})
+    held = prepare_arm(arm, overrides={"model.crs.hold_until_resolved": 1.0})
+    with pytest.raises(ConfigError, match="model.crs.hold_until_resolved: dose holds for CRS are not exported"):
+        export.write_arm(held, "typical", 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

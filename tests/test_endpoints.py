@@ -15,7 +15,7 @@ def _crs_params(**kw):
     base = dict(grade1_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, fever_other_weight=0.5,
                 vascular_other_weight=0.02, susceptibility=1.0, susceptibility_sd=0.8, occasion_share=0.0, rescue=1.0,
                 rescue_tocilizumab_mg_per_kg=8.0, rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0, rescue_delay_hours=3.0,
-                rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0)
+                rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0, hold_until_resolved=0.0)
     base.update(kw)
     return endpoints.CRSParams(**{k: jnp.asarray(v) for k, v in base.items()})
 
@@ -230,6 +230,45 @@ def test_grade3_adds_dexamethasone():
     p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(40.0)))
     red = solver.simulate_patient(p, schedule)
     assert red.crs_grade[0] >= 3 and red.dex_rescue[0] == 1 and red.toci_rescue[0] == 1
+
+
+def test_a_dose_due_during_crs_is_held_until_it_resolves_and_given_whole():
+    """With `hold_until_resolved` on, teclistamab's second step-up dose, due while the patient still
+    has CRS from the first, waits until the grade-1 index falls below the patient's threshold, is
+    then given whole into the depot, and its period (onset, the index at the dose) starts there. Off,
+    the same patient gets it on schedule and no new CRS can start after it."""
+    reg = doses((1, 1, 0.06, "mg/kg"), (1, 4, 0.3, "mg/kg"), cycle_days=14)
+    p, schedule, _ = patient("teclistamab", "sc", "mm_rr", reg, patient_id=0)
+    # A patient whose first reaction is still running 3 days later (the index crosses back by day ~4.5).
+    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(8.0), rescue=jnp.asarray(0.0)))
+    held = p._replace(crs=p.crs._replace(hold_until_resolved=jnp.asarray(1.0)))
+    red_off, traj_off = solver.simulate_patient(p, schedule, trajectory=True)
+    red_on, traj_on = solver.simulate_patient(held, schedule, trajectory=True)
+    eps = float(np.log(8.0))
+    t_end = np.asarray(schedule.steps.t_start + schedule.steps.dt)
+    z_off = np.asarray(solver.crs_index(system.observe(traj_off, p), p))[:, 0] + eps
+    second = 3.0  # day 4 of cycle 1
+    at_second = int(np.searchsorted(t_end, second - 1e-9))
+    assert z_off[at_second] >= 0  # CRS still running at the scheduled second dose
+    assert list(np.asarray(red_off.crs_hold_day)) == [0.0, 0.0] and int(red_off.crs_grade[1]) == 0
+    delay = float(red_on.crs_hold_day[1])
+    assert delay > 0.0
+    given = second + delay
+    z_on = np.asarray(solver.crs_index(system.observe(traj_on, held), held))[:, 0] + eps
+    before = t_end <= given + 1e-6
+    assert np.all(z_on[(t_end > second) & before][:-1] >= 0)  # held while CRS ran
+    assert z_on[before][-1] < 0  # given at the first step that starts below grade 1
+    assert float(red_on.crs_index_at_dose[1, 0]) + eps < 0
+    # Given whole, into the depot, at that step: (depot before + dose) absorbed at ka over the step.
+    depot = np.asarray(traj_on.drugs.bispecific.depot)
+    k = int(np.argmax(~before))  # the step that starts with the dose
+    dt = float(schedule.steps.dt[k])
+    arrived = depot[k] * np.exp(float(held.bispecific_pk.ka_per_day) * dt) - depot[k - 1]
+    dose_mg = 0.3 * float(p.patient.weight_kg) * float(p.bispecific_pk.bioavailability)
+    assert arrived == pytest.approx(dose_mg, rel=0.01)
+    assert np.all(np.diff(depot[(t_end > second) & before]) <= 1e-6)  # nothing arrived while held
+    # The new reaction counts after the dose actually given.
+    assert int(red_on.crs_grade[1]) >= 1 and float(red_on.crs_onset_day[1]) >= 0
 
 
 def _half_rescue_hours(p, schedule):

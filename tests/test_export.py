@@ -67,7 +67,7 @@ def test_libroadrunner_on_the_export_matches_vpops_equations(drug, route, popula
         p = p._replace(crs=p.crs._replace(rescue=jax.numpy.zeros(())))  # the export has no rescue
         steps = jax.tree_util.tree_map(np.asarray, schedule.steps)
         keep = (steps.dt > 0) & (steps.t_start < HORIZON_DAYS)
-        schedule = solver.Schedule(solver.Steps(*(x[keep] for x in steps)), schedule.period_start_day, schedule.assessment_day)
+        schedule = schedule._replace(steps=solver.Steps(*(x[keep] for x in steps)))
         times = np.concatenate([[schedule.steps.t_start[0]], schedule.steps.t_start + schedule.steps.dt])
         sbml = export.to_sbml(export.patient_model(p, schedule, "test"))
         expected = _reference(p, schedule, times)

@@ -34,7 +34,9 @@ patient's grade >= 2 (tocilizumab given or not) and grade >= 3 (dexamethasone) e
 expectation would need each patient's trajectory without the rescue too; integrating over all
 $\varepsilon$ on the rescued trajectory instead is biased (measured at the 0.7.0 medians, 1,000
 patients: mosunetuzumab IV grade >= 2 -4.0 and grade >= 3 +8.0, teclistamab grade >= 2 -6.1
-percentage points).
+percentage points). Dose holds (`crs.hold_until_resolved`: an administration due during CRS given
+once it resolves) make the trajectory depend on $\varepsilon$ the same way, and bound it the same way
+(`hold_interval`); a held administration's period starts where it is given.
 
 Response (from the burden recorded at the assessment days). Progression (PD) is judged on the
 modelled burden; the response level on the *assessed* burden $b\,e^{\delta}$, with $\delta$ the
@@ -130,6 +132,7 @@ class CRSParams(NamedTuple):
     rescue_delay_hours: Array  # onset of grade 2 (3) to the start of tocilizumab (dexamethasone)
     rescue_tocilizumab_infusion_hours: Array
     rescue_dexamethasone_infusion_hours: Array  # 0: given at once
+    hold_until_resolved: Array  # 1: a dose due during CRS (grade >= 1) is held until it resolves (the labels' rule)
 
 
 class ResponseParams(NamedTuple):
@@ -239,6 +242,26 @@ def rescue_interval(peak: Array, toci: Array, dex: Array, epsilon: Array, rescue
     patient's rescue history: the intersection of the periods' `rescue_bounds`. Returns (lo, hi)."""
     lo, hi = rescue_bounds(peak, toci, dex, epsilon, rescue_on)
     return jnp.max(lo, axis=-1), jnp.min(hi, axis=-1)
+
+
+# `held_index_min` of an administration that was never held: above any index a hold is made at.
+NOT_HELD_INDEX = 100.0
+
+
+def hold_interval(at_dose: Array, held_index_min: Array, crs_hold_day: Array, epsilon: Array, hold_on: Array) -> tuple[Array, Array]:
+    """The one susceptibility epsilon (`occasion_share` 0) that gives this patient's dose holds
+    (`crs.hold_until_resolved`, `vpop.model.solver`): an administration held while the grade-1 index
+    was z needs z + epsilon >= 0 (`held_index_min`: its smallest such z), one given after the first
+    needs the index at it below the threshold, at_dose[k, 0] + epsilon < 0 (it would have been held
+    otherwise). From the indices at the doses [..., P, 4], per-period holds and delays [..., P]; returns
+    (lo, hi), unbounded with holds off. The patient's own epsilon always lies inside."""
+    inf = jnp.asarray(jnp.inf, at_dose.dtype)
+    e = jnp.asarray(epsilon)
+    given_later = (crs_hold_day >= 0) & (jnp.arange(crs_hold_day.shape[-1]) > 0)
+    lo = jnp.max(jnp.where(held_index_min < NOT_HELD_INDEX, -held_index_min, -inf), axis=-1)
+    hi = jnp.min(jnp.where(given_later, -at_dose[..., 0], inf), axis=-1)
+    on = jnp.asarray(hold_on) > 0
+    return jnp.where(on, jnp.minimum(lo, e), -inf), jnp.where(on, jnp.maximum(hi, e + 1e-6), inf)
 
 
 def interval_probability(a: Array, b: Array, omega: Array, lo: Array, hi: Array) -> Array:

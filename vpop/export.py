@@ -404,6 +404,11 @@ def write_arm(prepared, which, seed: int, out_dir, draw: int = 0) -> list:
     """SBML (`<arm>_<patient>.xml`) and Antimony (`.ant`) of an arm's patients into out_dir."""
     from pathlib import Path
 
+    from vpop.catalogue import ConfigError
+
+    if float(np.asarray(prepared.inputs.typical.crs.hold_until_resolved)) > 0:
+        raise ConfigError("model.crs.hold_until_resolved: dose holds for CRS are not exported (the regimen is written as "
+                          "timed events); export with model.crs.hold_until_resolved=0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -87,6 +87,22 @@ def draws(posterior: str | None, n_draws: int, seed: int = 0) -> list[dict[str, 
     return [{v: float(flat[v][i]) for v in names} for i in idx]
 
 
+def with_settings(draws: list[dict[str, float]], settings: list[str]) -> list[dict[str, float]]:
+    """The draws with model settings that no posterior holds added to each (`PATH=NUMBER`, e.g.
+    `model.crs.hold_until_resolved=1`), for scripts that evaluate a posterior under another model
+    setting; ConfigError names a malformed one."""
+    fixed = {}
+    for s in settings:
+        path, _, value = s.partition("=")
+        try:
+            fixed[path.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--set {s!r}: expected a config path and a number, e.g. model.crs.hold_until_resolved=1") from None
+        if "." not in path or not path.startswith(("model.", "drug.", "population.")):
+            raise ConfigError(f"--set {s!r}: the path must start with model., drug. or population.")
+    return [{**d, **fixed} for d in draws]
+
+
 def extend(base: str, addition, seed: int = 0):
     """The InferenceData of posterior `base` (`default` or a path) with the posterior draws of
     `addition` (a calibration of some parameters with the base's others held at their medians,

@@ -494,4 +494,5 @@ def build_schedule(compiled: CompiledRegimen, solver: DictConfig) -> Schedule:
         period=jnp.asarray(period, jnp.int32),
         assessment=jnp.asarray(assess, jnp.int32),
     )
-    return Schedule(steps, jnp.asarray(period_start, f), jnp.asarray(compiled.assessment_days, f))
+    holdable = jnp.asarray([not a.continuous for a in compiled.periods], bool)
+    return Schedule(steps, jnp.asarray(period_start, f), jnp.asarray(compiled.assessment_days, f), holdable)

@@ -95,6 +95,9 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
     grid_model = parameters.with_overrides(model, "model", None, {k: v for k, v in (overrides or {}).items()
                                                                    if k.startswith("model.solver.")})
     model = parameters.with_overrides(model, "model", None, overrides)
+    for switch in ("rescue", "hold_until_resolved"):
+        if model.crs[switch] not in (0, 1):
+            raise ConfigError(f"model.crs.{switch} must be 0 (off) or 1 (on), got {model.crs[switch]!r}")
     where = f"arms.{arm.name}"
     if not isinstance(arm.population, str):
         raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")
@@ -471,7 +474,8 @@ def pad_schedule(schedule: solver.Schedule, k: int, n_periods: int, n_assessment
     def pad_to(x, n):
         return jnp.concatenate([x, jnp.full((n - x.shape[0],), x[-1], x.dtype)]) if n > x.shape[0] else x
 
-    return solver.Schedule(steps, pad_to(schedule.period_start_day, n_periods), pad_to(schedule.assessment_day, n_assessments))
+    return solver.Schedule(steps, pad_to(schedule.period_start_day, n_periods), pad_to(schedule.assessment_day, n_assessments),
+                           pad_to(schedule.period_holdable, n_periods))
 
 
 def common_shape(prepared: list[PreparedArm]) -> list[PreparedArm]:

@@ -204,7 +204,7 @@ def _fold(p, sched, traj):
         step, y = xs
         obs = system.observe(y, p)
         z = solver.crs_index(obs, p)
-        return (solver.fold_reductions(red, 0.0, z_start, z, obs, step, sched.period_start_day, base, p), z), None
+        return (solver.fold_reductions(red, 0.0, z_start, z, obs, step, solver.Dosing.on_schedule(step, sched.period_start_day), base, p), z), None
 
     (red, _), _ = jax.lax.scan(f, (solver.init_reductions(sched, p, base.t_blood.dtype), solver.crs_index(base, p)), (used, traj))
     return red

@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--patients", type=int, default=500, help="virtual patients per draw")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=NUMBER",
+                    help="a model setting for every draw, e.g. model.crs.hold_until_resolved=1 (repeatable)")
     args = ap.parse_args(argv)
     for name in ("draws", "patients"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    draws = posterior.draws(args.posterior, args.draws, args.seed)
+    draws = posterior.with_settings(posterior.draws(args.posterior, args.draws, args.seed), args.set)
     targets = published.load("targets").set_index("id")
     reported = pd.read_csv(PUBLISHED).set_index(["target", "statistic"]).published
     rows = []

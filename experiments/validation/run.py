@@ -431,7 +431,7 @@ def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta:
     sens_lines = [f"- {r.endpoint}: {r.parameter} PRCC {r.prcc:+.2f}" for r in top.itertuples()]
     return f"""# vpop validation report
 
-Posterior: `{meta['posterior']}` ({meta['draws']} draws), {meta['patients']} virtual patients per arm and draw,
+Posterior: `{meta['posterior']}` ({meta['draws']} draws{meta['settings']}), {meta['patients']} virtual patients per arm and draw,
 seed {meta['seed']}, {meta['seconds']:.0f} s. Predictions come from the trial runner (0/1 endpoints, rescue on);
 predictive intervals are for a trial of the published size. Validation targets never entered the likelihood.
 
@@ -487,13 +487,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=40, help="posterior draws")
     parser.add_argument("--sensitivity-draws", type=int, default=120, help="posterior draws for the PRCC")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=NUMBER",
+                        help="a model setting for every draw, e.g. model.crs.hold_until_resolved=1 (repeatable)")
     args = parser.parse_args(argv)
     for name in ("patients", "draws", "sensitivity_draws"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
     started = time.perf_counter()
     spec = OmegaConf.load(HERE / "comparisons.yaml")
-    draws = posterior.draws(args.posterior, args.draws, args.seed)
+    draws = posterior.with_settings(posterior.draws(args.posterior, args.draws, args.seed), args.set)
     targets = published.load("targets")
     targets = targets[targets.role.isin(["calibration", "validation"])]
     n_arms = targets.groupby(list(published.COHORT), dropna=False).ngroups
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                           ignore_index=True)
         doses = dose_period_table(spec.approved_regimens, sim)
         per = per_dose_table(targets, sim, args.seed)
-        sens = sensitivity_table(spec.sensitivity, posterior.draws(args.posterior, args.sensitivity_draws, args.seed + 1),
+        sens = sensitivity_table(spec.sensitivity, posterior.with_settings(posterior.draws(args.posterior, args.sensitivity_draws, args.seed + 1), args.set),
                                  args.patients, args.seed, bar)
     table["abs_error"] = (table.observed - table.predicted).abs()
     overlap = (table.lower <= table.observed_upper) & (table.observed_lower <= table.upper)
@@ -524,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     figures(table, doses, sens, staging / "figures")
     per_dose_figure(per, staging / "figures" / "per_dose.png")
     meta = dict(posterior=args.posterior, draws=len(draws), patients=args.patients, seed=args.seed,
+                settings="".join(f", {s}" for s in args.set),
                 sensitivity_draws=args.sensitivity_draws, seconds=time.perf_counter() - started)
     (staging / "report.md").write_text(markdown(table, doses, sens, meta, per, maes))
     out.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,9 @@ class Problem:
                                                        typ.crs.occasion_share, lo, hi)
         else:  # one susceptibility for the whole course: the exact interval probabilities
             lo, hi = endpoints.rescue_interval(*history)
+            hold_lo, hold_hi = endpoints.hold_interval(red.crs_index_at_dose, red.held_index_min, red.crs_hold_day,
+                                                       red.crs_log_susceptibility[..., 0], typ.crs.hold_until_resolved)
+            lo, hi = jnp.maximum(lo, hold_lo), jnp.minimum(hi, hold_hi)
             out = endpoints.crs_probabilities(red.crs_index_peak, red.crs_index_at_dose, omega_crs, lo, hi)
         # Stacked cohorts share padded assessment lists; padded slots stay NaN (never assessed).
         margins = endpoints.response_margins(cohort.kind, red.malignant_fraction_at, red.marrow_malignant_fraction_at,
@@ -193,6 +196,10 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
         paths = parameters.parameter_paths([p.config_path for p in params], scope)
         response = population.load(arm.population).response
         occasions = "crs.occasion_share" in paths.values() or float(prepared.inputs.typical.crs.occasion_share) > 0
+        if occasions and float(prepared.inputs.typical.crs.hold_until_resolved) > 0:
+            raise ConfigError("model.crs.hold_until_resolved: dose holds are integrated over one susceptibility per "
+                              "patient only; set model.crs.occasion_share to 0 and leave it out of calibration.parameters, "
+                              "or hold_until_resolved to 0")
         cohorts.append(Cohort(arm, float(t.horizon_days), prepared, group, paths, str(response.kind),
                               float(response.get("cr_residual_volume_ml", 0.0)), _omega(prepared, "response.assessment_bias"),
                               occasions))

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from vpop import endpoints
 from vpop.model import system
@@ -83,6 +83,7 @@ class Schedule(NamedTuple):
     steps: Steps
     period_start_day: Float[Array, " P"]  # day of each administration of the bispecific
     assessment_day: Float[Array, " A"]  # days at which disease burden is recorded
+    period_holdable: Bool[Array, " P"]  # a dose or short infusion, which CRS can hold (a continuous infusion runs on)
 
 
 # State leaves that dosing can reach, in channel order. Infusions reach drug leaves only.
@@ -125,6 +126,8 @@ class Reductions(NamedTuple):
     toci_rescue: Float[Array, " P"]  # 1 if the period reached grade 2: tocilizumab given (after `rescue_delay_hours`)
     dex_rescue: Float[Array, " P"]  # 1 if the period reached grade 3: dexamethasone given too
     crs_log_susceptibility: Float[Array, " P"]  # epsilon_k, the patient's CRS susceptibility in each period
+    crs_hold_day: Float[Array, " P"]  # days the period's administration was held for CRS (0 on schedule, -1: never given)
+    held_index_min: Float[Array, " P"]  # smallest grade-1 index z_1 at which the administration was held (endpoints.NOT_HELD_INDEX: not held)
     assessment_log_bias: Float[Array, ""]  # delta, the patient's response-assessment effect
     refractory_share: Float[Array, ""]  # f, the patient's refractory share of the burden at the start
     malignant_nadir_fraction: Float[Array, ""]  # smallest malignant burden relative to baseline
@@ -258,7 +261,7 @@ def refine(schedule: Schedule, factor) -> Schedule:
         period=s.period[idx],
         assessment=np.where(last, s.assessment[idx], -1),
     )
-    return Schedule(steps, np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+    return Schedule(steps, *(np.asarray(x) for x in schedule[1:]))
 
 
 def mergeable(schedule: Schedule) -> np.ndarray:
@@ -286,7 +289,7 @@ def merge(schedule: Schedule, pair) -> Schedule:
     s = s._replace(dt=np.where(pair, s.dt + s.dt[nxt], s.dt), assessment=np.where(pair, s.assessment[nxt], s.assessment))
     keep = ~absorbed & (s.dt > 0)
     steps = Steps(*(x[keep] for x in s))
-    return Schedule(steps, np.asarray(schedule.period_start_day), np.asarray(schedule.assessment_day))
+    return Schedule(steps, *(np.asarray(x) for x in schedule[1:]))
 
 
 # A state's error is measured relative to its value, or to this share of its largest value over the
@@ -355,6 +358,8 @@ def init_reductions(schedule: Schedule, p: Params, dtype) -> Reductions:
         toci_rescue=zp,
         dex_rescue=zp,
         crs_log_susceptibility=jnp.broadcast_to(jnp.log(p.crs.susceptibility), zp.shape).astype(dtype),
+        crs_hold_day=zp - 1.0,
+        held_index_min=zp + endpoints.NOT_HELD_INDEX,
         assessment_log_bias=jnp.log(p.response.assessment_bias).astype(dtype),
         refractory_share=jnp.asarray(p.malignant.refractory_fraction, dtype),
         malignant_nadir_fraction=one,
@@ -375,18 +380,86 @@ def crs_index(obs: system.Observables, p: Params) -> Array:
     return endpoints.crs_index(obs.il6_signalling_pg_ml, obs.myeloid_output_pg_ml, p.crs)
 
 
-def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observables, step: Steps, period_start, base,
+class Dosing(NamedTuple):
+    """Where a patient stands in the bispecific's schedule (scan carry): the dose period whose
+    administration was given last (-1: none yet; the period every reduction of the step goes to),
+    the day it was given, whether it was given at this step, and the amounts held back (mg per input
+    channel) while `crs.hold_until_resolved` delays it. Without holds a period's administration is
+    given on its scheduled day (`on_schedule`)."""
+
+    period: Array
+    day: Array
+    given_now: Array
+    held_now: Array  # an administration due was held at this step
+    held_mg: Array
+
+    @staticmethod
+    def none(dtype) -> Dosing:
+        no = jnp.asarray(False)
+        return Dosing(jnp.asarray(-1), jnp.zeros((), dtype), no, no, jnp.zeros(len(INPUT_CHANNELS), dtype))
+
+    @staticmethod
+    def on_schedule(step: Steps, period_start) -> Dosing:
+        """The administration of the step's own period, given on its scheduled day."""
+        i = jnp.maximum(step.period, 0)
+        start = lax.dynamic_index_in_dim(period_start, i, keepdims=False)
+        first = (step.period >= 0) & (jnp.abs(step.t_start - start) < 1e-6) & (step.dt > 0)
+        return Dosing(step.period, start, first, jnp.asarray(False), jnp.zeros(len(INPUT_CHANNELS), start.dtype))
+
+
+def scheduled_here(step: Steps, period_start) -> Array:
+    """Whether a dose period's administration is scheduled at the start of this step."""
+    return Dosing.on_schedule(step, period_start).given_now
+
+
+# Input channels of an administration of the bispecific, which a hold keeps back: the drug and the
+# margination pulse that marks its start (`vpop.regimen.build_schedule`).
+_HELD_CHANNELS = np.array([path.startswith("drugs.bispecific.") or path == "host.cytokines.margination" for path in INPUT_CHANNELS])
+
+
+def _hold_inputs(dosing: Dosing, bolus: Array, rate: Array, z_start: Array, epsilon: Array, step: Steps,
+                 period_start, period_holdable, p: Params) -> tuple[Array, Array, Dosing]:
+    r"""The labels' rule for CRS at a dose (e.g. TECVAYLI, TALVEY, COLUMVI USPI boxed warnings:
+    "withhold until CRS resolves"), when `crs.hold_until_resolved` is on: a period's administration
+    due while the patient is at grade $\ge 1$ ($z_1 + \varepsilon \ge 0$ at the step's start, at the
+    susceptibility of the period given last) is held, its bispecific inputs (boluses, and the
+    infusion's amount step by step) kept back, and given at the first step that starts below grade 1,
+    at once into the channels they were meant for (an infusion's held part as a bolus: the amount, not
+    its rate, is kept; with it the margination pulse of its start). A continuous infusion is not held
+    (`Schedule.period_holdable`; blinatumomab's label interrupts it at grade 3 only). Its period then starts there: onsets, peaks and the index at the dose count from the
+    administration actually given. An administration still held when the next one is due is skipped
+    (the schedule's grid is shared by the arm's patients; a held dose cannot move the later ones).
+    Off, every administration is given on its scheduled day. Returns the inputs and the new `Dosing`."""
+    due = (step.period > dosing.period) & (step.dt > 0)
+    i = jnp.maximum(dosing.period, 0)
+    running = (dosing.period >= 0) & (z_start[0] + lax.dynamic_index_in_dim(epsilon, i, keepdims=False) >= 0.0)
+    holdable = lax.dynamic_index_in_dim(period_holdable, jnp.maximum(step.period, 0), keepdims=False)
+    hold = (p.crs.hold_until_resolved > 0) & due & running & holdable
+    bis = jnp.asarray(_HELD_CHANNELS, bolus.dtype)
+    # A newly scheduled administration replaces one still held from an earlier period (that one is skipped).
+    carried = jnp.where(scheduled_here(step, period_start), 0.0, dosing.held_mg)
+    scheduled_mg = bis * (bolus + rate * step.dt)
+    given_now = due & ~hold
+    bolus = jnp.where(hold, bolus * (1.0 - bis), bolus + jnp.where(given_now, carried, 0.0))
+    rate = jnp.where(hold, rate * (1.0 - bis), rate)
+    dosing = Dosing(period=jnp.where(given_now, step.period, dosing.period), day=jnp.where(given_now, step.t_start, dosing.day),
+                    given_now=given_now, held_now=hold, held_mg=jnp.where(hold, carried + scheduled_mg, 0.0))
+    return bolus, rate, dosing
+
+
+def fold_reductions(red: Reductions, conc_start, z_start, z, obs: system.Observables, step: Steps, dosing: Dosing, base,
                     p: Params) -> Reductions:
     """Fold the observables at the end of a step into the running per-patient summaries
     (conc_start: drug concentration at the start of the step, after any bolus, for the AUC; z_start:
-    the CRS indices at the start of the step, recorded as the period's value at the dose on its
-    first step; z: the indices at its end, `crs_index(obs, p)`, computed once by the caller, which
-    carries them to the next step)."""
+    the CRS indices at the start of the step, recorded as the period's value at the dose on the step
+    its administration is given; z: the indices at its end, `crs_index(obs, p)`, computed once by the
+    caller, which carries them to the next step; dosing: the administration given last, whose period
+    the step belongs to, `Dosing.on_schedule` without holds)."""
     t_end = step.t_start + step.dt
-    in_period = step.period >= 0
-    i = jnp.maximum(step.period, 0)
-    start = lax.dynamic_index_in_dim(period_start, i, keepdims=False)
-    first_step = in_period & (jnp.abs(step.t_start - start) < 1e-6) & (step.dt > 0)
+    in_period = dosing.period >= 0
+    i = jnp.maximum(dosing.period, 0)
+    start = dosing.day
+    first_step = dosing.given_now
 
     def period_max(arr, val):
         return _update_at(arr, i, lambda old: jnp.where(in_period, jnp.maximum(old, val), old))
@@ -449,8 +522,10 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
     base = system.observe(y0, p)
 
     def body(carry, grid: Steps):
-        y, red, z_start, rescue = carry
+        y, red, z_start, rescue, dosing = carry
         bolus, rate = patient_inputs(grid, p)
+        bolus, rate, dosing = _hold_inputs(dosing, bolus, rate, z_start, red.crs_log_susceptibility, grid,
+                                           schedule.period_start_day, schedule.period_holdable, p)
         rescue_bolus, rescue_rate, rescue = _rescue_inputs(rescue, grid, p)
         bolus, rate = bolus + rescue_bolus, rate + rescue_rate
         for i, path in enumerate(INPUT_CHANNELS):
@@ -459,14 +534,15 @@ def simulate_patient(p: Params, schedule: Schedule, trajectory: bool = False, st
         y_next = step(grid.t_start, grid.dt, y, rate, p)
         obs = system.observe(y_next, p)
         z = crs_index(obs, p)
-        red = fold_reductions(red, conc_start, z_start, z, obs, grid, schedule.period_start_day, base, p)
-        red, rescue = _decide_rescue(red, rescue, z_start, z, grid, p)
-        return (y_next, red, z, rescue), (y_next if trajectory else None)
+        red = fold_reductions(red, conc_start, z_start, z, obs, grid, dosing, base, p)
+        red = _record_dose_day(red, dosing, z_start, grid, schedule.period_start_day)
+        red, rescue = _decide_rescue(red, rescue, z_start, z, grid, dosing, p)
+        return (y_next, red, z, rescue, dosing), (y_next if trajectory else None)
 
     dtype = base.t_blood.dtype
-    init = (y0, init_reductions(schedule, p, dtype), crs_index(base, p), Rescue.none(dtype))
+    init = (y0, init_reductions(schedule, p, dtype), crs_index(base, p), Rescue.none(dtype), Dosing.none(dtype))
     # Checkpointing the step keeps reverse-mode memory at one state per step (for calibration).
-    (_, red, _, _), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
+    (_, red, _, _, _), traj = lax.scan(jax.checkpoint(body), init, schedule.steps)
     eps = red.crs_log_susceptibility
     grades = endpoints.period_grades(red.crs_index_peak, red.crs_index_at_dose, eps)
     started = endpoints.started(red.crs_index_peak, red.crs_index_at_dose, eps)
@@ -533,15 +609,28 @@ def _rescue_inputs(rescue: Rescue, grid: Steps, p: Params) -> tuple[Array, Array
     return bolus, rate, rescue._replace(toci_given=toci_given, dex_given=dex_given)
 
 
-def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, grid: Steps, p: Params) -> tuple[Reductions, Rescue]:
+def _record_dose_day(red: Reductions, dosing: Dosing, z_start: Array, step: Steps, period_start) -> Reductions:
+    """Where a period's administration is given, its delay (days after its scheduled day); where one is
+    held, the grade-1 index it was held at (the smallest: the susceptibilities that hold it throughout)."""
+    i = jnp.maximum(dosing.period, 0)
+    delay = dosing.day - lax.dynamic_index_in_dim(period_start, i, keepdims=False)
+    j = jnp.maximum(step.period, 0)
+    return red._replace(
+        crs_hold_day=_update_at(red.crs_hold_day, i, lambda old: jnp.where(dosing.given_now, delay, old)),
+        held_index_min=_update_at(red.held_index_min, j, lambda old: jnp.where(dosing.held_now, jnp.minimum(old, z_start[0]), old)),
+    )
+
+
+def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, grid: Steps, dosing: Dosing,
+                   p: Params) -> tuple[Reductions, Rescue]:
     """At the end of a step: tocilizumab once the period reaches grade >= 2, dexamethasone too at grade
     >= 3, once each per period, each starting `rescue_delay_hours` after the onset of its grade (where
     the index crosses the patient's threshold, linear within the step; at the step's start if it was
     already above)."""
     c = p.crs
-    i = jnp.maximum(grid.period, 0)
+    i = jnp.maximum(dosing.period, 0)
     eps = lax.dynamic_index_in_dim(red.crs_log_susceptibility, i, keepdims=False)
-    on = (c.rescue > 0) & (grid.period >= 0) & (grid.dt > 0)
+    on = (c.rescue > 0) & (dosing.period >= 0) & (grid.dt > 0)
     g = endpoints.grade_now(lax.dynamic_index_in_dim(red.crs_index_peak, i, keepdims=False), eps)
     t_end = grid.t_start + grid.dt
 

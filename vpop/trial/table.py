@@ -72,7 +72,7 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         if k >= n_periods:
             cols[f"dose{k + 1}"] = missing["str"]
             cols["crs_grade" + d] = missing["int"]
-            cols["crs_onset_day" + d] = cols["crs_duration_day" + d] = missing["float"]
+            cols["crs_onset_day" + d] = cols["crs_duration_day" + d] = cols["crs_hold_day" + d] = missing["float"]
             cols["toci_rescue" + d] = missing["bool"]
             for name in PER_DOSE_VALUES:
                 cols[name + d] = missing["float"]
@@ -81,6 +81,8 @@ def patient_table(prepared: PreparedArm, result, draw: int, n_doses: int | None 
         cols["crs_grade" + d] = grades[:, k].astype(int)
         cols["crs_onset_day" + d] = np.where(red["crs_onset_day"][:, k] >= 0, red["crs_onset_day"][:, k], np.nan)
         cols["crs_duration_day" + d] = red["crs_duration_day"][:, k]
+        # Days the administration was held for CRS (model.crs.hold_until_resolved; 0 on schedule, NaN: never given).
+        cols["crs_hold_day" + d] = np.where(red["crs_hold_day"][:, k] >= 0, red["crs_hold_day"][:, k], np.nan)
         cols["toci_rescue" + d] = red["toci_rescue"][:, k] > 0
         for name in PER_DOSE_VALUES:
             cols[name + d] = red[name][:, k]
