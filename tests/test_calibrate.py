@@ -264,6 +264,20 @@ def _with_later_dose_targets(tmp_path, like: str) -> str:
     return str(path)
 
 
+def _assert_trial_averages_its_expectation(targets, per_patient, patients, n):
+    """Each target's trial outcomes (0/1) minus the patients' smooth probabilities average to zero
+    within 4 SEs of the patients' own Bernoulli noise (+1 point); grade >= 2 with rescue on is fixed by
+    each patient's rescue history, so there the two agree patient by patient."""
+    for t in targets.itertuples():
+        p = np.asarray(per_patient[t.id])
+        y = published.patient_outcomes(patients, t.endpoint).to_numpy(float)
+        se = np.sqrt(np.sum(p * (1 - p))) / n
+        assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
+        assert 0.02 < p.mean() < 0.98, t.id  # a rate the comparison can see
+        if t.endpoint == "crs_grade2plus":
+            np.testing.assert_array_equal(p, y, err_msg=t.id)
+
+
 def test_smooth_rates_are_the_expectation_of_the_trial_endpoints(tmp_path):
     """One definition of every endpoint: on the same virtual patients, each patient's trial outcome
     (0/1, rescue on) minus its smooth probability averages to zero, within what the patients' own
@@ -282,14 +296,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints(tmp_path):
         arm = cohort.arm
         trial = run_trial({arm.name: arm}, arm.name, TrialSettings(n=n, horizon_days=cohort.horizon_days, trajectories=0),
                           draws=[nominal])
-        for t in cohort.targets.itertuples():
-            p = np.asarray(per_patient[t.id])
-            y = published.patient_outcomes(trial.patients, t.endpoint).to_numpy(float)
-            se = np.sqrt(np.sum(p * (1 - p))) / n
-            assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
-            assert 0.02 < p.mean() < 0.98, t.id  # a rate the comparison can see
-            if t.endpoint == "crs_grade2plus":
-                np.testing.assert_array_equal(p, y, err_msg=t.id)
+        _assert_trial_averages_its_expectation(cohort.targets, per_patient, trial.patients, n)
 
 
 @pytest.mark.parametrize("fitted, n, horizon_days", [
@@ -320,14 +327,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_away_from_the_n
     per_patient = prob.patient_expectations(values)
     trial = run_trial({cohort.arm.name: cohort.arm}, cohort.arm.name,
                       TrialSettings(n=n, horizon_days=cohort.horizon_days, trajectories=0), draws=[values])
-    for t in cohort.targets.itertuples():
-        p = np.asarray(per_patient[t.id])
-        y = published.patient_outcomes(trial.patients, t.endpoint).to_numpy(float)
-        se = np.sqrt(np.sum(p * (1 - p))) / n
-        assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
-        assert 0.02 < p.mean() < 0.98, t.id
-        if t.endpoint == "crs_grade2plus":
-            np.testing.assert_array_equal(p, y, err_msg=t.id)
+    _assert_trial_averages_its_expectation(cohort.targets, per_patient, trial.patients, n)
 
 
 def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_with_doses_held_for_crs(tmp_path):
@@ -351,12 +351,7 @@ def test_smooth_rates_are_the_expectation_of_the_trial_endpoints_with_doses_held
     per_patient = prob.patient_expectations(values)
     trial = run_trial({cohort.arm.name: cohort.arm}, cohort.arm.name, TrialSettings(n=n, horizon_days=cohort.horizon_days, trajectories=0),
                       draws=[{**values, "model.crs.hold_until_resolved": 1.0}])
-    for t in cohort.targets.itertuples():
-        p = np.asarray(per_patient[t.id])
-        y = published.patient_outcomes(trial.patients, t.endpoint).to_numpy(float)
-        se = np.sqrt(np.sum(p * (1 - p))) / n
-        assert abs(np.mean(y - p)) < 4 * se + 0.01, (t.id, y.mean(), p.mean(), se)
-        assert 0.02 < p.mean() < 0.98, t.id
+    _assert_trial_averages_its_expectation(cohort.targets, per_patient, trial.patients, n)
     recurrent = np.asarray(per_patient["T07_crs_recurrent"]).mean()
     assert recurrent > 0.35, recurrent
 
