@@ -81,7 +81,6 @@ class Cytokines(NamedTuple):
     myeloid_activation: Array  # fraction of the myeloid pool activated, 0..1
     primed: ByCompartment  # H_c (1/day): the T-cell release rate already met; 0 in a patient never exposed
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
-    myeloid_tolerance: Array  # T, 0..1: the share of the myeloid pool left refractory by its own activation
 
 
 class CytokineParams(NamedTuple):
@@ -114,14 +113,12 @@ class CytokineParams(NamedTuple):
     priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
     priming_margin: Array  # delta: relative rise over the primed level below which engagement releases nothing
     release_potency_fold: Array  # phi: cytokine release needs phi x the drug concentration that activation does
-    myeloid_tolerance_rate_per_day: Array  # k_T: how fast activated myeloid cells become refractory (0: never)
-    myeloid_tolerance_days: Array  # tau_T: how long the refractoriness lasts
 
 
 def baseline(p: CytokineParams) -> Cytokines:
     z = jnp.zeros_like(p.baseline_il6_pg_ml)
     return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z,
-                     ByCompartment.full(z), z, z)
+                     ByCompartment.full(z), z)
 
 
 def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
@@ -172,7 +169,7 @@ def rates(
     drive_m = _excess_hill(c.ifng_pg_ml, p.baseline_ifng_pg_ml, p.ec50_ifng_pg_ml, p.myeloid_hill) + _excess_hill(
         c.tnfa_pg_ml, p.baseline_tnfa_pg_ml, p.ec50_tnfa_pg_ml, p.myeloid_hill
     )
-    on = p.k_myeloid_on_per_day * drive_m / (1.0 + c.il10_pg_ml / p.ic50_il10_pg_ml) * (1.0 - c.myeloid_tolerance)
+    on = p.k_myeloid_on_per_day * drive_m / (1.0 + c.il10_pg_ml / p.ic50_il10_pg_ml)
 
     production = Cytokines(
         il6_pg_ml=p.k_el_il6_per_day * p.baseline_il6_pg_ml
@@ -185,7 +182,6 @@ def rates(
         myeloid_activation=on,
         primed=rising * activation * p.priming_rate_per_day,
         margination=jnp.zeros_like(c.margination),
-        myeloid_tolerance=p.myeloid_tolerance_rate_per_day * c.myeloid_activation,
     )
     loss = Cytokines(
         il6_pg_ml=k6_other + k6_receptor * receptor_free,
@@ -195,6 +191,5 @@ def rates(
         myeloid_activation=on + p.k_myeloid_off_per_day,
         primed=rising * p.priming_rate_per_day + drug_free / p.priming_memory_day,
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
-        myeloid_tolerance=p.myeloid_tolerance_rate_per_day * c.myeloid_activation + 1.0 / p.myeloid_tolerance_days,
     )
     return production, loss
