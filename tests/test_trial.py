@@ -317,6 +317,15 @@ def test_cli_bad_input_says_one_line_on_stderr_and_leaves_no_folder(tmp_path, ar
     assert list(tmp_path.iterdir()) == []  # no outputs/<experiment>/<time>/, not even Hydra's .hydra/ and log
 
 
+def test_calibrate_cli_refuses_a_bad_progress_setting_before_any_work(tmp_path):
+    """`progress=off` used to read as true in vpop-calibrate (any non-empty string); it is refused as
+    vpop-trial refuses it, in one line, leaving no run folder."""
+    run = _cli("calibrate", "calibration=tiny", "progress=off", cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["vpop-calibrate: error: progress must be auto, true or false, got 'off'"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_dry_run_prints_the_dose_calendar_and_simulates_nothing(tmp_path):
     run = _cli("+experiment=teclistamab_tocilizumab_prophylaxis", "dry_run=true", "draws=1", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]

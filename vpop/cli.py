@@ -398,7 +398,9 @@ def calibrate(cfg: DictConfig) -> None:
     from vpop import calibration
 
     def work(out_dir: Path):
-        show = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
+        if cfg.progress not in ("auto", True, False):
+            raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
+        show = sys.stderr.isatty() if cfg.progress == "auto" else cfg.progress
         model = _plain(cfg.model)
         _check_model_overrides(model)
         return calibration.run(cfg.calibration, out_dir, progress=show, model=model)
