@@ -401,15 +401,18 @@ class Dosing(NamedTuple):
     @staticmethod
     def on_schedule(step: Steps, period_start) -> Dosing:
         """The administration of the step's own period, given on its scheduled day."""
-        i = jnp.maximum(step.period, 0)
-        start = lax.dynamic_index_in_dim(period_start, i, keepdims=False)
-        first = (step.period >= 0) & (jnp.abs(step.t_start - start) < 1e-6) & (step.dt > 0)
-        return Dosing(step.period, start, first, jnp.asarray(False), jnp.zeros(len(INPUT_CHANNELS), start.dtype))
+        start = _scheduled_day(step, period_start)
+        return Dosing(step.period, start, scheduled_here(step, period_start), jnp.asarray(False),
+                      jnp.zeros(len(INPUT_CHANNELS), start.dtype))
+
+
+def _scheduled_day(step: Steps, period_start) -> Array:
+    return lax.dynamic_index_in_dim(period_start, jnp.maximum(step.period, 0), keepdims=False)
 
 
 def scheduled_here(step: Steps, period_start) -> Array:
     """Whether a dose period's administration is scheduled at the start of this step."""
-    return Dosing.on_schedule(step, period_start).given_now
+    return (step.period >= 0) & (jnp.abs(step.t_start - _scheduled_day(step, period_start)) < 1e-6) & (step.dt > 0)
 
 
 # Input channels of an administration of the bispecific, which a hold keeps back: the drug and the
@@ -435,13 +438,13 @@ def _hold_inputs(dosing: Dosing, bolus: Array, rate: Array, z_start: Array, epsi
     running = (dosing.period >= 0) & (z_start[0] + lax.dynamic_index_in_dim(epsilon, i, keepdims=False) >= 0.0)
     holdable = lax.dynamic_index_in_dim(period_holdable, jnp.maximum(step.period, 0), keepdims=False)
     hold = (p.crs.hold_until_resolved > 0) & due & running & holdable
-    bis = jnp.asarray(_HELD_CHANNELS, bolus.dtype)
+    held = jnp.asarray(_HELD_CHANNELS, bolus.dtype)
     # A newly scheduled administration replaces one still held from an earlier period (that one is skipped).
     carried = jnp.where(scheduled_here(step, period_start), 0.0, dosing.held_mg)
-    scheduled_mg = bis * (bolus + rate * step.dt)
+    scheduled_mg = held * (bolus + rate * step.dt)
     given_now = due & ~hold
-    bolus = jnp.where(hold, bolus * (1.0 - bis), bolus + jnp.where(given_now, carried, 0.0))
-    rate = jnp.where(hold, rate * (1.0 - bis), rate)
+    bolus = jnp.where(hold, bolus * (1.0 - held), bolus + jnp.where(given_now, carried, 0.0))
+    rate = jnp.where(hold, rate * (1.0 - held), rate)
     dosing = Dosing(period=jnp.where(given_now, step.period, dosing.period), day=jnp.where(given_now, step.t_start, dosing.day),
                     given_now=given_now, held_now=hold, held_mg=jnp.where(hold, carried + scheduled_mg, 0.0))
     return bolus, rate, dosing
@@ -614,7 +617,7 @@ def _record_dose_day(red: Reductions, dosing: Dosing, z_start: Array, step: Step
     held, the grade-1 index it was held at (the smallest: the susceptibilities that hold it throughout)."""
     i = jnp.maximum(dosing.period, 0)
     delay = dosing.day - lax.dynamic_index_in_dim(period_start, i, keepdims=False)
-    j = jnp.maximum(step.period, 0)
+    j = jnp.maximum(step.period, 0)  # the period due (held or not), which may be later than the one given
     return red._replace(
         crs_hold_day=_update_at(red.crs_hold_day, i, lambda old: jnp.where(dosing.given_now, delay, old)),
         held_index_min=_update_at(red.held_index_min, j, lambda old: jnp.where(dosing.held_now, jnp.minimum(old, z_start[0]), old)),
