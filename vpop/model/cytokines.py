@@ -36,14 +36,7 @@ a treatment-free gap $\gg \tau_P$ a dose primes again as a first one (tolerance 
 is reversed by treatment-free intervals: Philipp 2022 Blood 140:1104, doi:10.1182/blood.2022015956). The
 gate on $u_B$ keeps the memory while drug is on board: forgotten at a constant rate, the primed level
 fell below the brief post-infusion peaks of $\alpha$ between 3-weekly doses, and as tumour T cells
-expanded each repeated dose released more (0.5.0: 5-10% new CRS per later mosunetuzumab dose).
-
-An episode can leave a tolerance behind (`episode_tolerance` $g$, 0 in the shipped model): the primed
-levels then follow $(1 + g X)\,\tilde\alpha_c$ instead of $\tilde\alpha_c$, with $X$ the myeloid activation
-$M$ (below) lagged by $1/k_X$, $\dot X = k_X (M - X)$, so a patient whose CRS has just resolved meets the
-next step-up primed above what the T cells met, and the first episode's onset comes before $X$ has
-built. Under the labels' dose holds (`solver`) a step-up given just after an episode otherwise starts a
-new one in almost every patient held. With released $s$:
+expanded each repeated dose released more (0.5.0: 5-10% new CRS per later mosunetuzumab dose). With released $s$:
 
 $$
 \begin{aligned}
@@ -88,7 +81,6 @@ class Cytokines(NamedTuple):
     myeloid_activation: Array  # fraction of the myeloid pool activated, 0..1
     primed: ByCompartment  # H_c (1/day): the T-cell release rate already met; 0 in a patient never exposed
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
-    tolerance: Array  # X: myeloid activation lagged by 1/k_X, the trace an episode leaves on the primed levels (0..1)
 
 
 class CytokineParams(NamedTuple):
@@ -121,14 +113,12 @@ class CytokineParams(NamedTuple):
     priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
     priming_margin: Array  # delta: relative rise over the primed level below which engagement releases nothing
     release_potency_fold: Array  # phi: cytokine release needs phi x the drug concentration that activation does
-    episode_tolerance: Array  # g: after an episode T cells are primed to (1 + g X) x the release rate they meet (0: off)
-    tolerance_rate_per_day: Array  # k_X: how fast the trace X follows myeloid activation M
 
 
 def baseline(p: CytokineParams) -> Cytokines:
     z = jnp.zeros_like(p.baseline_il6_pg_ml)
     return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z,
-                     ByCompartment.full(z), z, z)
+                     ByCompartment.full(z), z)
 
 
 def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
@@ -170,10 +160,7 @@ def rates(
     r"""Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
     `activation` the per-cell release rates $\tilde\alpha_c$ the primed levels follow, `drug_free` is
     $1 - u_B$, the gate on their forgetting."""
-    # An episode leaves tolerance behind: the primed levels follow (1 + g X) x the release rate, X the
-    # myeloid activation lagged by 1/k_X, so they end an episode above what the T cells met.
-    target = activation * (1.0 + p.episode_tolerance * c.tolerance)
-    rising = cmap(lambda a, h: (a > h).astype(a.dtype), target, c.primed)  # H follows its target up only
+    rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
     release = drive * (1.0 - dex_inhibition)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction
     k6_other = p.k_el_il6_per_day - k6_receptor
@@ -193,9 +180,8 @@ def rates(
         il10_pg_ml=p.k_el_il10_per_day * p.baseline_il10_pg_ml
         + p.k_il10_pg_ml_per_day * (release + p.il10_myeloid_factor * p.myeloid_capacity * c.myeloid_activation),
         myeloid_activation=on,
-        primed=rising * target * p.priming_rate_per_day,
+        primed=rising * activation * p.priming_rate_per_day,
         margination=jnp.zeros_like(c.margination),
-        tolerance=p.tolerance_rate_per_day * c.myeloid_activation,
     )
     loss = Cytokines(
         il6_pg_ml=k6_other + k6_receptor * receptor_free,
@@ -205,6 +191,5 @@ def rates(
         myeloid_activation=on + p.k_myeloid_off_per_day,
         primed=rising * p.priming_rate_per_day + drug_free / p.priming_memory_day,
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
-        tolerance=jnp.broadcast_to(p.tolerance_rate_per_day, jnp.shape(c.tolerance)),
     )
     return production, loss
