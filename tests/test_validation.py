@@ -11,6 +11,7 @@ import pytest
 
 from vpop import posterior
 from vpop import targets as published
+from vpop.trial import monitoring
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "validation" / "run.py"
 
@@ -121,6 +122,19 @@ def test_report_on_a_tiny_population(validation, tmp_path):
     assert (out / "figures" / "per_dose.png").stat().st_size > 0
     for fig in ("validation.png", "crs_by_dose_period.png", "sensitivity.png"):
         assert (out / "figures" / fig).stat().st_size > 0
+    # Every published onset median beside the model's, read from the trial runner's onsets of the same
+    # cohort, simulated once with that cohort's CRS targets (their longest horizon).
+    onsets = pd.read_csv(out / "onsets.csv", dtype={"dose": str})
+    reported = monitoring.published_onsets()
+    assert onsets[["drug", "regimen", "dose"]].values.tolist() == reported[["drug", "regimen", "dose"]].values.tolist()
+    assert np.allclose(onsets.published_median_onset_hours, reported.median_onset_hours, equal_nan=True)
+    crs = targets[targets.endpoint.str.startswith("crs") & targets.role.isin(["calibration", "validation"])]
+    for row, cohort in zip(onsets.itertuples(), reported.itertuples()):
+        same = [published.cohort_arm(t, "x") == published.cohort_arm(cohort, "x") for t in crs.itertuples()]
+        assert row.horizon_days == crs[same].horizon_days.max()
+        if row.onsets_per_100_patients > 0:
+            assert row.onset_q25_hours <= row.median_onset_hours <= row.onset_q75_hours
+    assert "## When CRS starts and how long an episode lasts" in report
     assert not (tmp_path / "report.partial").exists()
 
 
@@ -143,6 +157,13 @@ def test_compare_sets_two_reports_side_by_side(tmp_path):
     assert s.loc[("validation", "all"), "MAE new (pp)"] == 15.0
     moved = compare.moved(b, n, threshold_pp=1.5)
     assert list(moved.index) == ["A", "C"] and list(moved.closer) == ["new", "base"]
+    assert compare.onsets(tmp_path / "base", tmp_path / "new") is None  # reports before onsets.csv
+    for name, onset in (("base", 13.0), ("new", 20.0)):
+        pd.DataFrame({"drug": ["x"], "regimen": ["r"], "dose": ["all"], "label": ["all doses"], "median_onset_hours": [onset],
+                      "published_median_onset_hours": [48.0], "median_duration_hours": [54.0],
+                      "published_median_duration_hours": [48.0]}).to_csv(tmp_path / name / "onsets.csv", index=False)
+    hours = compare.onsets(tmp_path / "base", tmp_path / "new").loc[("x", "r", "all")]
+    assert hours[["onset base", "onset new", "onset published"]].tolist() == [13.0, 20.0, 48.0]
     new.iloc[:2].to_csv(tmp_path / "new" / "validation.csv", index=False)
     with pytest.raises(SystemExit, match="only in base"):
         compare.main([str(tmp_path / "base"), str(tmp_path / "new")])

@@ -8,7 +8,8 @@ Both reports must come from the same settings (seed, draws, patients), so that t
 posterior draws' order match and only the posterior differs. Writes markdown: the mean absolute error
 (percentage points) and the count of targets whose predictive interval overlaps the observed one, by
 role (calibration targets were fitted, validation targets never were) and by kind (CRS or response),
-then every target whose prediction moved by more than --moved points.
+then every target whose prediction moved by more than --moved points, and, where both reports have
+onsets.csv, the median onset and episode of each published cohort beside the published medians.
 """
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ def moved(base: pd.DataFrame, new: pd.DataFrame, threshold_pp: float) -> pd.Data
     return table[(table.new - table.base).abs() > threshold_pp].round(1)
 
 
+def onsets(base_folder: Path, new_folder: Path) -> pd.DataFrame | None:
+    """Median onset and episode (hours) of each published cohort, base against new (None where either
+    report predates onsets.csv)."""
+    paths = [folder / "onsets.csv" for folder in (base_folder, new_folder)]
+    if not all(p.is_file() for p in paths):
+        return None
+    keys = ["drug", "regimen", "dose"]
+    b, n = (pd.read_csv(p, dtype={"dose": str}).set_index(keys) for p in paths)
+    table = pd.DataFrame({"after": b.label,
+                          "onset base": b.median_onset_hours, "onset new": n.median_onset_hours.reindex(b.index),
+                          "onset published": b.published_median_onset_hours,
+                          "episode base": b.median_duration_hours, "episode new": n.median_duration_hours.reindex(b.index),
+                          "episode published": b.published_median_duration_hours})
+    return table.round(1)
+
+
 def _markdown(table: pd.DataFrame) -> str:
     rows = [[str(i) for i in table.reset_index().columns]] + [[str(v) for v in r] for r in table.reset_index().itertuples(index=False)]
     return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]])
@@ -73,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"# {args.new} against {args.base}\n\n{_markdown(summary(base, new).set_index('role'))}\n\n"
             f"Targets that moved by more than {args.moved:g} points (rates in %):\n\n"
             f"{_markdown(moved(base, new, args.moved))}\n")
+    hours = onsets(args.base, args.new)
+    if hours is not None:
+        text += f"\nMedian hours from a dose to the onset of CRS, and of the episodes (onsets.csv):\n\n{_markdown(hours)}\n"
     print(text)
     if args.out:
         args.out.write_text(text)

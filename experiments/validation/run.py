@@ -8,7 +8,9 @@ for a trial of the published size), DIR/per_dose.csv (CRS by dose period against
 per-dose rate), DIR/dose_periods.csv (CRS by dose period for every approved regimen),
 DIR/sensitivity.csv (PRCC over posterior draws), DIR/mae.csv (each mean absolute error beside the ones the
 model would score against trials it generated itself: sampling error alone, and posterior predictive),
-DIR/report.md and DIR/figures/*.png.
+DIR/onsets.csv (median time from a dose to the onset of CRS and median episode, against every published
+median in vpop/data/onsets.csv, counted as the trial runner's onsets.csv counts them), DIR/report.md and
+DIR/figures/*.png.
 
 Predictions use the trial runner itself (hard 0/1 endpoints, in-simulation rescue on), not the
 smoothed rates the calibration fitted, so calibration targets are re-checked here as well.
@@ -33,11 +35,13 @@ from vpop import catalogue, parameters, posterior
 from vpop import targets as published
 from vpop.simulate import Arm, prepare_arm
 from vpop.trial import TrialSettings, arms_from_config, run_trial
+from vpop.trial.monitoring import published_onsets
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["target", "endpoint", "role", "observed", "observed_lower", "observed_upper", "predicted", "lower", "upper"]
 REPLICATES = 400  # binomial trials per posterior draw for predictive intervals
 MAE_REPLICATES = 4000  # replicated sets of published trials for the sampling error of a mean absolute error
+ONSET_HORIZON_DAYS = 84.0  # a published onset cohort with no CRS target to share a simulation with runs this long
 
 
 class Simulator:
@@ -46,6 +50,7 @@ class Simulator:
     def __init__(self, draws: list[dict], patients: int, seed: int, bar: tqdm):
         self.draws, self.patients, self.seed, self.bar = draws, patients, seed, bar
         self.cache: dict[str, pd.DataFrame] = {}
+        self.onsets: dict[str, pd.DataFrame] = {}  # the same key: the trial's onsets.csv rows of the arm
 
     @staticmethod
     def _key(arm: Arm, horizon_days: float | None) -> str:
@@ -60,9 +65,10 @@ class Simulator:
         for horizon, arms in by_horizon.items():
             named = {f"c{i}": replace(arm, name=f"c{i}") for i, arm in enumerate(arms.values())}
             settings = TrialSettings(n=self.patients, seed=self.seed, horizon_days=horizon, trajectories=0)
-            patients = run_trial(named, next(iter(named)), settings, draws=self.draws).patients
+            result = run_trial(named, next(iter(named)), settings, draws=self.draws)
             for key, name in zip(arms, named):
-                self.cache[key] = patients[patients.arm == name].reset_index(drop=True)
+                self.cache[key] = result.patients[result.patients.arm == name].reset_index(drop=True)
+                self.onsets[key] = result.onsets[result.onsets.arm == name].reset_index(drop=True)
                 self.bar.update(1)
 
     def run(self, arm: Arm, horizon_days: float | None = None) -> pd.DataFrame:
@@ -70,9 +76,14 @@ class Simulator:
         if key not in self.cache:
             settings = TrialSettings(n=self.patients, seed=self.seed, horizon_days=horizon_days, trajectories=0)
             result = run_trial({arm.name: arm}, arm.name, settings, draws=self.draws)
-            self.cache[key] = result.patients
+            self.cache[key], self.onsets[key] = result.patients, result.onsets
             self.bar.update(1)
         return self.cache[key]
+
+    def onsets_of(self, arm: Arm, horizon_days: float | None = None) -> pd.DataFrame:
+        """The arm's onsets.csv rows (`vpop.trial.monitoring`), simulated if not yet."""
+        self.run(arm, horizon_days)
+        return self.onsets[self._key(arm, horizon_days)]
 
 
 def per_draw_rate(patients: pd.DataFrame, endpoint: str) -> np.ndarray:
@@ -229,6 +240,42 @@ def per_dose_table(targets: pd.DataFrame, sim: Simulator, seed: int) -> pd.DataF
                            predictive_upper=np.percentile(pred, 97.5))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def onset_table(targets: pd.DataFrame, sim: Simulator) -> pd.DataFrame:
+    """Every published median onset and episode duration (vpop/data/onsets.csv) beside the model's, from
+    the trial runner's own onsets.csv of that cohort: draws pooled, interquartile ranges over patients.
+    A cohort that is also a CRS target's is read from that target's simulation (its longest horizon)."""
+    rows = []
+    for row in published_onsets().itertuples():
+        arm = published.cohort_arm(row, "onsets")
+        horizons = [float(t.horizon_days) for t in targets.itertuples()
+                    if t.endpoint.startswith("crs") and sim._key(published.cohort_arm(t), None) == sim._key(arm, None)]
+        horizon = max(horizons, default=ONSET_HORIZON_DAYS)
+        model = sim.onsets_of(arm, horizon).set_index("dose").loc[str(row.dose)]
+        rows.append({"drug": row.drug, "regimen": row.regimen, "dose": row.dose, "label": model.label,
+                     "horizon_days": horizon, "onsets_per_100_patients": model.onsets_per_100_patients,
+                     **{c: model[c] for c in ("median_onset_hours", "onset_q25_hours", "onset_q75_hours")},
+                     "published_median_onset_hours": row.median_onset_hours,
+                     **{c: model[c] for c in ("median_duration_hours", "duration_q25_hours", "duration_q75_hours")},
+                     "published_median_duration_hours": row.median_duration_hours, "source": row.source})
+    return pd.DataFrame(rows)
+
+
+def onsets_markdown(onsets: pd.DataFrame) -> str:
+    def hours(median, q25, q75):
+        return "-" if pd.isna(median) else f"{median:.0f} h ({q25:.0f}-{q75:.0f})"
+
+    def published_hours(x):
+        return "-" if pd.isna(x) else f"{x:.0f} h"
+
+    lines = ["| drug | regimen | after | onset, model (IQR) | onset, published | episode, model (IQR) | episode, published |",
+             "|---|---|---|---|---|---|---|"]
+    for r in onsets.itertuples():
+        lines.append(f"| {r.drug} | {r.regimen} | {r.label} | {hours(r.median_onset_hours, r.onset_q25_hours, r.onset_q75_hours)} | "
+                     f"{published_hours(r.published_median_onset_hours)} | {hours(r.median_duration_hours, r.duration_q25_hours, r.duration_q75_hours)} | "
+                     f"{published_hours(r.published_median_duration_hours)} |")
+    return "\n".join(lines)
 
 
 def prcc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -406,7 +453,8 @@ def sampling_note(maes: pd.DataFrame, scope: str) -> str:
             f"{100 * m.predictive_share_at_least:.0f}% of its replicates as large")
 
 
-def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta: dict, per: pd.DataFrame, maes: pd.DataFrame) -> str:
+def markdown(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, meta: dict, per: pd.DataFrame, maes: pd.DataFrame,
+             onsets: pd.DataFrame) -> str:
     def rows(frame):
         out = ["| target | endpoint | role | observed (95% CI) | predicted (95% PI) | abs. error | overlap |", "|---|---|---|---|---|---|---|"]
         for r in frame.itertuples():
@@ -452,6 +500,15 @@ Validation: {sampling_note(maes, "validation targets")}. Calibration: {sampling_
 
 {per_dose_markdown(per, maes)}
 ![CRS per dose](figures/per_dose.png)
+
+## When CRS starts and how long an episode lasts
+
+Median hours from the administration to the onset of CRS starting after it, and median hours at
+grade >= 1 of those episodes (interquartile range over patients, draws pooled; onsets.csv), beside
+the published medians (vpop/data/onsets.csv, with sources). "all doses" pools every dose of the
+simulated horizon (`horizon_days` in onsets.csv).
+
+{onsets_markdown(onsets)}
 
 ## Validation targets and published comparisons
 
@@ -508,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                           ignore_index=True)
         doses = dose_period_table(spec.approved_regimens, sim)
         per = per_dose_table(targets, sim, args.seed)
+        onsets = onset_table(targets, sim)
         sens = sensitivity_table(spec.sensitivity, posterior.with_settings(posterior.draws(args.posterior, args.sensitivity_draws, args.seed + 1), args.set),
                                  args.patients, args.seed, bar)
     table["abs_error"] = (table.observed - table.predicted).abs()
@@ -523,12 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     per.to_csv(staging / "per_dose.csv", index=False, float_format="%.4f")
     sens.to_csv(staging / "sensitivity.csv", index=False, float_format="%.4f")
     maes.to_csv(staging / "mae.csv", index=False, float_format="%.4f")
+    onsets.to_csv(staging / "onsets.csv", index=False, float_format="%.2f")
     figures(table, doses, sens, staging / "figures")
     per_dose_figure(per, staging / "figures" / "per_dose.png")
     meta = dict(posterior=args.posterior, draws=len(draws), patients=args.patients, seed=args.seed,
                 settings="".join(f", {s}" for s in args.set),
                 sensitivity_draws=args.sensitivity_draws, seconds=time.perf_counter() - started)
-    (staging / "report.md").write_text(markdown(table, doses, sens, meta, per, maes))
+    (staging / "report.md").write_text(markdown(table, doses, sens, meta, per, maes, onsets))
     out.mkdir(parents=True, exist_ok=True)
     for f in staging.rglob("*"):
         if f.is_file():
