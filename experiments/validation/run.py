@@ -250,7 +250,7 @@ def onset_table(targets: pd.DataFrame, sim: Simulator) -> pd.DataFrame:
     for row in published_onsets().itertuples():
         arm = published.cohort_arm(row, "onsets")
         horizons = [float(t.horizon_days) for t in targets.itertuples()
-                    if t.endpoint.startswith("crs") and sim._key(published.cohort_arm(t), None) == sim._key(arm, None)]
+                    if t.endpoint.startswith("crs") and published.cohort_arm(t, arm.name) == arm]
         horizon = max(horizons, default=ONSET_HORIZON_DAYS)
         model = sim.onsets_of(arm, horizon).set_index("dose").loc[str(row.dose)]
         rows.append({"drug": row.drug, "regimen": row.regimen, "dose": row.dose, "label": model.label,
