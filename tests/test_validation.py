@@ -120,7 +120,7 @@ def test_report_on_a_tiny_population(validation, tmp_path):
     assert {"regimen", "period", "dose", "predicted", "lower", "upper", "observed", "target", "role", "recalled"} <= set(per.columns)
     assert {"T09", "T10", "T11"} <= set(per.target.dropna())  # teclistamab's published step-up doses
     assert (out / "figures" / "per_dose.png").stat().st_size > 0
-    for fig in ("validation.png", "crs_by_dose_period.png", "sensitivity.png"):
+    for fig in ("validation.png", "crs_by_dose_period.png", "sensitivity.png", "onsets.png"):
         assert (out / "figures" / fig).stat().st_size > 0
     # Every published onset median beside the model's, read from the trial runner's onsets of the same
     # cohort, simulated once with that cohort's CRS targets (their longest horizon).

@@ -368,6 +368,37 @@ def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def onsets_figure(onsets: pd.DataFrame, path: Path) -> None:
+    """Two panels, onset and episode: the model's median hours with their interquartile range against the
+    published median, per published cohort (log scale: the misses are folds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r.drug}, {r.regimen.removeprefix(r.drug + '_')}: {r.label}" for r in onsets.itertuples()]
+    y = np.arange(len(onsets))[::-1].astype(float)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(onsets) + 1.4), sharey=True)
+    for ax, (what, title) in zip(axes, (("onset", "hours from the dose to the onset of CRS"),
+                                        ("duration", "hours of the episode at grade >= 1"))):
+        median, q25, q75 = (onsets[f"{what}_q25_hours" if q == 25 else f"{what}_q75_hours" if q == 75 else f"median_{what}_hours"]
+                            for q in (50, 25, 75))
+        ax.errorbar(median, y, xerr=[median - q25, q75 - median], fmt="o", color="#08519c", capsize=3,
+                    label="model: median and interquartile range")
+        ax.plot(onsets[f"published_median_{what}_hours"], y, "D", color="#d62728", label="published median")
+        ax.set_xscale("log")
+        ax.set_xlim(0.5, 300)
+        ax.set_xticks([1, 3, 12, 24, 48, 120], ["1", "3", "12", "24", "48", "120"])
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, names, fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (0.45 * len(onsets) + 1.4)))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def figures(table: pd.DataFrame, doses: pd.DataFrame, sens: pd.DataFrame, folder: Path) -> None:
     import matplotlib
 
@@ -510,6 +541,8 @@ simulated horizon (`horizon_days` in onsets.csv).
 
 {onsets_markdown(onsets)}
 
+![CRS onsets and episodes](figures/onsets.png)
+
 ## Validation targets and published comparisons
 
 {rows(table[table.role.isin(['validation', 'comparison'])])}
@@ -584,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     onsets.to_csv(staging / "onsets.csv", index=False, float_format="%.2f")
     figures(table, doses, sens, staging / "figures")
     per_dose_figure(per, staging / "figures" / "per_dose.png")
+    onsets_figure(onsets, staging / "figures" / "onsets.png")
     meta = dict(posterior=args.posterior, draws=len(draws), patients=args.patients, seed=args.seed,
                 settings="".join(f", {s}" for s in args.set),
                 sensitivity_draws=args.sensitivity_draws, seconds=time.perf_counter() - started)
