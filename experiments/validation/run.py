@@ -381,8 +381,7 @@ def onsets_figure(onsets: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(onsets) + 1.4), sharey=True)
     for ax, (what, title) in zip(axes, (("onset", "hours from the dose to the onset of CRS"),
                                         ("duration", "hours of the episode at grade >= 1"))):
-        median, q25, q75 = (onsets[f"{what}_q25_hours" if q == 25 else f"{what}_q75_hours" if q == 75 else f"median_{what}_hours"]
-                            for q in (50, 25, 75))
+        median, q25, q75 = onsets[f"median_{what}_hours"], onsets[f"{what}_q25_hours"], onsets[f"{what}_q75_hours"]
         ax.errorbar(median, y, xerr=[median - q25, q75 - median], fmt="o", color="#08519c", capsize=3,
                     label="model: median and interquartile range")
         ax.plot(onsets[f"published_median_{what}_hours"], y, "D", color="#d62728", label="published median")
