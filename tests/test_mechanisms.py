@@ -323,3 +323,27 @@ def test_a_release_potency_fold_moves_crs_to_the_larger_step_up_doses():
     assert _starts(ten, 0) < _starts(one, 0) - 0.05
     peak = "peak_il6_signalling_pg_ml"
     assert np.median(ten[peak][:, 3] / one[peak][:, 3]) > 1.2
+
+
+def test_a_secretion_delay_postpones_the_cytokines_not_the_killing():
+    """With `cytokines.secretion_delay_day` engaged T cells secrete cytokines through two stages of mean
+    tau_S/2 (made anew, hours after contact) while killing stays immediate (pre-formed granules). The
+    same release is secreted later: IFN-g (linear in the release) peaks later after mosunetuzumab's
+    1 mg, its area over baseline is kept, and the cells, which do not depend on the cytokines, are
+    untouched (the in-simulation rescue is off: its dexamethasone would act at other times)."""
+    arm = Arm("mosun", "mosunetuzumab", "iv", "fl_rr", MOSUNETUZUMAB_C1_C2)
+    runs = []
+    for tau in (0.0, 0.5):
+        prepared = prepare_arm(arm, horizon_days=6,  # before the 2 mg dose
+                               overrides={"model.cytokines.secretion_delay_day": tau, "model.crs.rescue": 0})
+        times, states, params = simulate_trajectories(prepared, np.arange(40), seed=3)
+        runs.append(states)
+    now, later = runs
+    ifn_now, ifn_later = (np.asarray(s.host.cytokines.ifng_pg_ml) for s in runs)
+    peak_shift_h = 24 * (times[ifn_later.argmax(axis=1)] - times[ifn_now.argmax(axis=1)])
+    assert np.median(peak_shift_h) > 6
+    baseline = np.asarray(params.cytokines.baseline_ifng_pg_ml)[:, None]
+    area = [np.trapezoid(x - baseline, times, axis=1) for x in (ifn_now, ifn_later)]
+    np.testing.assert_allclose(area[1], area[0], rtol=0.05)
+    np.testing.assert_allclose(np.asarray(later.host.cells.b_normal.blood), np.asarray(now.host.cells.b_normal.blood),
+                               rtol=1e-4, atol=1e-9)

@@ -59,6 +59,19 @@ rises, because receptor-mediated clearance $k^R_6\theta$ is lost. Activated myel
 the other pyrogens (IL-1b, and TNF-a with it); their output is expressed on the IL-6 scale as
 $O = k_{6M} \mu M / k^{el}_6$ (pg/mL), which tocilizumab does not touch (see `vpop.endpoints`). Baseline
 levels set the basal sources $\sigma_x$ so that the untreated patient is at rest.
+
+Secretion delay. Killing uses the T cell's pre-formed granules, released within minutes of contact;
+cytokines are made anew, so an engaged T cell secretes them hours later (granzyme B is secreted within
+10 min of effector-target contact, most within 3-4 h, IFN-g most by 24 h, and brefeldin A, which blocks
+new secretion through the Golgi, abrogates IFN-g but not granzyme B: Shafer-Weaver 2004 J Transl Med
+2:31). With a secretion delay $\tau_S > 0$ the released drive passes through two stages of mean
+$\tau_S/2$ each, committed $Q_1$ and secreting $Q_2$ (1e9 cells/day), and $Q_2$ replaces $s$ above:
+
+$$ \dot Q_1 = \tfrac{2}{\tau_S}\big((1 - I_{dex})\, s - Q_1\big), \qquad
+   \dot Q_2 = \tfrac{2}{\tau_S}\,(Q_1 - Q_2) . $$
+
+Dexamethasone acts at commitment (it suppresses cytokine transcription). $\tau_S = 0$ (0.28 and before)
+secretes at once; 0.5 day puts 12% of a step in engagement into secretion by 3.5 h and 91% by 24 h.
 """
 
 from __future__ import annotations
@@ -81,6 +94,8 @@ class Cytokines(NamedTuple):
     myeloid_activation: Array  # fraction of the myeloid pool activated, 0..1
     primed: ByCompartment  # H_c (1/day): the T-cell release rate already met; 0 in a patient never exposed
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
+    committed: Array  # Q_1 (1e9 cells/day): release committed but not yet secreted (secretion delay)
+    secreting: Array  # Q_2 (1e9 cells/day): the release being secreted now, when the delay is on
 
 
 class CytokineParams(NamedTuple):
@@ -113,12 +128,13 @@ class CytokineParams(NamedTuple):
     priming_memory_day: Array  # tau_P: time constant with which the primed level is forgotten
     priming_margin: Array  # delta: relative rise over the primed level below which engagement releases nothing
     release_potency_fold: Array  # phi: cytokine release needs phi x the drug concentration that activation does
+    secretion_delay_day: Array  # tau_S: mean delay from engagement to cytokine secretion (two stages); 0 secretes at once
 
 
 def baseline(p: CytokineParams) -> Cytokines:
     z = jnp.zeros_like(p.baseline_il6_pg_ml)
     return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z,
-                     ByCompartment.full(z), z)
+                     ByCompartment.full(z), z, z, z)
 
 
 def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
@@ -161,7 +177,10 @@ def rates(
     `activation` the per-cell release rates $\tilde\alpha_c$ the primed levels follow, `drug_free` is
     $1 - u_B$, the gate on their forgetting."""
     rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
-    release = drive * (1.0 - dex_inhibition)
+    committing = drive * (1.0 - dex_inhibition)
+    delayed = p.secretion_delay_day > 0.0
+    k_stage = 2.0 / jnp.where(delayed, p.secretion_delay_day, 1.0)  # per day; unused without the delay
+    release = jnp.where(delayed, c.secreting, committing)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction
     k6_other = p.k_el_il6_per_day - k6_receptor
     # Myeloid cells are driven by each T-cell cytokine's excess over its baseline, so the untreated
@@ -182,6 +201,8 @@ def rates(
         myeloid_activation=on,
         primed=rising * activation * p.priming_rate_per_day,
         margination=jnp.zeros_like(c.margination),
+        committed=k_stage * committing,
+        secreting=k_stage * c.committed,
     )
     loss = Cytokines(
         il6_pg_ml=k6_other + k6_receptor * receptor_free,
@@ -191,5 +212,7 @@ def rates(
         myeloid_activation=on + p.k_myeloid_off_per_day,
         primed=rising * p.priming_rate_per_day + drug_free / p.priming_memory_day,
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
+        committed=jnp.broadcast_to(k_stage, jnp.shape(c.committed)),
+        secreting=jnp.broadcast_to(k_stage, jnp.shape(c.secreting)),
     )
     return production, loss
