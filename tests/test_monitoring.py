@@ -68,9 +68,12 @@ def test_median_onset_from_the_pooled_histogram():
 
 def test_onset_time_is_resolved_within_the_step():
     """The onset is interpolated inside the grid step where the grade-1 index crosses the patient's
-    threshold: on the default grid (steps up to 6 h after a dose) it agrees with a 4x finer grid to a
-    median of minutes and within an hour for 9 onsets in 10, where the step ends alone are off by a
-    median 0.7 h and a p90 of 3.3 h (0.10.0 medians); none is off by a whole step."""
+    threshold: on the default grid (steps up to 6 h after a dose) it agrees with a 4x finer grid within
+    an hour for 9 onsets in 10, where the step ends alone were off by a median 0.7 h and a p90 of 3.3 h
+    (0.10.0 medians); none is off by a whole step. Through 0.28 the median was minutes; 0.29.0's
+    secretion delay makes the index rise more slowly, and the default grid's onsets come a median 0.55 h
+    later than the finer grid's (signed; p90 0.96 h, max 1.5 h, 91 onsets of a median 10.7 h): the
+    integration's error on the coarser steps, not the interpolation."""
     reg = doses((1, 1, 1, "mg"), (1, 8, 2, "mg"), (1, 15, 60, "mg"), cycle_days=21)
     onsets, durations = [], []
     for grid in ({}, FINER_GRID):
@@ -82,7 +85,7 @@ def test_onset_time_is_resolved_within_the_step():
     both = (coarse >= 0) & (fine >= 0)
     assert both.sum() >= 50 and ((coarse >= 0) != (fine >= 0)).sum() <= 0.05 * both.sum()
     error_hours = np.abs(coarse - fine)[both]
-    assert np.median(error_hours) < 0.25 and np.percentile(error_hours, 90) < 1.0 and error_hours.max() < 6.0
+    assert np.median(error_hours) < 0.75 and np.percentile(error_hours, 90) < 1.25 and error_hours.max() < 6.0
     # An episode's hours at grade >= 1 are interpolated the same way at both of its ends: median / p90 / max
     # 0.42 / 0.99 / 2.4 h off the finer grid's over 111 episodes of a median 37 h (whole steps: 1.7 / 4.1 / 6.3 h).
     coarse, fine = durations
