@@ -70,7 +70,8 @@ $\tau_S/2$ each, committed $Q_1$ and secreting $Q_2$ (1e9 cells/day), and $Q_2$ 
 $$ \dot Q_1 = \tfrac{2}{\tau_S}\big((1 - I_{dex})\, s - Q_1\big), \qquad
    \dot Q_2 = \tfrac{2}{\tau_S}\,(Q_1 - Q_2) . $$
 
-Dexamethasone acts at commitment (it suppresses cytokine transcription). $\tau_S = 0$ (0.28 and before)
+Dexamethasone acts at commitment, where the model puts cytokine production (Brandl 2007: it lowers
+cytokine release, not killing). $\tau_S = 0$ (0.28 and before)
 secretes at once; 0.5 day puts 12% of a step in engagement into secretion by 3.5 h and 91% by 24 h.
 """
 
@@ -82,6 +83,8 @@ import jax.numpy as jnp
 from jax import Array
 
 from vpop.model.compartments import ByCompartment, cmap
+
+SECRETION_STAGES = 2  # first-order stages between committed release and secretion (a gamma-distributed delay)
 
 
 class Cytokines(NamedTuple):
@@ -179,7 +182,7 @@ def rates(
     rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
     committing = drive * (1.0 - dex_inhibition)
     delayed = p.secretion_delay_day > 0.0
-    k_stage = 2.0 / jnp.where(delayed, p.secretion_delay_day, 1.0)  # per day; unused without the delay
+    k_stage = SECRETION_STAGES / jnp.where(delayed, p.secretion_delay_day, 1.0)  # per day; unused without the delay
     release = jnp.where(delayed, c.secreting, committing)
     k6_receptor = p.k_el_il6_per_day * p.il6_receptor_clearance_fraction
     k6_other = p.k_el_il6_per_day - k6_receptor
