@@ -8,6 +8,7 @@ from conftest import doses
 
 from vpop import endpoints
 from vpop.simulate import Arm, prepare_arm, simulate_arm
+from vpop.trial import monitoring
 from vpop.trial.monitoring import OnsetCounts
 
 # Every step of the default grid (configs/model/default.yaml, solver) about 4x shorter.
@@ -113,6 +114,20 @@ def test_an_episode_lasts_over_the_doses_it_runs_into():
     assert np.isnan(onsets.loc["1", "published_median_duration_hours"])
 
 
+def test_a_median_published_in_whole_days_is_read_as_the_hours_of_that_day():
+    """A label's "2 days" counts started days (its durations range from 1 day, where episodes under a day
+    occur): the median lies in (24, 48] h, so a model median of 30 h is inside it and 20 h is 4 h early;
+    a median published in hours is that hour (Talvey's 27 h), and a model median of 20 h is 7 h early."""
+    published = monitoring.published_onsets().set_index(["drug", "dose"])
+    tecvayli, talvey, tepkinly = (published.loc[k] for k in (("teclistamab", "all"), ("talquetamab", "all"), ("epcoritamab", "3")))
+    assert (tecvayli.onset_lower_hours, tecvayli.median_onset_hours) == (24, 48)
+    assert (tecvayli.duration_lower_hours, tecvayli.median_duration_hours) == (24, 48)
+    assert (talvey.onset_lower_hours.iloc[0], talvey.median_onset_hours.iloc[0]) == (27, 27)
+    assert (tepkinly.onset_lower_hours, tepkinly.duration_lower_hours) == (20, 24)  # 20 hours; resolution in 2 days
+    gap = monitoring.published_gap_hours([30.0, 20.0, 50.0, 20.0, 5.0], [24, 24, 24, 27, np.nan], [48, 48, 48, 27, np.nan])
+    assert np.array_equal(gap, [0.0, -4.0, 2.0, -7.0, np.nan], equal_nan=True)
+
+
 def test_published_onsets_belong_to_their_cohort_only():
     """onsets.csv shows a published median only beside the arm that is the published cohort: epcoritamab's
     20 h after its first full dose (LBCL, dose 3 = 48 mg) is not the FL schedule's dose 3 (the 3 mg step),
@@ -126,6 +141,7 @@ def test_published_onsets_belong_to_their_cohort_only():
     onsets = counts.onsets_table(arms).set_index(["arm", "dose"])
     assert onsets.loc[("epco_lbcl", "3"), "published_median_onset_hours"] == 20
     assert onsets.loc[("epco_lbcl", "all"), "published_median_duration_hours"] == 48  # Tepkinly Swiss label
+    assert onsets.loc[("epco_lbcl", "all"), "published_duration_lower_hours"] == 24  # '2 days': 24-48 h
     assert np.isnan(onsets.loc[("epco_fl", "3"), "published_median_onset_hours"])
     assert onsets.loc[("talq_q2w", "all"), "published_median_duration_hours"] == 17
     assert np.isnan(onsets.loc[("talq_bare", "all"), "published_median_onset_hours"])

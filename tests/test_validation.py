@@ -128,6 +128,9 @@ def test_report_on_a_tiny_population(validation, tmp_path):
     reported = monitoring.published_onsets()
     assert onsets[["drug", "regimen", "dose"]].values.tolist() == reported[["drug", "regimen", "dose"]].values.tolist()
     assert np.allclose(onsets.published_median_onset_hours, reported.median_onset_hours, equal_nan=True)
+    assert np.allclose(onsets.published_onset_lower_hours, reported.onset_lower_hours, equal_nan=True)
+    inside = onsets.published_onset_lower_hours.le(onsets.median_onset_hours) & onsets.median_onset_hours.le(onsets.published_median_onset_hours)
+    assert (onsets.onset_gap_hours[inside] == 0).all() and (onsets.onset_gap_hours[~inside & onsets.published_median_onset_hours.notna()] != 0).all()
     crs = targets[targets.endpoint.str.startswith("crs") & targets.role.isin(["calibration", "validation"])]
     for row, cohort in zip(onsets.itertuples(), reported.itertuples()):
         same = [published.cohort_arm(t, "x") == published.cohort_arm(cohort, "x") for t in crs.itertuples()]

@@ -186,7 +186,8 @@ def crs_onsets(result: TrialResult, path: Path) -> None:
     """When CRS starts after each dose: patients with an onset within 24 h, 24-48 h, 48-72 h and later
     (stacked, % of patients), the median onset above each bar and, on the right axis, the model's median
     onset (dot) and episode (median hours at grade >= 1, square) beside the published medians (blue)
-    where there are; the last position pools all doses, as the labels mostly report them. Doses after
+    where there are, a median published in whole days with a bar down to that day's first hour; the last
+    position pools all doses, as the labels mostly report them. Doses after
     which under 0.5% of patients start CRS are left out."""
     from vpop.trial.monitoring import WINDOWS_HOURS
 
@@ -211,8 +212,13 @@ def crs_onsets(result: TrialResult, path: Path) -> None:
         both = pd.concat([t, pooled])
         ax2.plot(xs, both.median_onset_hours, "o", color="k", ms=3, label="median onset (model)")
         ax2.plot(xs, both.median_duration_hours, "s", color="0.45", ms=3, label="median episode (model)")
-        ax2.plot(xs, both.published_median_onset_hours, "D", color="tab:blue", ms=5, label="median onset (published)")
-        ax2.plot(xs, both.published_median_duration_hours, "s", mfc="none", mec="tab:blue", ms=7, label="median episode (published)")
+        for what, marker, label in (("onset", dict(marker="D", color="tab:blue", ms=5), "median onset (published)"),
+                                    ("duration", dict(marker="s", mfc="none", mec="tab:blue", ms=7), "median episode (published)")):
+            lower, upper = both[f"published_{what}_lower_hours"].to_numpy(), both[f"published_median_{what}_hours"].to_numpy()
+            ax2.plot(xs, upper, ls="none", label=label, **marker)
+            days = lower < upper  # a median in whole days: the hours of that day
+            ax2.vlines(xs[days], lower[days], upper[days], color="tab:blue", lw=3, alpha=0.4,
+                       label="published in whole days: that day's hours" if what == "onset" else None)
         ax.axvline(len(t) - 0.5, color="0.8", lw=0.8)
         ax2.set_ylabel("median onset, episode (h)", fontsize=8)
         shown = [*both.median_onset_hours, *both.published_median_onset_hours, *both.median_duration_hours,

@@ -35,7 +35,7 @@ from vpop import catalogue, parameters, posterior
 from vpop import targets as published
 from vpop.simulate import Arm, prepare_arm
 from vpop.trial import TrialSettings, arms_from_config, run_trial
-from vpop.trial.monitoring import published_onsets
+from vpop.trial.monitoring import published_gap_hours, published_onsets
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["target", "endpoint", "role", "observed", "observed_lower", "observed_upper", "predicted", "lower", "upper"]
@@ -253,12 +253,14 @@ def onset_table(targets: pd.DataFrame, sim: Simulator) -> pd.DataFrame:
                     if t.endpoint.startswith("crs") and published.cohort_arm(t, arm.name) == arm]
         horizon = max(horizons, default=ONSET_HORIZON_DAYS)
         model = sim.onsets_of(arm, horizon).set_index("dose").loc[str(row.dose)]
-        rows.append({"drug": row.drug, "regimen": row.regimen, "dose": row.dose, "label": model.label,
-                     "horizon_days": horizon, "onsets_per_100_patients": model.onsets_per_100_patients,
-                     **{c: model[c] for c in ("median_onset_hours", "onset_q25_hours", "onset_q75_hours")},
-                     "published_median_onset_hours": row.median_onset_hours,
-                     **{c: model[c] for c in ("median_duration_hours", "duration_q25_hours", "duration_q75_hours")},
-                     "published_median_duration_hours": row.median_duration_hours, "source": row.source})
+        out = {"drug": row.drug, "regimen": row.regimen, "dose": row.dose, "label": model.label,
+               "horizon_days": horizon, "onsets_per_100_patients": model.onsets_per_100_patients}
+        for what in ("onset", "duration"):
+            lower, upper = getattr(row, f"{what}_lower_hours"), getattr(row, f"median_{what}_hours")
+            out |= {**{c: model[c] for c in (f"median_{what}_hours", f"{what}_q25_hours", f"{what}_q75_hours")},
+                    f"published_{what}_lower_hours": lower, f"published_median_{what}_hours": upper,
+                    f"{what}_gap_hours": float(published_gap_hours(model[f"median_{what}_hours"], lower, upper))}
+        rows.append(out | {"source": row.source})
     return pd.DataFrame(rows)
 
 
@@ -266,15 +268,22 @@ def onsets_markdown(onsets: pd.DataFrame) -> str:
     def hours(median, q25, q75):
         return "-" if pd.isna(median) else f"{median:.0f} h ({q25:.0f}-{q75:.0f})"
 
-    def published_hours(x):
-        return "-" if pd.isna(x) else f"{x:.0f} h"
+    def published(lower, upper):
+        if pd.isna(upper):
+            return "-"
+        return f"{upper:.0f} h" if lower == upper else f"{upper / 24:.0f} days ({lower:.0f}-{upper:.0f} h)"
 
-    lines = ["| drug | regimen | after | onset, model (IQR) | onset, published | episode, model (IQR) | episode, published |",
-             "|---|---|---|---|---|---|---|"]
+    def gap(x):
+        return "" if pd.isna(x) else "inside" if x == 0 else f"{x:+.0f} h"
+
+    lines = ["| drug | regimen | after | onset, model (IQR) | onset, published | model - published | "
+             "episode, model (IQR) | episode, published | model - published |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in onsets.itertuples():
         lines.append(f"| {r.drug} | {r.regimen} | {r.label} | {hours(r.median_onset_hours, r.onset_q25_hours, r.onset_q75_hours)} | "
-                     f"{published_hours(r.published_median_onset_hours)} | {hours(r.median_duration_hours, r.duration_q25_hours, r.duration_q75_hours)} | "
-                     f"{published_hours(r.published_median_duration_hours)} |")
+                     f"{published(r.published_onset_lower_hours, r.published_median_onset_hours)} | {gap(r.onset_gap_hours)} | "
+                     f"{hours(r.median_duration_hours, r.duration_q25_hours, r.duration_q75_hours)} | "
+                     f"{published(r.published_duration_lower_hours, r.published_median_duration_hours)} | {gap(r.duration_gap_hours)} |")
     return "\n".join(lines)
 
 
@@ -370,7 +379,8 @@ def per_dose_figure(per: pd.DataFrame, path: Path) -> None:
 
 def onsets_figure(onsets: pd.DataFrame, path: Path) -> None:
     """Two panels, onset and episode: the model's median hours with their interquartile range against the
-    published median, per published cohort (log scale: the misses are folds)."""
+    published median, per published cohort (log scale: the misses are folds); a median published in whole
+    days is drawn as the hours of that day (`monitoring.published_onsets`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -383,8 +393,12 @@ def onsets_figure(onsets: pd.DataFrame, path: Path) -> None:
                                         ("duration", "hours of the episode at grade >= 1"))):
         median, q25, q75 = onsets[f"median_{what}_hours"], onsets[f"{what}_q25_hours"], onsets[f"{what}_q75_hours"]
         ax.errorbar(median, y, xerr=[median - q25, q75 - median], fmt="o", color="#08519c", capsize=3,
-                    label="model: median and interquartile range")
-        ax.plot(onsets[f"published_median_{what}_hours"], y, "D", color="#d62728", label="published median")
+                    label="model: median and interquartile range", zorder=3)
+        lower, upper = onsets[f"published_{what}_lower_hours"], onsets[f"published_median_{what}_hours"]
+        exact = lower == upper
+        ax.plot(upper[exact], y[exact], "D", color="#d62728", label="published median (hours)")
+        ax.hlines(y[~exact], lower[~exact], upper[~exact], color="#d62728", lw=5, alpha=0.45, zorder=1,
+                  label="published median (whole days: the hours of that day)")
         ax.set_xscale("log")
         ax.set_xlim(0.5, 300)
         ax.set_xticks([1, 3, 12, 24, 48, 120], ["1", "3", "12", "24", "48", "120"])
@@ -536,7 +550,10 @@ Validation: {sampling_note(maes, "validation targets")}. Calibration: {sampling_
 Median hours from the administration to the onset of CRS starting after it, and median hours at
 grade >= 1 of those episodes (interquartile range over patients, draws pooled; onsets.csv), beside
 the published medians (vpop/data/onsets.csv, with sources). "all doses" pools every dose of the
-simulated horizon (`horizon_days` in onsets.csv).
+simulated horizon (`horizon_days` in onsets.csv). A median published in whole days counts started
+days: "2 days" is a median between 24 and 48 h (the same labels' durations range from 1 day, where
+episodes under a day occur), so the model is compared with that interval; "model - published" is
+its distance outside it (onsets.csv `onset_gap_hours`, `duration_gap_hours`).
 
 {onsets_markdown(onsets)}
 

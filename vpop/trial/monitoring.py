@@ -7,7 +7,8 @@ what such a policy misses:
 - onsets.csv, per arm and dose (and all doses pooled): the patients whose CRS starts after the dose,
   the share of those onsets within 24, 48 and 72 h of the administration, the median and quartiles
   of the onset time and of the episode's duration (hours at grade >= 1, `endpoints.episode_days`), beside
-  the published medians where there are (vpop/data/onsets.csv);
+  the published medians where there are (vpop/data/onsets.csv; one given in whole days is the top of the
+  day it names, with that day's first hour beside it: `published_onsets`);
 - monitoring.csv, per arm and monitoring policy (W hours after each of the first m doses, or after dose m
   only, for W = 24, 48, 72 h and m up to 4): the share of all CRS onsets that start outside monitoring
   (at home), and the share of patients with at least one such onset.
@@ -49,9 +50,24 @@ def episode_hours(table: pd.DataFrame, doses: int) -> np.ndarray:
 
 def published_onsets() -> pd.DataFrame:
     """Published median onset times and episode durations (vpop/data/onsets.csv: the published cohort as
-    an arm, as in targets.csv; dose or 'all'; hours; source)."""
+    an arm, as in targets.csv; dose or 'all'; hours; source), with the earliest hour each median can be
+    (`onset_lower_hours`, `duration_lower_hours`): a figure in whole days counts started days, so d days
+    is a median in (24(d - 1), 24 d] hours; a figure in hours is itself."""
     with resources.files("vpop.data").joinpath("onsets.csv").open() as f:
-        return pd.read_csv(f, comment="#", dtype={"dose": str})
+        table = pd.read_csv(f, comment="#", dtype={"dose": str})
+    for what in ("onset", "duration"):
+        unit = table[f"{what}_reported_in"]
+        if not unit.dropna().isin(["hours", "days"]).all():
+            raise ValueError(f"onsets.csv: {what}_reported_in must be 'hours' or 'days', not {sorted(set(unit.dropna()))}")
+        table[f"{what}_lower_hours"] = table[f"median_{what}_hours"] - np.where(unit == "days", 24.0, 0.0)
+    return table
+
+
+def published_gap_hours(model_hours, lower_hours, upper_hours):
+    """How far the model's median lies outside the published one's interval [lower, upper] (hours; 0 inside,
+    negative: earlier, positive: later, NaN without a published figure)."""
+    model, lower, upper = (np.asarray(x, float) for x in (model_hours, lower_hours, upper_hours))
+    return np.where(np.isnan(upper), np.nan, np.minimum(model - lower, 0.0) + np.maximum(model - upper, 0.0))
 
 
 def published_for(arm: Arm, published: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +139,9 @@ class OnsetCounts:
                 row |= {"median_onset_hours": q50, "onset_q25_hours": q25, "onset_q75_hours": q75,
                         "median_duration_hours": d50, "duration_q25_hours": d25, "duration_q75_hours": d75,
                         "published_median_onset_hours": float(reported.get("median_onset_hours", np.nan)),
+                        "published_onset_lower_hours": float(reported.get("onset_lower_hours", np.nan)),
                         "published_median_duration_hours": float(reported.get("median_duration_hours", np.nan)),
+                        "published_duration_lower_hours": float(reported.get("duration_lower_hours", np.nan)),
                         "published_source": reported.get("source", "")}
                 rows.append(row)
         return pd.DataFrame(rows)
