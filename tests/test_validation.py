@@ -161,12 +161,18 @@ def test_compare_sets_two_reports_side_by_side(tmp_path):
     moved = compare.moved(b, n, threshold_pp=1.5)
     assert list(moved.index) == ["A", "C"] and list(moved.closer) == ["new", "base"]
     assert compare.onsets(tmp_path / "base", tmp_path / "new") is None  # reports before onsets.csv
-    for name, onset in (("base", 13.0), ("new", 20.0)):
-        pd.DataFrame({"drug": ["x"], "regimen": ["r"], "dose": ["all"], "label": ["all doses"], "median_onset_hours": [onset],
-                      "published_median_onset_hours": [48.0], "median_duration_hours": [54.0],
-                      "published_median_duration_hours": [48.0]}).to_csv(tmp_path / name / "onsets.csv", index=False)
+    # A base report from before 0.29.1 (no published interval) against a new one that reads "2 days" as
+    # 24-48 h: both are measured against the interval.
+    for name, onset, lower in (("base", 13.0, None), ("new", 30.0, 24.0)):
+        table = pd.DataFrame({"drug": ["x"], "regimen": ["r"], "dose": ["all"], "label": ["all doses"], "median_onset_hours": [onset],
+                              "published_median_onset_hours": [48.0], "median_duration_hours": [54.0],
+                              "published_median_duration_hours": [48.0]})
+        if lower is not None:
+            table = table.assign(published_onset_lower_hours=lower, published_duration_lower_hours=lower)
+        table.to_csv(tmp_path / name / "onsets.csv", index=False)
     hours = compare.onsets(tmp_path / "base", tmp_path / "new").loc[("x", "r", "all")]
-    assert hours[["onset base", "onset new", "onset published"]].tolist() == [13.0, 20.0, 48.0]
+    assert hours[["onset base", "onset new", "onset published", "onset gap base", "onset gap new"]].tolist() == [13.0, 30.0, "24-48", -11.0, 0.0]
+    assert hours[["episode published", "episode gap new"]].tolist() == ["24-48", 6.0]
     new.iloc[:2].to_csv(tmp_path / "new" / "validation.csv", index=False)
     with pytest.raises(SystemExit, match="only in base"):
         compare.main([str(tmp_path / "base"), str(tmp_path / "new")])

@@ -9,7 +9,8 @@ posterior draws' order match and only the posterior differs. Writes markdown: th
 (percentage points) and the count of targets whose predictive interval overlaps the observed one, by
 role (calibration targets were fitted, validation targets never were) and by kind (CRS or response),
 then every target whose prediction moved by more than --moved points, and, where both reports have
-onsets.csv, the median onset and episode of each published cohort beside the published medians.
+onsets.csv, the median onset and episode of each published cohort beside the published medians and
+how far each lies outside them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+from vpop.trial.monitoring import published_gap_hours
 
 ROLES = ("calibration", "validation")
 
@@ -56,19 +59,26 @@ def moved(base: pd.DataFrame, new: pd.DataFrame, threshold_pp: float) -> pd.Data
 
 
 def onsets(base_folder: Path, new_folder: Path) -> pd.DataFrame | None:
-    """Median onset and episode (hours) of each published cohort, base against new (None where either
-    report predates onsets.csv)."""
+    """Median onset and episode (hours) of each published cohort, base against new, and how far each lies
+    outside the published median's interval (`gap`, hours, 0 inside: a median published in whole days is
+    the hours of that day, read from whichever report has `published_*_lower_hours`, since 0.29.1; an
+    older pair is compared with the figure itself). None where either report predates onsets.csv."""
     paths = [folder / "onsets.csv" for folder in (base_folder, new_folder)]
     if not all(p.is_file() for p in paths):
         return None
     keys = ["drug", "regimen", "dose"]
     b, n = (pd.read_csv(p, dtype={"dose": str}).set_index(keys) for p in paths)
-    table = pd.DataFrame({"after": b.label,
-                          "onset base": b.median_onset_hours, "onset new": n.median_onset_hours.reindex(b.index),
-                          "onset published": b.published_median_onset_hours,
-                          "episode base": b.median_duration_hours, "episode new": n.median_duration_hours.reindex(b.index),
-                          "episode published": b.published_median_duration_hours})
-    return table.round(1)
+    columns = {"after": b.label}
+    for what, name in (("onset", "onset"), ("duration", "episode")):
+        upper = b[f"published_median_{what}_hours"]
+        lower = next((t[f"published_{what}_lower_hours"].reindex(b.index) for t in (n, b)
+                      if f"published_{what}_lower_hours" in t), upper)
+        base, new = b[f"median_{what}_hours"], n[f"median_{what}_hours"].reindex(b.index)
+        columns |= {f"{name} base": base, f"{name} new": new,
+                    f"{name} published": ["-" if pd.isna(u) else f"{u:.0f}" if l == u else f"{l:.0f}-{u:.0f}" for l, u in zip(lower, upper)],
+                    f"{name} gap base": published_gap_hours(base, lower, upper),
+                    f"{name} gap new": published_gap_hours(new, lower, upper)}
+    return pd.DataFrame(columns, index=b.index).round(1)
 
 
 def _markdown(table: pd.DataFrame) -> str:
