@@ -84,7 +84,7 @@ from jax import Array
 
 from vpop.model.compartments import ByCompartment, cmap
 
-SECRETION_STAGES = 2  # first-order stages between committed release and secretion (a gamma-distributed delay)
+SECRETION_STAGES = 2  # the states `committed` and `secreting`: two first-order stages, a gamma-distributed delay
 
 
 class Cytokines(NamedTuple):
