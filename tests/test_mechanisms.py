@@ -342,29 +342,3 @@ def test_a_secretion_delay_postpones_the_cytokines_not_the_killing():
     np.testing.assert_allclose(area[1], area[0], rtol=0.05)
     np.testing.assert_allclose(np.asarray(later.host.cells.b_normal.blood), np.asarray(now.host.cells.b_normal.blood),
                                rtol=1e-4, atol=1e-9)
-
-
-def test_a_release_capacity_is_used_up_by_sustained_engagement_and_recovers():
-    """Blinatumomab's continuous infusion holds blood T cells engaged beyond their primed level for a
-    day or more. With a release capacity that each compartment's per-cell excess engagement uses up
-    (`cytokines.capacity_use_per_activation` kappa, recovering over `capacity_recovery_day` tau_C) the
-    blood T cells' capacity falls while that lasts, so the per-cell release saturates near 1/(kappa
-    tau_C) and the IFN-g peak is lower; once the primed level has caught up the capacity recovers. The
-    cells, which do not depend on the cytokines, are untouched, and kappa = 0 leaves the capacity full."""
-    arm = Arm("blin", "blinatumomab", "civ", "b_all_rr", "blinatumomab_all")
-    runs = []
-    for kappa in (0.0, 1.0):
-        prepared = prepare_arm(arm, horizon_days=7,  # the 9 ug/day week
-                               overrides={"model.cytokines.capacity_use_per_activation": kappa,
-                                          "model.cytokines.capacity_recovery_day": 2.0, "model.crs.rescue": 0})
-        times, states, params = simulate_trajectories(prepared, np.arange(40), seed=3)
-        runs.append(states)
-    off, on = runs
-    assert all(np.all(np.asarray(c) == 1.0) for c in off.host.cytokines.release_capacity)
-    capacity = np.asarray(on.host.cytokines.release_capacity.blood)
-    assert np.median(capacity.min(axis=1)) < 0.5
-    assert np.median(capacity[:, -1]) > 0.8
-    peak_off, peak_on = (np.asarray(s.host.cytokines.ifng_pg_ml).max(axis=1) for s in runs)
-    assert np.median(peak_on / peak_off) < 0.8
-    np.testing.assert_allclose(np.asarray(on.host.cells.b_normal.blood), np.asarray(off.host.cells.b_normal.blood),
-                               rtol=1e-4, atol=1e-9)

@@ -39,8 +39,7 @@ def _at_time(y: system.State, p: system.Params):
     primed = y.host.cytokines.primed
     per = {k: (getattr(e.release, k), getattr(primed, k), getattr(engageable, k), getattr(e.occupancy, k))
            for k in e.release._fields}
-    excess = cyto.release_excess(e.release, primed, p.cytokines)
-    drive = cyto.release_drive(excess, engageable, y.host.cytokines.release_capacity, p.cytokines)
+    drive = cyto.release_drive(e.release, engageable, primed, p.cytokines)
     return per, drive, system.observe(y, p).il6_signalling_pg_ml
 
 

@@ -73,24 +73,6 @@ $$ \dot Q_1 = \tfrac{2}{\tau_S}\big((1 - I_{dex})\, s - Q_1\big), \qquad
 Dexamethasone acts at commitment, where the model puts cytokine production (Brandl 2007: it lowers
 cytokine release, not killing). $\tau_S = 0$ (0.28 and before)
 secretes at once; 0.5 day puts 12% of a step in engagement into secretion by 3.5 h and 91% by 24 h.
-
-Release capacity. The primed level tells a T cell what it has met over weeks; within one stimulation it
-also stops secreting while its antigen is still there: IL-2 secretion by CD4 T cells in vivo peaks at
-1-2 h (memory) or 6-8 h (naive) and is undetectable by 20-24 h (Sojka 2004 J Immunol 172:6136,
-doi:10.4049/jimmunol.172.10.6136), and T cells given a maximal first stimulation cannot make IFN-g or
-TNF-a again on re-exposure, more of them can the weaker the first one was (Badovinac 2000 J Immunol
-165:5387). Each compartment's T cells keep a release capacity $C_c \in (0, 1]$, used up by their own
-stimulation, the per-cell excess $x_c = (\tilde\alpha_c - (1 + \delta) H_c)_+$ (1/day), at the
-dimensionless rate $\kappa$ (capacity used per activation-equivalent of excess) and recovering with time
-constant $\tau_C$; it scales what they release:
-
-$$ \dot C_c = (1 - C_c)/\tau_C - \kappa\, x_c\, C_c, \qquad
-   s = \sum_c w_c\, (R_c + P_c)\, x_c\, C_c . $$
-
-Per cell, so the capacity does not depend on how many T cells there are or on the systemic reach of
-their release. A long rise of engagement (a subcutaneous dose absorbed over 2-3 days) then releases mostly
-at its start, a step-up a few days later meets a capacity still partly used, and the primed level keeps
-the months-long memory. $\kappa = 0$ (through 0.29) leaves $C_c = 1$ and the release as it was.
 """
 
 from __future__ import annotations
@@ -117,7 +99,6 @@ class Cytokines(NamedTuple):
     margination: Array  # post-administration trafficking pulse m(t), one unit per administration
     committed: Array  # Q_1 (1e9 cells/day): release committed but not yet secreted (secretion delay)
     secreting: Array  # Q_2 (1e9 cells/day): the release being secreted now, when the delay is on
-    release_capacity: ByCompartment  # C_c (0..1): the share of each compartment's T-cell cytokine output not yet used up
 
 
 class CytokineParams(NamedTuple):
@@ -151,14 +132,12 @@ class CytokineParams(NamedTuple):
     priming_margin: Array  # delta: relative rise over the primed level below which engagement releases nothing
     release_potency_fold: Array  # phi: cytokine release needs phi x the drug concentration that activation does
     secretion_delay_day: Array  # tau_S: mean delay from engagement to cytokine secretion (two stages); 0 secretes at once
-    capacity_use_per_activation: Array  # kappa: capacity used per unit of integrated per-cell excess x_c (1/day x day); 0: never
-    capacity_recovery_day: Array  # tau_C: time constant with which a used capacity recovers
 
 
 def baseline(p: CytokineParams) -> Cytokines:
     z = jnp.zeros_like(p.baseline_il6_pg_ml)
     return Cytokines(p.baseline_il6_pg_ml, p.baseline_ifng_pg_ml, p.baseline_tnfa_pg_ml, p.baseline_il10_pg_ml, z,
-                     ByCompartment.full(z), z, z, z, ByCompartment.full(jnp.ones_like(z)))
+                     ByCompartment.full(z), z, z, z)
 
 
 def il6_signalling(c: Cytokines, receptor_free: Array) -> Array:
@@ -172,19 +151,13 @@ def myeloid_output(c: Cytokines, p: CytokineParams) -> Array:
     return p.k_il6_myeloid_pg_ml_per_day * p.myeloid_capacity * c.myeloid_activation / p.k_el_il6_per_day
 
 
-def release_excess(activation: ByCompartment, primed: ByCompartment, p: CytokineParams) -> ByCompartment:
-    r"""$x_c = (\tilde\alpha_c - (1 + \delta) H_c)_+$ (1/day): each compartment's per-cell engagement beyond
-    its primed level by more than the margin."""
-    threshold = 1.0 + p.priming_margin
-    return cmap(lambda a, h: jnp.maximum(a - threshold * h, 0.0), activation, primed)
-
-
-def release_drive(excess: ByCompartment, engageable: ByCompartment, capacity: ByCompartment, p: CytokineParams) -> Array:
-    r"""$s = \sum_c w_c (R_c + P_c)\, x_c\, C_c$ (1e9 cells/day): the per-cell excess of the engageable T
-    cells within their release capacity, weighted by each compartment's systemic reach (dexamethasone
+def release_drive(activation: ByCompartment, engageable: ByCompartment, primed: ByCompartment, p: CytokineParams) -> Array:
+    r"""$\sum_c w_c (R_c + P_c)(\tilde\alpha_c - (1 + \delta) H_c)_+$ (1e9 cells/day): engagement beyond the
+    primed level by more than the margin, weighted by each compartment's systemic reach (dexamethasone
     not yet applied)."""
-    released = engageable * excess * capacity
-    return p.blood_reach * released.blood + p.tissue_reach * (released.lymphoid + released.marrow) + p.tumour_reach * released.tumour
+    threshold = 1.0 + p.priming_margin
+    excess = engageable * cmap(lambda a, h: jnp.maximum(a - threshold * h, 0.0), activation, primed)
+    return p.blood_reach * excess.blood + p.tissue_reach * (excess.lymphoid + excess.marrow) + p.tumour_reach * excess.tumour
 
 
 def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
@@ -196,7 +169,6 @@ def _excess_hill(x: Array, x0: Array, ec50: Array, n: Array) -> Array:
 def rates(
     c: Cytokines,
     drive: Array,
-    excess: ByCompartment,
     activation: ByCompartment,
     drug_free: Array,
     receptor_free: Array,
@@ -204,10 +176,9 @@ def rates(
     margination_half_life_day: Array,
     p: CytokineParams,
 ) -> tuple[Cytokines, Cytokines]:
-    r"""Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`,
-    `excess` the per-cell excess $x_c$ that uses the capacities up (`release_excess`), `activation` the
-    per-cell release rates $\tilde\alpha_c$ the primed levels follow, `drug_free` is $1 - u_B$, the gate
-    on their forgetting."""
+    r"""Production (units/day) and loss (1/day) of the cytokine states; `drive` is `release_drive`, and
+    `activation` the per-cell release rates $\tilde\alpha_c$ the primed levels follow, `drug_free` is
+    $1 - u_B$, the gate on their forgetting."""
     rising = cmap(lambda a, h: (a > h).astype(a.dtype), activation, c.primed)  # H follows alpha up only
     committing = drive * (1.0 - dex_inhibition)
     delayed = p.secretion_delay_day > 0.0
@@ -235,7 +206,6 @@ def rates(
         margination=jnp.zeros_like(c.margination),
         committed=k_stage * committing,
         secreting=k_stage * c.committed,
-        release_capacity=ByCompartment.full(jnp.broadcast_to(1.0 / p.capacity_recovery_day, jnp.shape(c.il6_pg_ml))),
     )
     loss = Cytokines(
         il6_pg_ml=k6_other + k6_receptor * receptor_free,
@@ -247,6 +217,5 @@ def rates(
         margination=jnp.broadcast_to(jnp.log(2.0) / margination_half_life_day, jnp.shape(c.margination)),
         committed=jnp.broadcast_to(k_stage, jnp.shape(c.committed)),
         secreting=jnp.broadcast_to(k_stage, jnp.shape(c.secreting)),
-        release_capacity=1.0 / p.capacity_recovery_day + p.capacity_use_per_activation * excess,
     )
     return production, loss

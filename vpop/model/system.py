@@ -192,10 +192,9 @@ def host_rates(d: Drugs, b: Host, p: Params) -> tuple[Host, Host]:
     )
 
     # Cytokines follow engagement beyond what the T cells have already met, not the standing activated pool.
-    excess = cyto.release_excess(engaged.release, b.cytokines.primed, p.cytokines)
-    drive = cyto.release_drive(excess, c.t_resting + c.t_post, b.cytokines.release_capacity, p.cytokines)
+    drive = cyto.release_drive(engaged.release, c.t_resting + c.t_post, b.cytokines.primed, p.cytokines)
     drug_free = 1.0 - occupancy.blood  # the primed levels are forgotten only off drug
-    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, excess, engaged.release, drug_free, theta, dex_cytokine,
+    prod_cyto, loss_cyto = cyto.rates(b.cytokines, drive, engaged.release, drug_free, theta, dex_cytokine,
                                       p.tcells.margination_half_life_day, p.cytokines)
     prod_sup, loss_sup = sup.rates(b.supportive, pk.free_concentration(d.dexamethasone, p.dexamethasone_pk), p.supportive)
     return Host(prod_cells, prod_cyto, prod_sup), Host(loss_cells, loss_cyto, loss_sup)
