@@ -1,9 +1,11 @@
 """CRS onset timing: onset within the solver step, onset windows per dose, monitoring policies."""
 
+from importlib import resources
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import doses
 
 from vpop import endpoints
@@ -126,6 +128,17 @@ def test_a_median_published_in_whole_days_is_read_as_the_hours_of_that_day():
     assert (tepkinly.onset_lower_hours, tepkinly.duration_lower_hours) == (20, 24)  # 20 hours; resolution in 2 days
     gap = monitoring.published_gap_hours([30.0, 20.0, 50.0, 20.0, 5.0], [24, 24, 24, 27, np.nan], [48, 48, 48, 27, np.nan])
     assert np.array_equal(gap, [0.0, -4.0, 2.0, -7.0, np.nan], equal_nan=True)
+    assert [monitoring.published_text(lo, up) for lo, up in ((24, 48), (27, 27), (np.nan, np.nan))] == ["2 days (24-48 h)", "27 h", "-"]
+
+
+def test_a_published_median_without_its_unit_is_refused(tmp_path):
+    """Whether a median was published in hours or whole days decides its interval, so a row that gives
+    one without saying which is refused, naming the column."""
+    table = pd.read_csv(resources.files("vpop.data").joinpath("onsets.csv"), comment="#", dtype={"dose": str})
+    table.loc[0, "duration_reported_in"] = np.nan
+    table.to_csv(tmp_path / "onsets.csv", index=False)
+    with pytest.raises(ValueError, match=r"rows \[0\] give median_duration_hours without duration_reported_in"):
+        monitoring.published_onsets(tmp_path / "onsets.csv")
 
 
 def test_published_onsets_belong_to_their_cohort_only():

@@ -171,8 +171,8 @@ def test_compare_sets_two_reports_side_by_side(tmp_path):
             table = table.assign(published_onset_lower_hours=lower, published_duration_lower_hours=lower)
         table.to_csv(tmp_path / name / "onsets.csv", index=False)
     hours = compare.onsets(tmp_path / "base", tmp_path / "new").loc[("x", "r", "all")]
-    assert hours[["onset base", "onset new", "onset published", "onset gap base", "onset gap new"]].tolist() == [13.0, 30.0, "24-48", -11.0, 0.0]
-    assert hours[["episode published", "episode gap new"]].tolist() == ["24-48", 6.0]
+    assert hours[["onset base", "onset new", "onset published", "onset gap base", "onset gap new"]].tolist() == [13.0, 30.0, "2 days (24-48 h)", -11.0, 0.0]
+    assert hours[["episode published", "episode gap new"]].tolist() == ["2 days (24-48 h)", 6.0]
     new.iloc[:2].to_csv(tmp_path / "new" / "validation.csv", index=False)
     with pytest.raises(SystemExit, match="only in base"):
         compare.main([str(tmp_path / "base"), str(tmp_path / "new")])

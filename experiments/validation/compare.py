@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vpop.trial.monitoring import published_gap_hours
+from vpop.trial.monitoring import published_gap_hours, published_text
 
 ROLES = ("calibration", "validation")
 
@@ -75,7 +75,7 @@ def onsets(base_folder: Path, new_folder: Path) -> pd.DataFrame | None:
                       if f"published_{what}_lower_hours" in t), upper)
         base, new = b[f"median_{what}_hours"], n[f"median_{what}_hours"].reindex(b.index)
         columns |= {f"{name} base": base, f"{name} new": new,
-                    f"{name} published": ["-" if pd.isna(u) else f"{u:.0f}" if l == u else f"{l:.0f}-{u:.0f}" for l, u in zip(lower, upper)],
+                    f"{name} published": [published_text(lo, up) for lo, up in zip(lower, upper)],
                     f"{name} gap base": published_gap_hours(base, lower, upper),
                     f"{name} gap new": published_gap_hours(new, lower, upper)}
     return pd.DataFrame(columns, index=b.index).round(1)

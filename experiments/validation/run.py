@@ -35,7 +35,7 @@ from vpop import catalogue, parameters, posterior
 from vpop import targets as published
 from vpop.simulate import Arm, prepare_arm
 from vpop.trial import TrialSettings, arms_from_config, run_trial
-from vpop.trial.monitoring import published_gap_hours, published_onsets
+from vpop.trial.monitoring import published_gap_hours, published_onsets, published_text
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["target", "endpoint", "role", "observed", "observed_lower", "observed_upper", "predicted", "lower", "upper"]
@@ -268,11 +268,6 @@ def onsets_markdown(onsets: pd.DataFrame) -> str:
     def hours(median, q25, q75):
         return "-" if pd.isna(median) else f"{median:.0f} h ({q25:.0f}-{q75:.0f})"
 
-    def published(lower, upper):
-        if pd.isna(upper):
-            return "-"
-        return f"{upper:.0f} h" if lower == upper else f"{upper / 24:.0f} days ({lower:.0f}-{upper:.0f} h)"
-
     def gap(x):
         return "" if pd.isna(x) else "inside" if x == 0 else f"{x:+.0f} h"
 
@@ -281,9 +276,9 @@ def onsets_markdown(onsets: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in onsets.itertuples():
         lines.append(f"| {r.drug} | {r.regimen} | {r.label} | {hours(r.median_onset_hours, r.onset_q25_hours, r.onset_q75_hours)} | "
-                     f"{published(r.published_onset_lower_hours, r.published_median_onset_hours)} | {gap(r.onset_gap_hours)} | "
+                     f"{published_text(r.published_onset_lower_hours, r.published_median_onset_hours)} | {gap(r.onset_gap_hours)} | "
                      f"{hours(r.median_duration_hours, r.duration_q25_hours, r.duration_q75_hours)} | "
-                     f"{published(r.published_duration_lower_hours, r.published_median_duration_hours)} | {gap(r.duration_gap_hours)} |")
+                     f"{published_text(r.published_duration_lower_hours, r.published_median_duration_hours)} | {gap(r.duration_gap_hours)} |")
     return "\n".join(lines)
 
 

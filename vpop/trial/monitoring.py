@@ -48,19 +48,34 @@ def episode_hours(table: pd.DataFrame, doses: int) -> np.ndarray:
     return 24.0 * endpoints.episode_days(np.nan_to_num(grades), days)
 
 
-def published_onsets() -> pd.DataFrame:
+def published_onsets(path=None) -> pd.DataFrame:
     """Published median onset times and episode durations (vpop/data/onsets.csv: the published cohort as
     an arm, as in targets.csv; dose or 'all'; hours; source), with the earliest hour each median can be
     (`onset_lower_hours`, `duration_lower_hours`): a figure in whole days counts started days, so d days
-    is a median in (24(d - 1), 24 d] hours; a figure in hours is itself."""
-    with resources.files("vpop.data").joinpath("onsets.csv").open() as f:
+    is a median in (24(d - 1), 24 d] hours; a figure in hours is itself. `path`: another table of the same
+    columns (default the shipped one)."""
+    with (open(path) if path is not None else resources.files("vpop.data").joinpath("onsets.csv").open()) as f:
         table = pd.read_csv(f, comment="#", dtype={"dose": str})
     for what in ("onset", "duration"):
         unit = table[f"{what}_reported_in"]
         if not unit.dropna().isin(["hours", "days"]).all():
             raise ValueError(f"onsets.csv: {what}_reported_in must be 'hours' or 'days', not {sorted(set(unit.dropna()))}")
+        unitless = table.median_onset_hours.notna() if what == "onset" else table.median_duration_hours.notna()
+        if (unitless & unit.isna()).any():
+            raise ValueError(f"onsets.csv: rows {list(table.index[unitless & unit.isna()])} give median_{what}_hours "
+                             f"without {what}_reported_in ('hours' or 'days')")
         table[f"{what}_lower_hours"] = table[f"median_{what}_hours"] - np.where(unit == "days", 24.0, 0.0)
     return table
+
+
+def published_text(lower_hours, upper_hours) -> str:
+    """A published median as its source words it: '27 h', or '2 days (24-48 h)' for one in whole days; '-'
+    without one."""
+    if pd.isna(upper_hours):
+        return "-"
+    if lower_hours == upper_hours:
+        return f"{upper_hours:.0f} h"
+    return f"{upper_hours / 24:.0f} days ({lower_hours:.0f}-{upper_hours:.0f} h)"
 
 
 def published_gap_hours(model_hours, lower_hours, upper_hours):
