@@ -2,8 +2,9 @@
 
 import pytest
 from conftest import doses
+from omegaconf import OmegaConf
 
-from vpop import regimen
+from vpop import catalogue, regimen
 from vpop.catalogue import ConfigError
 from vpop.simulate import Arm, prepare_arm, simulate_arm
 
@@ -139,8 +140,9 @@ def test_a_population_variability_entry_for_the_crs_susceptibility_is_refused(tm
 
 def test_crs_switches_take_0_or_1_and_holds_are_not_exported(tmp_path):
     """`model.crs.rescue` and `hold_until_resolved` are switches: another value is refused naming the
-    field; the SBML export refuses dose holds (its regimen is timed events) before writing anything."""
-    from vpop import export
+    field; the SBML export refuses dose holds (its regimen is timed events) and tocilizumab for a lasting
+    fever (`rescue_grade1_hours`, hours >= 0) before writing anything, and the calibration refuses the latter."""
+    from vpop import calibration, export
 
     arm = Arm("a", "mosunetuzumab", "iv", "fl_rr", GOOD)
     with pytest.raises(ConfigError, match=r"model.crs.hold_until_resolved must be 0 \(off\) or 1 \(on\), got 2"):
@@ -148,4 +150,15 @@ def test_crs_switches_take_0_or_1_and_holds_are_not_exported(tmp_path):
     held = prepare_arm(arm, overrides={"model.crs.hold_until_resolved": 1.0})
     with pytest.raises(ConfigError, match="model.crs.hold_until_resolved: dose holds for CRS are not exported"):
         export.write_arm(held, "typical", 0, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"model.crs.rescue_grade1_hours must be a number of hours >= 0 \(0: off\), got -1"):
+        prepare_arm(arm, overrides={"model.crs.rescue_grade1_hours": -1.0})
+    lasting = prepare_arm(arm, overrides={"model.crs.rescue_grade1_hours": 24.0})
+    with pytest.raises(ConfigError, match="model.crs.rescue_grade1_hours: tocilizumab for a lasting fever is not exported"):
+        export.write_arm(lasting, "typical", 0, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    model = catalogue.load("model", "default")
+    model.crs.rescue_grade1_hours = 24
+    cfg = OmegaConf.create({"targets": "targets", "only_targets": ["T03"], "horizon_days": 14, "patients_per_cohort": 2, "seed": 0,
+                            "prior_truncation_sd": 3.0, "parameters": ["model.crs.grade1_pg_ml"]})
+    with pytest.raises(ConfigError, match="model.crs.rescue_grade1_hours: the calibration's expectation"):
+        calibration.build_problem(cfg, model=model)

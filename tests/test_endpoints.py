@@ -15,7 +15,8 @@ def _crs_params(**kw):
     base = dict(grade1_pg_ml=50.0, grade2_fold=3.0, grade3_fold=4.0, grade4_fold=2.0, fever_other_weight=0.5,
                 vascular_other_weight=0.02, susceptibility=1.0, susceptibility_sd=0.8, occasion_share=0.0, rescue=1.0,
                 rescue_tocilizumab_mg_per_kg=8.0, rescue_tocilizumab_max_mg=800.0, rescue_dexamethasone_mg=10.0, rescue_delay_hours=3.0,
-                rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0, hold_until_resolved=0.0)
+                rescue_tocilizumab_infusion_hours=1.0, rescue_dexamethasone_infusion_hours=0.0, hold_until_resolved=0.0,
+                rescue_grade1_hours=0.0)
     base.update(kw)
     return endpoints.CRSParams(**{k: jnp.asarray(v) for k, v in base.items()})
 
@@ -307,6 +308,37 @@ def test_rescue_starts_its_delay_after_grade_2_whatever_the_grid():
         finest_h, _ = _half_rescue_hours(p, finest)
         later_h, _ = _half_rescue_hours(p._replace(crs=p.crs._replace(rescue_delay_hours=p.crs.rescue_delay_hours + 3.0)), finest)
         assert later_h - finest_h == pytest.approx(3.0, abs=0.1)
+
+
+def test_a_lasting_fever_gets_tocilizumab_after_rescue_grade1_hours_whatever_the_grid():
+    """`rescue_grade1_hours` D: tocilizumab for a grade-1 fever once it has lasted D hours, starting then
+    (set ahead while the fever runs, not at the next grid point), and the fever ends sooner; a fever
+    shorter than D gets none and runs as with the option off."""
+    reg = doses((1, 1, 60, "mg"), cycle_days=7)
+    p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg, patient_id=1)
+    p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(4.0)))  # a fever of ~44 h that never reaches grade 2
+
+    def run(hours, sch):
+        q = p._replace(crs=p.crs._replace(rescue_grade1_hours=jnp.asarray(hours)))
+        return q, solver.simulate_patient(q, sch)
+
+    fine = solver.refine(schedule, 16)
+    _, off = run(0.0, fine)
+    onset_h, fever_h = 24.0 * float(off.crs_onset_day[0]), 24.0 * float(off.crs_duration_day[0])
+    assert int(off.crs_grade[0]) == 1 and float(off.toci_rescue[0]) == 0 and fever_h > 36.0
+    q, on = run(24.0, fine)
+    assert float(on.toci_rescue[0]) == 1 and int(on.crs_grade[0]) == 1
+    assert 24.0 * float(on.crs_onset_day[0]) == pytest.approx(onset_h, abs=1e-3)  # the onset is before any rescue
+    half_h, _ = _half_rescue_hours(q, fine)
+    assert half_h == pytest.approx(onset_h + 24.0 + 0.5, abs=0.1)  # a 1-h infusion is half given 0.5 h after its start
+    assert 24.0 * float(on.crs_duration_day[0]) < fever_h - 12.0  # IL-6 signalling blocked: the fever ends sooner
+    # On a 4x coarser grid the start is the same hour (set ahead, not decided at the end of a 1.5-h step).
+    q4, _ = run(24.0, solver.refine(schedule, 4))
+    assert _half_rescue_hours(q4, solver.refine(schedule, 4))[0] == pytest.approx(half_h, abs=0.5)
+    # A fever shorter than D: no tocilizumab, the course of the option off.
+    _, longer = run(fever_h + 6.0, fine)
+    assert float(longer.toci_rescue[0]) == 0
+    assert float(longer.crs_duration_day[0]) == pytest.approx(float(off.crs_duration_day[0]), rel=1e-5)
 
 
 def _best(kind, burden, volume=None, blasts=None, residual=2.0, delta=0.0):

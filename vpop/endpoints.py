@@ -28,7 +28,9 @@ dexamethasone too at grade $\ge 3$; once each per period, each starting a clinic
 grade's onset, `rescue_delay_hours`, whatever the solver's grid), so the trajectory depends on $\varepsilon$
 through the rescue history; the expectation is then taken over the $\varepsilon$ consistent with the
 patient's rescue history (`rescue_bounds`, per period), which leaves only the timing of a rescue within its
-period unaccounted for. The grades that trigger a rescue are then fixed by it: with rescue on, a
+period unaccounted for. Tocilizumab for a fever that lasts (`rescue_grade1_hours` > 0, an option off in
+the shipped model) depends on how long the index stays above the patient's threshold, which these bounds
+do not hold, so the calibration refuses it. The grades that trigger a rescue are then fixed by it: with rescue on, a
 patient's grade >= 2 (tocilizumab given or not) and grade >= 3 (dexamethasone) expectations are 0 or
 1, so those cohort rates are counts that move in steps of 1/patients, not smoothly. A smooth
 expectation would need each patient's trajectory without the rescue too; integrating over all
@@ -133,6 +135,7 @@ class CRSParams(NamedTuple):
     rescue_tocilizumab_infusion_hours: Array
     rescue_dexamethasone_infusion_hours: Array  # 0: given at once
     hold_until_resolved: Array  # 1: a dose due during CRS (grade >= 1) is held until it resolves (the labels' rule)
+    rescue_grade1_hours: Array  # tocilizumab too for a fever (grade 1) lasting this many hours (0: at grade >= 2 only)
 
 
 class ResponseParams(NamedTuple):

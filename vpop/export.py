@@ -409,6 +409,9 @@ def write_arm(prepared, which, seed: int, out_dir, draw: int = 0) -> list:
     if float(np.asarray(prepared.inputs.typical.crs.hold_until_resolved)) > 0:
         raise ConfigError("model.crs.hold_until_resolved: dose holds for CRS are not exported (the regimen is written as "
                           "timed events); export with model.crs.hold_until_resolved=0")
+    if float(np.asarray(prepared.inputs.typical.crs.rescue_grade1_hours)) > 0:
+        raise ConfigError("model.crs.rescue_grade1_hours: tocilizumab for a lasting fever is not exported (the exported rescue "
+                          "is triggered at grade 2 and 3); export with model.crs.rescue_grade1_hours=0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

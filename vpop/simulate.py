@@ -98,6 +98,8 @@ def prepare_arm(arm: Arm, model: DictConfig | None = None, horizon_days: float |
     for switch in ("rescue", "hold_until_resolved"):
         if model.crs[switch] not in (0, 1):
             raise ConfigError(f"model.crs.{switch} must be 0 (off) or 1 (on), got {model.crs[switch]!r}")
+    if not isinstance(model.crs.rescue_grade1_hours, (int, float)) or model.crs.rescue_grade1_hours < 0:
+        raise ConfigError(f"model.crs.rescue_grade1_hours must be a number of hours >= 0 (0: off), got {model.crs.rescue_grade1_hours!r}")
     where = f"arms.{arm.name}"
     if not isinstance(arm.population, str):
         raise ConfigError(f"{where}.population must be a configs/population name; allowed: {', '.join(catalogue.available('population'))}")

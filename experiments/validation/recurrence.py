@@ -14,9 +14,10 @@ episode (the labels count onsets). Per draw, then the median and 2.5-97.5 percen
   carried over a dose);
 - `days_at_grade1_per_patient`: median time at grade >= 1 over the course, among patients with CRS;
 - `recurrent_after_tocilizumab_first` / `_without`: among patients with CRS, the share with another
-  episode later, split by whether the first episode got tocilizumab (grade >= 2 in its period), beside
-  MajesTEC-1's split (recurrence_published.csv, with its source); tocilizumab there was the
-  investigators' choice, not a grade-2 rule.
+  episode later, split by whether the first episode got tocilizumab (in its period: at grade >= 2, or
+  for a fever lasting `--set model.crs.rescue_grade1_hours=D` hours), beside MajesTEC-1's split
+  (recurrence_published.csv, with its source); tocilizumab there was the investigators' choice, given
+  at grade 1 too, not a grade-2 rule.
 """
 
 from __future__ import annotations

@@ -196,6 +196,9 @@ def build_problem(cfg: DictConfig, roles: tuple[str, ...] = ("calibration", "val
         paths = parameters.parameter_paths([p.config_path for p in params], scope)
         response = population.load(arm.population).response
         occasions = "crs.occasion_share" in paths.values() or float(prepared.inputs.typical.crs.occasion_share) > 0
+        if float(prepared.inputs.typical.crs.rescue_grade1_hours) > 0:
+            raise ConfigError("model.crs.rescue_grade1_hours: the calibration's expectation over the susceptibility holds the "
+                              "rescues at grades 2 and 3 only, not tocilizumab for a lasting fever; set it to 0 to calibrate")
         if occasions and float(prepared.inputs.typical.crs.hold_until_resolved) > 0:
             raise ConfigError("model.crs.hold_until_resolved: dose holds are integrated over one susceptibility per "
                               "patient only; set model.crs.occasion_share to 0 and leave it out of calibration.parameters, "

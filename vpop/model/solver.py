@@ -123,7 +123,7 @@ class Reductions(NamedTuple):
     crs_max_grade: Float[Array, ""]  # highest ASTCT grade over the whole course
     crs_onset_day: Float[Array, " P"]  # days from the administration to the onset of that CRS (-1: none)
     crs_duration_day: Float[Array, " P"]  # days at grade >= 1 in the period (index linear within a step)
-    toci_rescue: Float[Array, " P"]  # 1 if the period reached grade 2: tocilizumab given (after `rescue_delay_hours`)
+    toci_rescue: Float[Array, " P"]  # 1 if tocilizumab was given in the period: grade 2 reached (after `rescue_delay_hours`), or a fever lasting `rescue_grade1_hours`
     dex_rescue: Float[Array, " P"]  # 1 if the period reached grade 3: dexamethasone given too
     crs_log_susceptibility: Float[Array, " P"]  # epsilon_k, the patient's CRS susceptibility in each period
     crs_hold_day: Float[Array, " P"]  # days the period's administration was held for CRS (0 on schedule, -1: never given)
@@ -566,11 +566,13 @@ class Rescue(NamedTuple):
     toci_given: Array
     dex_start_day: Array
     dex_given: Array
+    fever_since_day: Array  # when the patient's present stretch at grade >= 1 began (`_NEVER_DAY`: not at grade >= 1)
+    fever_pending: Array  # 1: tocilizumab set for `fever_since_day` + D if the fever lasts (`rescue_grade1_hours` D)
 
     @staticmethod
     def none(dtype) -> Rescue:
         never, zero = jnp.asarray(_NEVER_DAY, dtype), jnp.zeros((), dtype)
-        return Rescue(never, zero, never, zero)
+        return Rescue(never, zero, never, zero, never, zero)
 
 
 def _given_by(t: Array, start_day: Array, hours: Array) -> Array:
@@ -629,7 +631,11 @@ def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, gr
     """At the end of a step: tocilizumab once the period reaches grade >= 2, dexamethasone too at grade
     >= 3, once each per period, each starting `rescue_delay_hours` after the onset of its grade (where
     the index crosses the patient's threshold, linear within the step; at the step's start if it was
-    already above)."""
+    already above). With `rescue_grade1_hours` = D > 0, tocilizumab also for a fever that has lasted
+    D hours without a break (across doses too), starting D hours after the fever began: practice treats
+    a fever refractory to antipyretics for 24 h with it (see configs/model/default.yaml). So that its
+    start does not wait for the end of a step, it is set ahead (pending) while the fever runs, given
+    from that hour by `_rescue_inputs`, and called off if the fever ends before any of it was given."""
     c = p.crs
     i = jnp.maximum(dosing.period, 0)
     eps = lax.dynamic_index_in_dim(red.crs_log_susceptibility, i, keepdims=False)
@@ -643,17 +649,30 @@ def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, gr
         return jnp.where(above_at_start, grid.t_start, t_end - before_end * grid.dt)
 
     delay_days = c.rescue_delay_hours / 24.0
-    toci = on & (g >= 2) & (lax.dynamic_index_in_dim(red.toci_rescue, i, keepdims=False) == 0)
+    not_yet = lax.dynamic_index_in_dim(red.toci_rescue, i, keepdims=False) == 0
+    grade2 = on & (g >= 2) & not_yet
+    fever = z[0] + eps >= 0.0
+    fever_since = jnp.where(fever, jnp.minimum(rescue.fever_since_day, onset_day(0)), _NEVER_DAY)
+    was_pending = rescue.fever_pending > 0
+    lasting = was_pending & (rescue.toci_given > 0) & ~grade2  # its infusion has begun: given
+    pending = on & (c.rescue_grade1_hours > 0) & fever & not_yet & ~grade2 & ~lasting
+    called_off = was_pending & ~fever & ~lasting & (grid.dt > 0)
+    pending = jnp.where(grid.dt > 0, pending, was_pending)  # padding steps change nothing
+    toci = grade2 | (lasting & not_yet)
     dex = on & (g >= 3) & (lax.dynamic_index_in_dim(red.dex_rescue, i, keepdims=False) == 0)
     # The start days carry no gradient: the rescue counts as a decision, as when it was discrete
     # (before 0.15.0). Differentiating it would put every rescue drug's PK and its effect on the
     # host into the calibration's gradient, doubling the gradient kernel's compile time (57 -> 123
     # s on 2 CPU cores) and quadrupling its run time; NUTS's accept step uses the exact energy.
     rescue = Rescue(
-        toci_start_day=jnp.where(toci, lax.stop_gradient(onset_day(1) + delay_days), rescue.toci_start_day),
-        toci_given=jnp.where(toci, 0.0, rescue.toci_given),
+        toci_start_day=lax.stop_gradient(jnp.where(
+            grade2, onset_day(1) + delay_days,
+            jnp.where(pending, fever_since + c.rescue_grade1_hours / 24.0, jnp.where(called_off, _NEVER_DAY, rescue.toci_start_day)))),
+        toci_given=jnp.where(grade2 | (pending & ~was_pending), 0.0, rescue.toci_given),
         dex_start_day=jnp.where(dex, lax.stop_gradient(onset_day(2) + delay_days), rescue.dex_start_day),
         dex_given=jnp.where(dex, 0.0, rescue.dex_given),
+        fever_since_day=fever_since,
+        fever_pending=pending.astype(rescue.fever_pending.dtype),
     )
     red = red._replace(
         toci_rescue=_update_at(red.toci_rescue, i, lambda old: jnp.where(toci, 1.0, old)),
