@@ -313,7 +313,7 @@ def test_rescue_starts_its_delay_after_grade_2_whatever_the_grid():
 def test_a_lasting_fever_gets_tocilizumab_after_rescue_grade1_hours_whatever_the_grid():
     """`rescue_grade1_hours` D: tocilizumab for a grade-1 fever once it has lasted D hours, starting then
     (set ahead while the fever runs, not at the next grid point), and the fever ends sooner; a fever
-    shorter than D gets none and runs as with the option off."""
+    shorter than D gets none and runs as with the option off; a treated fever is not treated again."""
     reg = doses((1, 1, 60, "mg"), cycle_days=7)
     p, schedule, _ = patient("mosunetuzumab", "iv", "fl_rr", reg, patient_id=1)
     p = p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(4.0)))  # a fever of ~44 h that never reaches grade 2
@@ -339,6 +339,13 @@ def test_a_lasting_fever_gets_tocilizumab_after_rescue_grade1_hours_whatever_the
     _, longer = run(fever_h + 6.0, fine)
     assert float(longer.toci_rescue[0]) == 0
     assert float(longer.crs_duration_day[0]) == pytest.approx(float(off.crs_duration_day[0]), rel=1e-5)
+    # A fever already treated is not treated again when it runs on past the next dose: teclistamab's
+    # third step-up starts no new episode in this patient, whose second one (treated) runs through it.
+    p, schedule, _ = patient("teclistamab", "sc", "mm_rr", "teclistamab_mm", patient_id=1)
+    red = solver.simulate_patient(p._replace(crs=p.crs._replace(susceptibility=jnp.asarray(4.0), rescue_grade1_hours=jnp.asarray(24.0))), schedule)
+    grades, hours, toci = (np.asarray(x)[:3] for x in (red.crs_grade, 24.0 * red.crs_duration_day, red.toci_rescue))
+    assert grades[1] >= 1 and toci[1] == 1  # a new fever after dose 2, treated
+    assert grades[2] == 0 and hours[2] > 24.0 and toci[2] == 0  # running on through dose 3's period, not treated again
 
 
 def _best(kind, burden, volume=None, blasts=None, residual=2.0, delta=0.0):

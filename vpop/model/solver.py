@@ -568,11 +568,12 @@ class Rescue(NamedTuple):
     dex_given: Array
     fever_since_day: Array  # when the patient's present stretch at grade >= 1 began (`_NEVER_DAY`: not at grade >= 1)
     fever_pending: Array  # 1: tocilizumab set for `fever_since_day` + D if the fever lasts (`rescue_grade1_hours` D)
+    fever_treated: Array  # 1: tocilizumab was given during the present fever (for grade 2 or for lasting)
 
     @staticmethod
     def none(dtype) -> Rescue:
         never, zero = jnp.asarray(_NEVER_DAY, dtype), jnp.zeros((), dtype)
-        return Rescue(never, zero, never, zero, never, zero)
+        return Rescue(never, zero, never, zero, never, zero, zero)
 
 
 def _given_by(t: Array, start_day: Array, hours: Array) -> Array:
@@ -632,8 +633,9 @@ def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, gr
     >= 3, once each per period, each starting `rescue_delay_hours` after the onset of its grade (where
     the index crosses the patient's threshold, linear within the step; at the step's start if it was
     already above). With `rescue_grade1_hours` = D > 0, tocilizumab also for a fever that has lasted
-    D hours without a break (across doses too), starting D hours after the fever began: practice treats
-    a fever refractory to antipyretics for 24 h with it (see configs/model/default.yaml). So that its
+    D hours without a break (across doses too) and has had no tocilizumab yet, starting D hours after the
+    fever began: practice treats a fever refractory to antipyretics for 24 h with it (see
+    configs/model/default.yaml). A fever already treated is not treated again at the next dose. So that its
     start does not wait for the end of a step, it is set ahead (pending) while the fever runs, given
     from that hour by `_rescue_inputs`, and called off if the fever ends before any of it was given."""
     c = p.crs
@@ -655,7 +657,8 @@ def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, gr
     fever_since = jnp.where(fever, jnp.minimum(rescue.fever_since_day, onset_day(0)), _NEVER_DAY)
     was_pending = rescue.fever_pending > 0
     lasting = was_pending & (rescue.toci_given > 0) & ~grade2  # its infusion has begun: given
-    pending = on & (c.rescue_grade1_hours > 0) & fever & not_yet & ~grade2 & ~lasting
+    treated = rescue.fever_treated > 0
+    pending = on & (c.rescue_grade1_hours > 0) & fever & not_yet & ~grade2 & ~lasting & ~treated
     called_off = was_pending & ~fever & ~lasting & (grid.dt > 0)
     pending = jnp.where(grid.dt > 0, pending, was_pending)  # padding steps change nothing
     toci = grade2 | (lasting & not_yet)
@@ -673,6 +676,7 @@ def _decide_rescue(red: Reductions, rescue: Rescue, z_start: Array, z: Array, gr
         dex_given=jnp.where(dex, 0.0, rescue.dex_given),
         fever_since_day=fever_since,
         fever_pending=pending.astype(rescue.fever_pending.dtype),
+        fever_treated=(fever & (treated | grade2 | lasting)).astype(rescue.fever_treated.dtype),
     )
     red = red._replace(
         toci_rescue=_update_at(red.toci_rescue, i, lambda old: jnp.where(toci, 1.0, old)),
