@@ -99,6 +99,24 @@ def test_support_says_which_rates_rest_on_published_targets(small_trial):
     assert support[("iv", "b_cell_depletion")] == "extrapolated"
 
 
+def test_a_run_on_the_shipped_posterior_names_the_options_it_was_not_fitted_under():
+    """Dose holds and tocilizumab for a lasting fever are off in the shipped fit: a run that turns one on
+    over the shipped posterior is told which (the app logs it); one on another posterior is not."""
+    from omegaconf import OmegaConf
+
+    from vpop.cli import settings_outside_the_shipped_fit
+
+    model = catalogue.load("model", "default")
+    cfg = OmegaConf.create({"posterior": "default", "model": model})
+    assert settings_outside_the_shipped_fit(cfg) == ""
+    cfg.model.crs.rescue_grade1_hours = 24
+    assert settings_outside_the_shipped_fit(cfg) == "model.crs.rescue_grade1_hours=24"
+    cfg.model.crs.hold_until_resolved = 1
+    assert settings_outside_the_shipped_fit(cfg) == "model.crs.hold_until_resolved=1, model.crs.rescue_grade1_hours=24"
+    cfg.posterior = "my_fit/posterior.nc"
+    assert settings_outside_the_shipped_fit(cfg) == ""
+
+
 def test_per_dose_comparisons_pair_the_same_calendar_day():
     """Arm doses on days 1, 8, 15 against a reference dosed on days 1, 15: C1D8 has no counterpart,
     and C1D15 (the arm's dose 3) is compared with the reference's dose 2, as the row says."""

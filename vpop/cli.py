@@ -287,7 +287,23 @@ def run(cfg: DictConfig, out_dir: Path, experiment_keys=()) -> list[Path]:
     if len(extrapolated):
         log.warning("no published target behind these rates (extrapolated; see summary.csv support): %s",
                     ", ".join(f"{r.arm}/{r.endpoint}" for r in extrapolated.itertuples()))
+    unfitted = settings_outside_the_shipped_fit(cfg)
+    if unfitted:
+        log.warning("the shipped posterior was fitted with doses on schedule and tocilizumab at grade >= 2 only: the CRS "
+                    "rates marked 'calibrated' or 'validated' were fitted and checked without %s (README: Validation)", unfitted)
     return written
+
+
+# Model options off in the shipped fit (configs/model/default.yaml) that change who is treated or dosed when.
+SHIPPED_OFF = ("hold_until_resolved", "rescue_grade1_hours")
+
+
+def settings_outside_the_shipped_fit(cfg: DictConfig) -> str:
+    """The `model.crs` options of SHIPPED_OFF turned on in a run on the shipped posterior, as 'path=value, ...'
+    ('' when none: a posterior of one's own may have been fitted under them)."""
+    if str(cfg.get("posterior")) != "default":
+        return ""
+    return ", ".join(f"model.crs.{k}={cfg.model.crs[k]}" for k in SHIPPED_OFF if cfg.model.crs[k])
 
 
 def _discard_run_dir(out_dir: Path) -> None:
