@@ -60,9 +60,9 @@ def published_onsets(path=None) -> pd.DataFrame:
         unit = table[f"{what}_reported_in"]
         if not unit.dropna().isin(["hours", "days"]).all():
             raise ValueError(f"onsets.csv: {what}_reported_in must be 'hours' or 'days', not {sorted(set(unit.dropna()))}")
-        unitless = table.median_onset_hours.notna() if what == "onset" else table.median_duration_hours.notna()
-        if (unitless & unit.isna()).any():
-            raise ValueError(f"onsets.csv: rows {list(table.index[unitless & unit.isna()])} give median_{what}_hours "
+        unitless = table[f"median_{what}_hours"].notna() & unit.isna()
+        if unitless.any():
+            raise ValueError(f"onsets.csv: rows {list(table.index[unitless])} give median_{what}_hours "
                              f"without {what}_reported_in ('hours' or 'days')")
         table[f"{what}_lower_hours"] = table[f"median_{what}_hours"] - np.where(unit == "days", 24.0, 0.0)
     return table
